@@ -1,0 +1,5 @@
+import sys
+
+from polyp_ssl.entry import main
+
+sys.exit(main())
