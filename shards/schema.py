@@ -13,7 +13,8 @@ CATALOG_VERSION = 1
 
 VIDEOS = pa.schema(
     [
-        ("video_id", pa.string()),  # unique within the dataset root: sequence_id, prefixed by dataset_id if any
+        # unique within the dataset root: sequence_id, prefixed by "{dataset_id}/" if any
+        ("video_id", pa.string()),
         ("dataset_id", pa.string()),
         ("sequence_id", pa.string()),
         ("split", pa.string()),

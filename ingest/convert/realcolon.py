@@ -1,0 +1,723 @@
+"""REAL-Colon raw layout -> the seed's COCO layout (METHOD.md "REAL-Colon raw layout").
+
+Input (RAW_DIR):
+    SSS-VVV_frames/SSS-VVV_{t}.jpg          t = frame index from 0
+    SSS-VVV_annotations/SSS-VVV_{t}.xml     Pascal VOC, one per frame (also frames without boxes)
+    lesion_info.csv                         unique_object_id, unique_video_name, size [mm], site,
+                                            histology_extended, histology_class
+    video_info.csv                          optional: unique_video_name, age, sex, endoscope_brand, fps,
+                                            num_frames, num_lesions, bbps
+
+Output (OUT_ROOT):
+    images/SSS-VVV_{t}.jpg                  hard links to the raw frames (else copies, or symlinks)
+    annotations/instances_{split}.json      COCO + frame_id, sequence_id, dataset_id on images;
+                                            identity_id, size, histology, ... on annotations; "videos"
+    convert_report.json                     counts, skipped items by reason, link counts
+
+Everything is parsed and checked before anything is written; annotation files come last, each
+written to a temporary name and renamed, so an interrupted run leaves no annotation file that
+looks complete.
+
+Default split (no --split-file), deterministic and by video: videos are grouped by site (SSS)
+and sorted; within a site the k-th video goes to train if k % 5 in {0, 1, 2}, val if k % 5 == 3,
+test if k % 5 == 4 (60/20/20 per site). It is not the paper's split: pass the paper's with
+--split-file.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DATASET_ID = "realcolon"
+CATEGORY = {"id": 1, "name": "polyp", "supercategory": "lesion"}
+LESION_SIZE_FIELD = "size [mm]"
+LESION_FIELDS = ("unique_object_id", "unique_video_name", LESION_SIZE_FIELD, "histology_class")
+VIDEO_NUMERIC_FIELDS = ("age", "fps", "num_frames", "num_lesions")
+LINK_MODES = ("hardlink", "symlink", "copy")
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_VIDEO_SPLIT_COLUMNS = ("video", "unique_video_name", "sequence_id", "video_id")
+MAX_REPORTED_PROBLEMS = 1000
+LINK_CHUNK = 4096
+
+
+class ConvertError(ValueError):
+    """Bad input: names the file, the id and the field."""
+
+    def __init__(
+        self, source: str | Path, reason: str, detail: str, id: str | None = None, field: str | None = None
+    ):
+        self.source, self.reason, self.detail, self.id, self.field = str(source), reason, detail, id, field
+        where = str(source)
+        if id is not None:
+            where += f": {id}"
+        if field is not None:
+            where += f": field {field!r}"
+        super().__init__(f"{where}: {detail}")
+
+    def as_dict(self, action: str) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "id": self.id,
+            "field": self.field,
+            "reason": self.reason,
+            "detail": self.detail,
+            "action": action,
+        }
+
+
+@dataclass
+class ConvertConfig:
+    raw_dir: Path
+    out_root: Path
+    split_file: Path | None = None
+    link: str = "hardlink"
+    on_error: str = "fail"  # fail | skip
+    empty_frames: str = "keep"  # keep | drop: images without objects in the output
+    workers: int = 8  # threads reading XML files and placing frames (I/O bound)
+
+
+@dataclass(slots=True)
+class VocObject:
+    name: str | None
+    unique_id: str
+    box_id: int | str | None
+    bbox: tuple[float, float, float, float]  # x, y, w, h
+
+
+@dataclass
+class VocFrame:
+    filename: str
+    width: int
+    height: int
+    objects: list[VocObject]
+
+
+@dataclass
+class Lesion:
+    unique_id: str
+    video: str | None
+    size_mm: float | None
+    histology: str | None
+    histology_extended: str | None
+    site: str | None
+
+
+@dataclass
+class Problems:
+    """Bad input met with --on-error skip: counted by reason, the first ones kept in full."""
+
+    on_error: str
+    counts: Counter = field(default_factory=Counter)
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def handle(self, exc: ConvertError, action: str = "skipped") -> None:
+        if self.on_error == "fail":
+            raise exc
+        self.counts[exc.reason] += 1
+        if len(self.items) < MAX_REPORTED_PROBLEMS:
+            self.items.append(exc.as_dict(action))
+        log.warning("%s (%s)", exc, action)
+
+
+# ---------------------------------------------------------------- parsing (pure)
+
+
+def parse_number(text: str | None, source: str | Path, field: str, id: str | None = None) -> float:
+    if text is None or not text.strip():
+        raise ConvertError(source, "missing_field", "missing value", id, field)
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConvertError(source, "bad_number", f"{text.strip()!r} is not a number", id, field) from None
+    if not math.isfinite(value):
+        raise ConvertError(source, "bad_number", f"{text.strip()!r} is not a finite number", id, field)
+    return value
+
+
+def _text(elem: ET.Element, path: str) -> str | None:
+    found = elem.find(path)
+    if found is None or found.text is None:
+        return None
+    return found.text.strip() or None
+
+
+def _box_id(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def parse_voc_object(obj: ET.Element, source: str | Path, index: int) -> VocObject:
+    uid = _text(obj, "unique_id")
+    oid = f"object {index}"
+    if uid is None:
+        raise ConvertError(source, "missing_unique_id", "object has no unique_id", oid, "unique_id")
+    oid = f"object {index} ({uid})"
+    bnd = obj.find("bndbox")
+    if bnd is None:
+        raise ConvertError(source, "missing_field", "object has no bndbox", oid, "bndbox")
+    xmin, xmax, ymin, ymax = (
+        parse_number(_text(bnd, k), source, f"bndbox/{k}", oid) for k in ("xmin", "xmax", "ymin", "ymax")
+    )
+    if xmax <= xmin or ymax <= ymin:
+        raise ConvertError(
+            source,
+            "zero_area_box",
+            f"box xmin {xmin} xmax {xmax} ymin {ymin} ymax {ymax} has no area",
+            oid,
+            "bndbox",
+        )
+    return VocObject(
+        _text(obj, "name"), uid, _box_id(_text(obj, "box_id")), (xmin, ymin, xmax - xmin, ymax - ymin)
+    )
+
+
+def parse_voc(data: bytes, source: str | Path, problems: Problems | None = None) -> VocFrame:
+    """One frame's VOC XML. A bad object is raised, or with `problems` in skip mode left out."""
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise ConvertError(source, "bad_xml", f"not well-formed XML: {exc}") from None
+    filename = _text(root, "filename")
+    if filename is None:
+        raise ConvertError(source, "missing_field", "no filename", field="filename")
+    dims = []
+    for key in ("width", "height"):
+        value = parse_number(_text(root, f"size/{key}"), source, f"size/{key}")
+        if value <= 0 or value != int(value):
+            raise ConvertError(
+                source, "bad_number", f"{value} is not a positive whole number", field=f"size/{key}"
+            )
+        dims.append(int(value))
+    objects = []
+    for i, obj in enumerate(root.findall("object")):
+        try:
+            objects.append(parse_voc_object(obj, source, i))
+        except ConvertError as exc:
+            if problems is None:
+                raise
+            problems.handle(exc)
+    return VocFrame(filename, dims[0], dims[1], objects)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            header = [h.strip() for h in reader.fieldnames or []]
+    except UnicodeDecodeError as exc:
+        raise ConvertError(path, "bad_encoding", f"not UTF-8 text: {exc}") from None
+    except csv.Error as exc:
+        raise ConvertError(path, "bad_csv", f"unreadable CSV: {exc}") from None
+    if not header:
+        raise ConvertError(path, "empty_file", "empty CSV (no header)")
+    return header, rows
+
+
+def read_lesion_info(path: Path, problems: Problems) -> dict[str, Lesion]:
+    if not path.is_file():
+        raise ConvertError(path, "missing_file", "lesion_info.csv is missing (needed for size and histology)")
+    header, rows = _read_csv(path)
+    missing = [c for c in LESION_FIELDS if c not in header]
+    if missing:
+        raise ConvertError(
+            path, "missing_field", f"no column {missing[0]!r} (header: {header})", field=missing[0]
+        )
+    lesions: dict[str, Lesion] = {}
+    for line, row in enumerate(rows, start=2):
+        uid = row["unique_object_id"]
+        rid = f"line {line} ({uid or 'no id'})"
+        if not uid:
+            problems.handle(
+                ConvertError(path, "missing_field", "empty unique_object_id", rid, "unique_object_id")
+            )
+            continue
+        if uid in lesions:
+            problems.handle(
+                ConvertError(path, "duplicate_id", "unique_object_id listed twice", rid, "unique_object_id")
+            )
+            continue
+        size: float | None = None
+        text = row[LESION_SIZE_FIELD]
+        if text and text.lower() not in ("nan", "na", "n/a"):
+            try:
+                size = parse_number(text, path, LESION_SIZE_FIELD, rid)
+                if size < 0:
+                    raise ConvertError(path, "bad_number", f"negative size {size}", rid, LESION_SIZE_FIELD)
+            except ConvertError as exc:
+                problems.handle(exc, action="size set to null")
+                size = None
+        lesions[uid] = Lesion(
+            uid,
+            row["unique_video_name"] or None,
+            size,
+            row["histology_class"] or None,
+            row.get("histology_extended") or None,
+            row.get("site") or None,
+        )
+    return lesions
+
+
+def read_video_info(path: Path, problems: Problems) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        log.info("%s not found: no per-video records", path)
+        return {}
+    header, rows = _read_csv(path)
+    if "unique_video_name" not in header:
+        raise ConvertError(path, "missing_field", "no column 'unique_video_name'", field="unique_video_name")
+    videos: dict[str, dict[str, Any]] = {}
+    for line, row in enumerate(rows, start=2):
+        name = row["unique_video_name"]
+        if not name:
+            problems.handle(
+                ConvertError(
+                    path, "missing_field", "empty unique_video_name", f"line {line}", "unique_video_name"
+                )
+            )
+            continue
+        record: dict[str, Any] = {}
+        for key, value in row.items():
+            if key == "unique_video_name":
+                continue
+            if key in VIDEO_NUMERIC_FIELDS and value:
+                try:
+                    number = parse_number(value, path, key, name)
+                    value = int(number) if number == int(number) else number
+                except ConvertError as exc:
+                    problems.handle(exc, action="kept as text")
+            record[key] = value if value != "" else None
+        videos[name] = record
+    return videos
+
+
+def default_split(videos: list[str]) -> dict[str, str]:
+    """Per site (the SSS of SSS-VVV), sorted videos dealt 3 train : 1 val : 1 test."""
+    by_site: dict[str, list[str]] = {}
+    for v in sorted(videos):
+        by_site.setdefault(v.split("-", 1)[0], []).append(v)
+    pattern = ("train", "train", "train", "val", "test")
+    return {v: pattern[k % 5] for vs in by_site.values() for k, v in enumerate(vs)}
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """video -> split from a CSV (columns video|unique_video_name|sequence_id, split; or two columns
+    without header) or a JSON ({video: split}, {split: [videos]} or [{video, split}])."""
+    if not path.is_file():
+        raise ConvertError(path, "missing_file", "split file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    mapping: dict[str, str] = {}
+
+    def put(video: Any, split: Any, where: str) -> None:
+        if not isinstance(video, str) or not video.strip():
+            raise ConvertError(path, "bad_split_file", f"video {video!r} is not a name", where, "video")
+        if not isinstance(split, str) or not _SPLIT_RE.match(split.strip()):
+            raise ConvertError(
+                path, "bad_split_file", f"split {split!r} must match [A-Za-z0-9_-]+", where, "split"
+            )
+        video, split = video.strip(), split.strip()
+        if mapping.get(video, split) != split:
+            raise ConvertError(
+                path, "bad_split_file", f"video in two splits ({mapping[video]}, {split})", video
+            )
+        mapping[video] = split
+
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
+        if isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values()):
+            for split, videos in obj.items():
+                for v in videos:
+                    put(v, split, f"split {split!r}")
+        elif isinstance(obj, dict):
+            for v, split in obj.items():
+                put(v, split, v)
+        elif isinstance(obj, list):
+            for i, item in enumerate(obj):
+                if not isinstance(item, dict):
+                    raise ConvertError(path, "bad_split_file", "list items must be objects", f"item {i}")
+                video = next((item[c] for c in _VIDEO_SPLIT_COLUMNS if c in item), None)
+                put(video, item.get("split"), f"item {i}")
+        else:
+            raise ConvertError(path, "bad_split_file", "expected an object or a list")
+    else:
+        rows = list(csv.reader(text.splitlines()))
+        rows = [r for r in rows if any(c.strip() for c in r)]
+        if not rows:
+            raise ConvertError(path, "empty_file", "empty split file")
+        header = [c.strip().lower() for c in rows[0]]
+        vcol = next((header.index(c) for c in _VIDEO_SPLIT_COLUMNS if c in header), None)
+        if vcol is not None and "split" in header:
+            scol, body, first = header.index("split"), rows[1:], 2
+        else:
+            vcol, scol, body, first = 0, 1, rows, 1
+        for line, row in enumerate(body, start=first):
+            if len(row) <= max(vcol, scol):
+                raise ConvertError(path, "bad_split_file", "too few columns", f"line {line}")
+            put(row[vcol], row[scol], f"line {line}")
+    if not mapping:
+        raise ConvertError(path, "empty_file", "split file lists no video")
+    return mapping
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def find_videos(raw_dir: Path) -> list[str]:
+    if not raw_dir.is_dir():
+        raise ConvertError(raw_dir, "missing_file", "raw directory not found")
+    videos = sorted(
+        p.name[: -len("_annotations")]
+        for p in raw_dir.iterdir()
+        if p.is_dir() and p.name.endswith("_annotations")
+    )
+    if not videos:
+        raise ConvertError(
+            raw_dir, "no_videos", "no SSS-VVV_annotations folders (is this the REAL-Colon root?)"
+        )
+    return videos
+
+
+def _xml_sort_key(path: Path) -> tuple[int, str]:
+    m = re.search(r"_(\d+)$", path.stem)
+    return (int(m.group(1)) if m else -1, path.name)
+
+
+@dataclass(slots=True)
+class _Frame:
+    frame_id: int
+    filename: str
+    width: int
+    height: int
+    objects: list[tuple[VocObject, Lesion]]
+
+
+def _read_bytes(path: Path) -> bytes | OSError:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return exc
+
+
+def parse_video(
+    raw_dir: Path,
+    video: str,
+    lesions: dict[str, Lesion],
+    problems: Problems,
+    counts: Counter,
+    pool: ThreadPoolExecutor | None = None,
+) -> list[_Frame]:
+    """The frames of one video, in time order. XML files are read by `pool` (I/O bound on large
+    datasets), parsed and checked here, in order, so errors come out deterministically."""
+    ann_dir = raw_dir / f"{video}_annotations"
+    frames_dir = raw_dir / f"{video}_frames"
+    present = set(os.listdir(frames_dir)) if frames_dir.is_dir() else set()
+    if not frames_dir.is_dir():
+        log.warning("%s: frames folder missing", frames_dir)
+    frame_re = re.compile(rf"^{re.escape(video)}_(\d+)$")
+    out: list[_Frame] = []
+    xml_names: set[str] = set()
+    xmls = sorted(ann_dir.glob("*.xml"), key=_xml_sort_key)
+    contents = pool.map(_read_bytes, xmls) if pool is not None else map(_read_bytes, xmls)
+    for xml, data in zip(xmls, contents, strict=True):
+        try:
+            if isinstance(data, OSError):
+                raise ConvertError(xml, "unreadable_file", f"cannot read: {data}")
+            frame = parse_voc(data, xml, problems)
+            name = frame.filename if Path(frame.filename).suffix else f"{frame.filename}.jpg"
+            if Path(name).name != name:
+                raise ConvertError(
+                    xml, "bad_filename", f"{name!r} is not a plain file name", field="filename"
+                )
+            m = frame_re.match(Path(name).stem)
+            if not m:
+                raise ConvertError(
+                    xml, "bad_filename", f"{name!r} is not {video}_{{t}}.jpg", field="filename"
+                )
+            if name not in present:
+                raise ConvertError(
+                    xml, "missing_frame", f"frame {frames_dir / name} does not exist", field="filename"
+                )
+        except ConvertError as exc:
+            problems.handle(exc)
+            continue
+        xml_names.add(name)
+        objects = []
+        for i, obj in enumerate(frame.objects):
+            lesion = lesions.get(obj.unique_id)
+            oid = f"object {i} ({obj.unique_id})"
+            try:
+                if lesion is None:
+                    raise ConvertError(
+                        xml,
+                        "unknown_unique_id",
+                        f"unique_id {obj.unique_id!r} is not in lesion_info.csv (unique_object_id)",
+                        oid,
+                        "unique_id",
+                    )
+                if lesion.video is not None and lesion.video != video:
+                    raise ConvertError(
+                        xml,
+                        "video_mismatch",
+                        f"lesion_info.csv puts {obj.unique_id!r} in video {lesion.video!r}",
+                        oid,
+                        "unique_id",
+                    )
+            except ConvertError as exc:
+                problems.handle(exc)
+                continue
+            objects.append((obj, lesion))
+        out.append(_Frame(int(m.group(1)), name, frame.width, frame.height, objects))
+    counts["frames_without_xml"] += len({n for n in present if n.lower().endswith(".jpg")} - xml_names)
+    kept: dict[int, _Frame] = {}
+    for f in out:
+        if f.frame_id in kept:
+            problems.handle(
+                ConvertError(
+                    ann_dir,
+                    "duplicate_frame",
+                    f"frame {f.frame_id} is annotated by two "
+                    f"XMLs ({kept[f.frame_id].filename}, {f.filename})",
+                    f.filename,
+                    "filename",
+                )
+            )
+            continue
+        kept[f.frame_id] = f
+    return list(kept.values())
+
+
+def link_file(src: Path, dst: Path, mode: str) -> str:
+    """Place src at dst (hard link, symlink or copy; a hard link falls back to a copy across file
+    systems). Returns what was done. An existing dst that is already src is left alone."""
+    if dst.exists() or dst.is_symlink():
+        try:
+            if dst.resolve() == src.resolve() or os.path.samefile(src, dst):
+                return "present"
+        except OSError:
+            pass
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    done = mode
+    if mode == "symlink":
+        os.symlink(src.resolve(), tmp)
+    elif mode == "hardlink":
+        try:
+            os.link(src, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            shutil.copyfile(src, tmp)
+            done = "copy"
+    else:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return done
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _image_record(image: tuple) -> dict[str, Any]:
+    image_id, file_name, width, height, frame_id, video = image
+    return {
+        "id": image_id,
+        "file_name": file_name,
+        "width": width,
+        "height": height,
+        "frame_id": frame_id,
+        "sequence_id": video,
+        "dataset_id": DATASET_ID,
+    }
+
+
+def _write_coco_atomic(path: Path, images: list[tuple], annotations: list[dict], videos: list[dict]) -> None:
+    """Write the COCO file one record per line (streamed), to a temporary name first."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(
+                '{"info": '
+                + json.dumps(
+                    {
+                        "description": "REAL-Colon, converted by polyp-ssl convert realcolon",
+                        "dataset_id": DATASET_ID,
+                    }
+                )
+            )
+            f.write(',\n"categories": ' + json.dumps([CATEGORY]))
+            for key, items in (("videos", videos), ("images", images), ("annotations", annotations)):
+                f.write(f',\n"{key}": [')
+                for i, item in enumerate(items):
+                    record = _image_record(item) if key == "images" else item
+                    f.write(("\n" if i == 0 else ",\n") + json.dumps(record, sort_keys=True))
+                f.write("\n]")
+            f.write("\n}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert(cfg: ConvertConfig, progress: bool = False) -> dict[str, Any]:
+    """Run the conversion; returns the report (also written to OUT_ROOT/convert_report.json)."""
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="convert") as pool:
+        return _convert(cfg, progress, pool)
+
+
+def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> dict[str, Any]:
+    if cfg.link not in LINK_MODES:
+        raise ValueError(f"--link must be one of {LINK_MODES}, got {cfg.link!r}")
+    if cfg.on_error not in ("fail", "skip"):
+        raise ValueError(f"--on-error must be fail or skip, got {cfg.on_error!r}")
+    raw = Path(cfg.raw_dir)
+    problems = Problems(cfg.on_error)
+    counts: Counter = Counter()
+    videos = find_videos(raw)
+    lesions = read_lesion_info(raw / "lesion_info.csv", problems)
+    video_info = read_video_info(raw / "video_info.csv", problems)
+    splits = read_split_file(Path(cfg.split_file)) if cfg.split_file else default_split(videos)
+    not_in_split = [v for v in videos if v not in splits]
+    if not_in_split:
+        log.warning(
+            "%d videos are not in the split file and are left out: %s", len(not_in_split), not_in_split
+        )
+    missing_videos = sorted(set(splits) - set(videos))
+    if missing_videos:
+        log.warning("%d videos of the split file are not in %s: %s", len(missing_videos), raw, missing_videos)
+
+    iterator: Any = [v for v in videos if v in splits]
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="parse", unit="video")
+    parsed: dict[str, list[_Frame]] = {}
+    for video in iterator:
+        parsed[video] = parse_video(raw, video, lesions, problems, counts, pool)
+
+    # Ids: images and annotations numbered from 1 over videos (sorted) and frames (by t).
+    per_split: dict[str, dict[str, list]] = {}
+    image_id = annotation_id = 0
+    to_link: list[tuple[str, str]] = []  # (video, file name)
+    for video, frames in list(parsed.items()):
+        del parsed[video]  # keep one copy of the frames in memory, not two
+        split = splits[video]
+        bucket = per_split.setdefault(split, {"images": [], "annotations": [], "videos": []})
+        record = {"sequence_id": video, "dataset_id": DATASET_ID, "split": split}
+        record.update(video_info.get(video, {}))
+        bucket["videos"].append(record)
+        for frame in sorted(frames, key=lambda f: f.frame_id):
+            if not frame.objects:
+                counts["frames_without_objects"] += 1
+                if cfg.empty_frames == "drop":
+                    continue
+            image_id += 1
+            # a tuple, not a dict: millions of frames on the full dataset (see _image_record)
+            bucket["images"].append(
+                (image_id, frame.filename, frame.width, frame.height, frame.frame_id, video)
+            )
+            to_link.append((video, frame.filename))
+            for obj, lesion in frame.objects:
+                annotation_id += 1
+                x, y, w, h = obj.bbox
+                bucket["annotations"].append(
+                    {
+                        "id": annotation_id,
+                        "image_id": image_id,
+                        "bbox": [x, y, w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                        "category_id": CATEGORY["id"],
+                        "identity_id": obj.unique_id,
+                        "box_id": obj.box_id,
+                        "lesion": obj.name,
+                        "size": lesion.size_mm,
+                        "histology": lesion.histology,
+                        "histology_extended": lesion.histology_extended,
+                        "site": lesion.site,
+                    }
+                )
+
+    out = Path(cfg.out_root)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    links: Counter = Counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(to_link), desc="images", unit="frame")
+
+    def place(item: tuple[str, str]) -> str:
+        video, name = item
+        return link_file(raw / f"{video}_frames" / name, images_dir / name, cfg.link)
+
+    for start in range(0, len(to_link), LINK_CHUNK):  # chunks: a future per frame of a chunk, not of all
+        chunk = to_link[start : start + LINK_CHUNK]
+        links.update(pool.map(place, chunk))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+    report = {
+        "raw_dir": str(raw),
+        "out_root": str(out),
+        "on_error": cfg.on_error,
+        "link": cfg.link,
+        "empty_frames": cfg.empty_frames,
+        "split_source": str(cfg.split_file)
+        if cfg.split_file
+        else "default (per site 3 train : 1 val : 1 test)",
+        "videos": sum(len(b["videos"]) for b in per_split.values()),
+        "splits": {
+            s: {"videos": len(b["videos"]), "images": len(b["images"]), "annotations": len(b["annotations"])}
+            for s, b in sorted(per_split.items())
+        },
+        "frames_without_objects": counts["frames_without_objects"],
+        "frames_without_xml": counts["frames_without_xml"],
+        "videos_not_in_split_file": not_in_split,
+        "split_file_videos_not_found": missing_videos,
+        "skipped": dict(sorted(problems.counts.items())),
+        "n_skipped": sum(problems.counts.values()),
+        "problems": problems.items,
+        "links": dict(sorted(links.items())),
+    }
+    _write_json_atomic(out / "convert_report.json", report)
+    for split, bucket in sorted(per_split.items()):
+        _write_coco_atomic(
+            out / "annotations" / f"instances_{split}.json",
+            bucket["images"],
+            bucket["annotations"],
+            bucket["videos"],
+        )
+    return report
