@@ -1,0 +1,339 @@
+"""Load and validate one annotation file (the seed's COCO extension) into videos of annotations.
+
+Everything the main process can check without decoding a frame is checked here, up front: the
+file's structure (fatal), and per annotation its keys, image, box and identity. A bad
+annotation is reported through the ErrorSink (an error in `fail` mode, a skipped row otherwise),
+so every annotation of the file ends up either in a `VideoPlan` or in an error row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest.errors import ErrorRow, ErrorSink, IngestError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("id", "file_name", "width", "height", "frame_id", "sequence_id")
+ANNOTATION_KEYS = ("id", "image_id", "bbox", "identity_id")
+# annotation fields ingest consumes; the rest is kept per frame in the sample's `extra`
+_CONSUMED = {"id", "image_id", "bbox", "identity_id", "size", "histology", "segmentation", "area"}
+
+
+@dataclass(frozen=True)
+class Annotation:
+    annotation_id: int
+    image_id: int
+    frame_id: int
+    file_name: str
+    width: int
+    height: int
+    bbox: tuple[float, float, float, float]  # clamped to the frame
+    identity_id: str
+    size_mm: float | None
+    histology: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VideoPlan:
+    """One video's valid annotations (sorted by frame_id, annotation_id) and its frame span."""
+
+    video_id: str
+    dataset_id: str | None
+    sequence_id: str
+    split: str
+    first_frame: int
+    last_frame: int
+    n_images: int
+    annotations: list[Annotation] = field(default_factory=list)
+
+
+def video_id_of(sequence_id: str, dataset_id: str | None) -> str:
+    return f"{dataset_id}/{sequence_id}" if dataset_id else sequence_id
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _fatal(source: str, reason: str, detail: str, field_: str | None = None) -> IngestError:
+    return IngestError(ErrorRow(source, None, field_, reason, detail))
+
+
+def read_annotation_file(path: str) -> dict[str, Any]:
+    """The parsed file; a structural problem raises IngestError whatever the error policy."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise _fatal(path, "missing_file", "annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fatal(path, "bad_json", f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _fatal(path, "bad_json", f"top level is a {type(obj).__name__}, not an object")
+    for key in ("images", "annotations"):
+        if key not in obj:
+            raise _fatal(path, "missing_key", f"no {key!r} list", key)
+        if not isinstance(obj[key], list):
+            raise _fatal(path, "bad_type", f"{key!r} is a {type(obj[key]).__name__}, not a list", key)
+    return obj
+
+
+def _image_problem(img: Any) -> tuple[str, str, str] | None:
+    """(field, reason, detail) of the first problem of an image record, or None."""
+    if not isinstance(img, dict):
+        return "", "bad_image", f"image record is a {type(img).__name__}, not an object"
+    for key in IMAGE_KEYS:
+        if key not in img:
+            return key, "missing_key", f"image has no {key!r}"
+    if not _is_int(img["id"]):
+        return "id", "bad_type", f"image id {img['id']!r} is not an integer"
+    if not isinstance(img["file_name"], str) or not img["file_name"]:
+        return "file_name", "bad_type", f"file_name {img['file_name']!r} is not a non-empty string"
+    for key in ("width", "height"):
+        if not _is_int(img[key]) or img[key] <= 0:
+            return key, "bad_type", f"{key} {img[key]!r} is not a positive integer"
+    if not _is_int(img["frame_id"]) or img["frame_id"] < 0:
+        return "frame_id", "bad_type", f"frame_id {img['frame_id']!r} is not a non-negative integer"
+    if not isinstance(img["sequence_id"], str | int) or isinstance(img["sequence_id"], bool):
+        return "sequence_id", "bad_type", f"sequence_id {img['sequence_id']!r} is not a string"
+    ds = img.get("dataset_id")
+    if ds is not None and (not isinstance(ds, str | int) or isinstance(ds, bool)):
+        return "dataset_id", "bad_type", f"dataset_id {ds!r} is not a string"
+    return None
+
+
+def _check_box(
+    bbox: Any, width: int, height: int
+) -> tuple[tuple[float, float, float, float] | None, str, str]:
+    """(clamped box or None, reason, detail); reason "" = fine, "box_outside_frame" with a box = fixed."""
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+        return None, "bad_bbox", f"bbox {bbox!r} is not a list of 4 numbers"
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None, "nan_box", f"bbox {bbox!r} has a NaN or infinite value"
+    if w <= 0 or h <= 0:
+        return None, "zero_area_box", f"bbox {bbox!r} has zero or negative width or height"
+    if x >= 0 and y >= 0 and x + w <= width and y + h <= height:
+        return (x, y, w, h), "", ""  # kept exactly as given
+    x0, y0 = max(0.0, x), max(0.0, y)
+    x1, y1 = min(float(width), x + w), min(float(height), y + h)
+    if x1 <= x0 or y1 <= y0:
+        return None, "box_outside_frame", f"bbox {bbox!r} lies outside the {width}x{height} frame"
+    clamped = (x0, y0, x1 - x0, y1 - y0)
+    return (
+        clamped,
+        "box_outside_frame",
+        f"bbox {bbox!r} clamped to the {width}x{height} frame: {list(clamped)}",
+    )
+
+
+def load_split(path: str, split: str, sink: ErrorSink) -> tuple[list[VideoPlan], int]:
+    """The videos of one annotation file (sorted by video_id) and its number of annotations.
+
+    Videos include those whose images carry no (valid) annotation, with an empty list."""
+    obj = read_annotation_file(path)
+    source = os.fspath(path)
+
+    images: dict[int, dict[str, Any]] = {}
+    bad_images: dict[int, str] = {}
+    n_unusable = 0  # image records without a usable id: no annotation can point at them
+    for i, img in enumerate(obj["images"]):
+        problem = _image_problem(img)
+        img_id = img.get("id") if isinstance(img, dict) else None
+        if problem is not None:
+            field_, reason, detail = problem
+            if not _is_int(img_id):
+                # no usable id: no annotation can point at it; fatal in fail mode
+                if sink.on_error == "fail":
+                    raise IngestError(ErrorRow(source, f"images[{i}]", field_ or None, reason, detail))
+                n_unusable += 1
+                continue
+            bad_images[img_id] = f"image {img_id} field {field_!r}: {detail}"
+            if sink.on_error == "fail":
+                raise IngestError(ErrorRow(source, f"image {img_id}", field_ or None, reason, detail))
+            continue
+        if img_id in images or img_id in bad_images:
+            bad_images[img_id] = f"image id {img_id} appears more than once"
+            images.pop(img_id, None)
+            if sink.on_error == "fail":
+                raise IngestError(
+                    ErrorRow(
+                        source,
+                        f"image {img_id}",
+                        "id",
+                        "duplicate_image_id",
+                        f"image id {img_id} appears more than once",
+                    )
+                )
+            continue
+        images[img_id] = img
+
+    if n_unusable:
+        log.warning(
+            "%s: %d image records without a usable id left out (their annotations, if any, "
+            "are reported as missing_image)",
+            source,
+            n_unusable,
+        )
+    videos: dict[str, VideoPlan] = {}
+    image_video: dict[int, str] = {}
+    for img_id, img in images.items():
+        ds = img.get("dataset_id")
+        ds = str(ds) if ds not in (None, "") else None
+        seq = str(img["sequence_id"])
+        vid = video_id_of(seq, ds)
+        image_video[img_id] = vid
+        v = videos.get(vid)
+        if v is None:
+            videos[vid] = VideoPlan(vid, ds, seq, split, img["frame_id"], img["frame_id"], 1)
+        else:
+            v.first_frame = min(v.first_frame, img["frame_id"])
+            v.last_frame = max(v.last_frame, img["frame_id"])
+            v.n_images += 1
+
+    seen_ann: set[int] = set()
+    # (video, frame_id, identity) -> annotation id kept
+    kept_at: dict[tuple[str, int, str], int] = {}
+    per_video: dict[str, list[Annotation]] = defaultdict(list)
+    annotations = obj["annotations"]
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            sink.skip(
+                source,
+                f"annotations[{i}]",
+                None,
+                "bad_annotation",
+                f"annotation record is a {type(ann).__name__}, not an object",
+            )
+            continue
+        ann_label = f"annotation {ann['id']}" if _is_int(ann.get("id")) else f"annotations[{i}]"
+        missing = [k for k in ANNOTATION_KEYS if k not in ann]
+        if missing:
+            sink.skip(source, ann_label, missing[0], "missing_key", f"annotation has no {missing[0]!r}")
+            continue
+        if not _is_int(ann["id"]):
+            sink.skip(source, ann_label, "id", "bad_type", f"annotation id {ann['id']!r} is not an integer")
+            continue
+        ann_id = ann["id"]
+        if ann_id in seen_ann:
+            sink.skip(
+                source,
+                ann_label,
+                "id",
+                "duplicate_annotation_id",
+                f"annotation id {ann_id} appears more than once",
+            )
+            continue
+        seen_ann.add(ann_id)
+        image_id = ann["image_id"]
+        if image_id in bad_images:
+            sink.skip(
+                source, ann_label, "image_id", "bad_image", f"its image is unusable: {bad_images[image_id]}"
+            )
+            continue
+        if not _is_int(image_id) or image_id not in images:
+            sink.skip(
+                source,
+                ann_label,
+                "image_id",
+                "missing_image",
+                f"image_id {image_id!r} is not an image of this file",
+            )
+            continue
+        img = images[image_id]
+        identity = ann["identity_id"]
+        if not isinstance(identity, str | int) or isinstance(identity, bool) or identity == "":
+            sink.skip(
+                source, ann_label, "identity_id", "bad_type", f"identity_id {identity!r} is not a string"
+            )
+            continue
+        identity = str(identity)
+        box, reason, detail = _check_box(ann["bbox"], img["width"], img["height"])
+        if box is None:
+            sink.skip(source, ann_label, "bbox", reason, detail)
+            continue
+        size = ann.get("size")
+        if size is not None:
+            try:
+                size = float(size)
+            except (TypeError, ValueError):
+                sink.skip(source, ann_label, "size", "bad_type", f"size {size!r} is not a number")
+                continue
+            if not math.isfinite(size):
+                size = None
+        histology = ann.get("histology")
+        histology = None if histology in (None, "") else str(histology)
+        vid = image_video[image_id]
+        slot = (vid, img["frame_id"], identity)
+        if slot in kept_at:
+            sink.skip(
+                source,
+                ann_label,
+                "identity_id",
+                "duplicate_identity_in_frame",
+                f"identity {identity!r} already has annotation {kept_at[slot]} in frame {img['frame_id']} "
+                f"of video {vid!r}",
+            )
+            continue
+        kept_at[slot] = ann_id
+        if reason:
+            sink.fixed(source, ann_label, "bbox", reason, detail)
+        extra = {k: v for k, v in ann.items() if k not in _CONSUMED}
+        per_video[vid].append(
+            Annotation(
+                ann_id,
+                image_id,
+                img["frame_id"],
+                img["file_name"],
+                img["width"],
+                img["height"],
+                box,
+                identity,
+                size,
+                histology,
+                extra,
+            )
+        )
+
+    out = []
+    for vid in sorted(videos):
+        v = videos[vid]
+        v.annotations = sorted(per_video.get(vid, []), key=lambda a: (a.frame_id, a.annotation_id))
+        out.append(v)
+    return out, len(annotations)
+
+
+def drop_shared_identities(videos: list[VideoPlan], sink: ErrorSink, source_of: dict[str, str]) -> None:
+    """An identity is one polyp of one video: annotations of an identity_id already seen in an
+    earlier video (in split, video order) are reported and removed, keeping tracklet ids unique."""
+    owner: dict[str, str] = {}
+    for v in videos:
+        for identity in sorted({a.identity_id for a in v.annotations}):
+            owner.setdefault(identity, f"{v.split}:{v.video_id}")
+    for v in videos:
+        here = f"{v.split}:{v.video_id}"
+        keep = []
+        for a in v.annotations:
+            if owner[a.identity_id] != here:
+                sink.skip(
+                    source_of[v.split],
+                    f"annotation {a.annotation_id}",
+                    "identity_id",
+                    "identity_in_several_videos",
+                    f"identity {a.identity_id!r} already belongs to video {owner[a.identity_id]}",
+                )
+                continue
+            keep.append(a)
+        v.annotations = keep
