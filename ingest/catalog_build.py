@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ingest.faults import crash_point
 from shards.schema import CATALOG_VERSION, TABLES
 from shards.writer import TMP_SUFFIX, write_atomic
 
@@ -103,6 +104,8 @@ def write_catalog(
         os.remove(manifest_path)  # the catalog is incomplete until the new manifest is written
     for name, schema in TABLES.items():
         write_table(os.path.join(catalog_dir, f"{name}.parquet"), tables[name], schema)
+        crash_point("catalog_table")
+    crash_point("before_manifest")
     manifest = {
         "version": CATALOG_VERSION,
         **manifest,

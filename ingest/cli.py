@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 from ingest.errors import ON_ERROR, IngestError
 from ingest.plan import IngestParams
@@ -28,7 +29,10 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB, 1G, 1000000)")
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"a size must be at least 1 byte, got {text!r}")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,5 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     except IngestRefused as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 2
+    except BrokenProcessPool as e:
+        print(
+            f"ingest: a worker process died ({e}); finished shards are kept: re-run with --resume",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as e:
+        print(
+            f"ingest: cannot read or write {e.filename or cfg.out or cfg.root}: {e.strerror or e}; "
+            "finished shards are kept: fix the cause and re-run with --resume",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps(summary, indent=2))
     return 0

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,8 +60,12 @@ def video_id_of(sequence_id: str, dataset_id: str | None) -> str:
     return f"{dataset_id}/{sequence_id}" if dataset_id else sequence_id
 
 
+INT64_LIMIT = 2**63  # ids and frame ids are int64 columns of the catalog
+SIDE_LIMIT = 2**31  # frame sides: crop corners are int32 columns
+
+
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and -INT64_LIMIT <= v < INT64_LIMIT
 
 
 def _is_num(v: Any) -> bool:
@@ -75,19 +80,47 @@ def read_annotation_file(path: str) -> dict[str, Any]:
     """The parsed file; a structural problem raises IngestError whatever the error policy."""
     try:
         with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+            text = f.read()
+        obj = json.loads(text)
     except FileNotFoundError:
         raise _fatal(path, "missing_file", "annotation file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
         raise _fatal(path, "bad_json", f"not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise _fatal(path, "bad_json", f"top level is a {type(obj).__name__}, not an object")
+    where = _lone_surrogate(obj, "") if _MAYBE_SURROGATE.search(text) else None
+    if where is not None:
+        raise _fatal(path, "bad_text", f"{where} holds an escaped lone surrogate (\\udXXX), not text")
     for key in ("images", "annotations"):
         if key not in obj:
             raise _fatal(path, "missing_key", f"no {key!r} list", key)
         if not isinstance(obj[key], list):
             raise _fatal(path, "bad_type", f"{key!r} is a {type(obj[key]).__name__}, not a list", key)
     return obj
+
+
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: Any, where: str) -> str | None:
+    """Where in the parsed JSON a string (key or value) is not encodable as UTF-8, or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "a string"
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _lone_surrogate(k, f"{where}.{k!r}") or _lone_surrogate(v, f"{where}.{k}")
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _image_problem(img: Any) -> tuple[str, str, str] | None:
@@ -98,12 +131,15 @@ def _image_problem(img: Any) -> tuple[str, str, str] | None:
         if key not in img:
             return key, "missing_key", f"image has no {key!r}"
     if not _is_int(img["id"]):
-        return "id", "bad_type", f"image id {img['id']!r} is not an integer"
+        return "id", "bad_type", f"image id {img['id']!r} is not a 64-bit integer"
     if not isinstance(img["file_name"], str) or not img["file_name"]:
         return "file_name", "bad_type", f"file_name {img['file_name']!r} is not a non-empty string"
+    name = img["file_name"].replace("\\", "/")
+    if name.startswith("/") or ".." in name.split("/") or "\0" in name:
+        return "file_name", "unsafe_path", f"file_name {img['file_name']!r} leaves the images folder"
     for key in ("width", "height"):
-        if not _is_int(img[key]) or img[key] <= 0:
-            return key, "bad_type", f"{key} {img[key]!r} is not a positive integer"
+        if not _is_int(img[key]) or not 0 < img[key] < SIDE_LIMIT:
+            return key, "bad_type", f"{key} {img[key]!r} is not a positive integer below 2**31"
     if not _is_int(img["frame_id"]) or img["frame_id"] < 0:
         return "frame_id", "bad_type", f"frame_id {img['frame_id']!r} is not a non-negative integer"
     if not isinstance(img["sequence_id"], str | int) or isinstance(img["sequence_id"], bool):
@@ -224,7 +260,9 @@ def load_split(path: str, split: str, sink: ErrorSink) -> tuple[list[VideoPlan],
             sink.skip(source, ann_label, missing[0], "missing_key", f"annotation has no {missing[0]!r}")
             continue
         if not _is_int(ann["id"]):
-            sink.skip(source, ann_label, "id", "bad_type", f"annotation id {ann['id']!r} is not an integer")
+            sink.skip(
+                source, ann_label, "id", "bad_type", f"annotation id {ann['id']!r} is not a 64-bit integer"
+            )
             continue
         ann_id = ann["id"]
         if ann_id in seen_ann:
@@ -273,6 +311,9 @@ def load_split(path: str, split: str, sink: ErrorSink) -> tuple[list[VideoPlan],
                 continue
             if not math.isfinite(size):
                 size = None
+            elif size < 0:
+                sink.skip(source, ann_label, "size", "bad_value", f"size {size!r} mm is negative")
+                continue
         histology = ann.get("histology")
         histology = None if histology in (None, "") else str(histology)
         vid = image_video[image_id]

@@ -180,6 +180,8 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
         raise IngestRefused(
             "--workers, --store-size, --crop-scale must be positive, --jpeg-quality in 1..100"
         )
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise IngestRefused(f"--out {out} is a file, not a folder")
     splits = list(cfg.splits or find_splits(root))
     if not splits:
         raise IngestRefused(f"no annotation files {root}/annotations/instances_*.json")
@@ -273,7 +275,10 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
         run_tasks(todo, cfg.workers, progress=cfg.progress)
     except _WorkerFailed as e:
         cause = e.__cause__
-        remove_files([f for f in own_shard_files(out, splits, part) if f.endswith(".tmp")])
+        own = own_shard_files(out, splits, part)
+        # temporaries, and tars whose worker was killed before it wrote their stats file
+        remove_files([f for f in own if f.endswith(".tmp")])
+        remove_files([f for f in own if f.endswith(".tar") and stats_path(f) not in own])
         if isinstance(cause, IngestError):
             # fail mode: leave nothing of this run visible
             for rel in e.written:

@@ -19,6 +19,7 @@ from typing import Any
 from ingest.coco import Annotation, VideoPlan
 from ingest.crop import StoredCrop, draft_reduce, stored_crop
 from ingest.errors import ErrorSink
+from ingest.faults import crash_point
 from ingest.plan import ShardTask
 from ingest.sources import FrameProblem, FrameRequest, iter_decord_video, iter_jpeg_folder
 from ingest.tracklets import Box, build_tracklets
@@ -224,6 +225,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
             result = build_video(task, video, sink)
             for meta, jpegs in result.samples:
                 writer.write(encode_sample(meta, jpegs))
+                crash_point("sample_written")
             rows["tracklets"] += result.tracklets
             rows["frames"] += result.frames
             rows["videos"].append(result.video)
@@ -243,7 +245,14 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         "cpu_seconds": round(time.process_time() - c0, 3),
         "rows": {**rows, "errors": [r.to_dict() for r in sink.rows]},
     }
-    write_atomic(stats_path(tar_path), json.dumps(stats, sort_keys=True).encode("utf-8"))
+    try:
+        write_atomic(stats_path(tar_path), json.dumps(stats, sort_keys=True).encode("utf-8"))
+    except BaseException:
+        # the stats file marks the tar as done: never leave a tar without it (e.g. disk full)
+        if os.path.exists(tar_path):
+            os.remove(tar_path)
+        raise
+    crash_point("shard_done")
     _shards_done_here += 1
     pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
     if pause_after and _shards_done_here >= pause_after:

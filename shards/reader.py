@@ -21,6 +21,13 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), suffix
 
 
+def safe_member_name(name: str) -> bool:
+    """A relative member name without '..' parts (members are read in memory, never extracted,
+    but their keys reach callers that might build paths from them)."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts
+
+
 PathArg = str | os.PathLike[str]
 
 
@@ -36,6 +43,10 @@ def iter_samples(paths: Iterable[PathArg] | PathArg) -> Iterator[dict[str, Any]]
             for member in tar:
                 if not member.isreg():
                     continue
+                if not safe_member_name(member.name):
+                    raise ValueError(
+                        f"{path}: member {member.name!r} is an absolute path or climbs with '..'"
+                    )
                 key, suffix = split_member_name(member.name)
                 if current is None or current["__key__"] != key:
                     if current is not None:

@@ -75,7 +75,7 @@ def tar_keys(path: Path) -> tuple[set[str], list[str]]:
             if not member.isfile():
                 continue
             key = member_key(member.name)
-            if key is None:
+            if key is None or not _safe_relative(member.name.replace("\\", "/")):
                 bad.append(member.name)
             else:
                 keys.add(key)
@@ -139,7 +139,7 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
         report.samples_checked += len(keys)
         for name in bad:
             report.problems.append(
-                Problem("bad_member", rel, f"member {name!r} has no extension (no sample key)")
+                Problem("bad_member", rel, f"member {name!r} is not a relative name with an extension")
             )
         if len(keys) != row["n_samples"]:
             report.problems.append(

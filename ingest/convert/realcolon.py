@@ -67,7 +67,8 @@ class ConvertError(ValueError):
             where += f": {id}"
         if field is not None:
             where += f": field {field!r}"
-        super().__init__(f"{where}: {detail}")
+        # file names that are not UTF-8 (surrogate escapes) are shown as \udcXX, printable anywhere
+        super().__init__(f"{where}: {detail}".encode("utf-8", "backslashreplace").decode("utf-8"))
 
     def as_dict(self, action: str) -> dict[str, Any]:
         return {

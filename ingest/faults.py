@@ -1,0 +1,32 @@
+"""Fault-injection hook for the crash tests: kill this process with SIGKILL at a named point.
+
+Inert unless the environment variable POLYP_SSL_TEST_CRASH_AT is set, to `POINT` (the first
+time this process reaches POINT) or `POINT:N` (the N-th time). Points:
+
+    sample_written   a sample was added to the shard being written (the tar is half written)
+    shard_done       a shard and its stats file are complete (between shards)
+    catalog_table    a catalog table file was renamed into place (before the manifest)
+    before_manifest  every table is written, the manifest is not
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+CRASH_ENV = "POLYP_SSL_TEST_CRASH_AT"
+POINTS = ("sample_written", "shard_done", "catalog_table", "before_manifest")
+_reached: Counter[str] = Counter()
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return
+    _reached[name] += 1
+    if _reached[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
