@@ -1,0 +1,316 @@
+"""The NT-SSL LightningModule: tracklet encoder + projector + contrastive loss, validation by
+tracklet retrieval mAP (or a label-free alignment score when no identity is known)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
+from torch import nn
+
+from polyp_ssl.checkpoint import encoder_config_from
+from polyp_ssl.encoders import POOLINGS, TrackletEncoder, build_encoder, masked_mean
+from polyp_ssl.losses import (
+    LOSS_TYPES,
+    TERM_NAMES,
+    HierarchicalMILNCE,
+    same_group,
+    supcon,
+    temporally_aware,
+)
+
+log = logging.getLogger(__name__)
+
+# Defaults of the keys this module reads (the seed's training flags plus this stack's).
+DEFAULTS: dict[str, Any] = {
+    "encoder_type": "hmve",
+    "sfe_backbone_arch": "resnet50",
+    "sfe_backbone_weights": None,
+    "sfe_d_model": None,
+    "d_proj": 128,
+    "hmve_d_model": 256,
+    "hmve_d_feedforward": 1024,
+    "hmve_n_heads": 8,
+    "hmve_n_layers": 3,
+    "hmve_dropout": 0.1,
+    "channels_last": False,
+    "lr": 1e-5,
+    "weight_decay": 1e-4,
+    "loss_type": "mil-nce",
+    "loss_temperature": 0.07,
+    "loss_milnce_weights": [1.0, 1.0],
+    "loss_ta_lambda": 10.0,
+    "encoder_pooling": "cls",
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "max_epochs": 50,
+    "compile": False,
+}
+LR_SCHEDULES = ("constant", "none", "cosine")  # "none" = "constant"
+
+
+def plain_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as plain JSON types (str/int/float/bool/None/list/dict), so that checkpoints load
+    with ``torch.load(weights_only=True)``; paths and other objects become strings."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: float, schedule: str) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup over `warmup_steps`,
+    then constant or cosine decay to 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return 1.0
+
+
+class LrLambda:
+    """Picklable-free, state-free callable for LambdaLR (its state dict stays plain)."""
+
+    def __init__(self, warmup_steps: int, total_steps: float, schedule: str) -> None:
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = float(total_steps)
+        self.schedule = schedule
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.total_steps, self.schedule)
+
+
+def retrieval_map(emb: torch.Tensor, identity: torch.Tensor) -> tuple[float, int, int]:
+    """Mean average precision of cosine-similarity retrieval over tracklets.
+
+    Each tracklet with a known identity (>= 0) queries all other known ones; positives = same
+    identity. Returns ``(mAP, n_queries, n_excluded)``, queries without a positive being excluded;
+    mAP is nan when no query remains.
+    """
+    known = identity >= 0
+    e = F.normalize(emb[known].double(), dim=1).numpy()
+    ids = identity[known].numpy()
+    sims = e @ e.T
+    aps, excluded = [], 0
+    for i in range(len(ids)):
+        others = np.arange(len(ids)) != i
+        labels = ids[others] == ids[i]
+        if not labels.any():
+            excluded += 1
+            continue
+        aps.append(average_precision_score(labels, sims[i, others]))
+    return (float(np.mean(aps)) if aps else float("nan")), len(aps), excluded
+
+
+def temporal_alignment(emb: torch.Tensor, video: torch.Tensor, order: torch.Tensor) -> float:
+    """Label-free: mean cosine similarity of each tracklet to the next one of its video (by `order`)."""
+    e = F.normalize(emb.double(), dim=1)
+    sims = []
+    for v in torch.unique(video):
+        idx = (video == v).nonzero().flatten()
+        idx = idx[torch.argsort(order[idx], stable=True)]
+        if idx.numel() > 1:
+            sims.append((e[idx[:-1]] * e[idx[1:]]).sum(dim=1))
+    return float(torch.cat(sims).mean()) if sims else float("nan")
+
+
+class NTSSLModule(L.LightningModule):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        cfg = plain_config({**DEFAULTS, **config})
+        self.config = cfg
+        self.save_hyperparameters({"config": cfg})
+        if cfg["loss_type"] not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {cfg['loss_type']!r} (choose from {', '.join(LOSS_TYPES)})")
+        if cfg["encoder_pooling"] not in POOLINGS:
+            raise ValueError(f"unknown encoder_pooling {cfg['encoder_pooling']!r} (choose from {POOLINGS})")
+        if cfg["lr_schedule"] not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {cfg['lr_schedule']!r} (choose from {LR_SCHEDULES})")
+        self.encoder: TrackletEncoder = build_encoder(encoder_config_from(cfg))
+        d = self.encoder.out_dim
+        self.projector = nn.Sequential(
+            nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, int(cfg["d_proj"]))
+        )
+        self.milnce: HierarchicalMILNCE | None = None
+        if cfg["loss_type"] == "mil-nce":
+            self.milnce = HierarchicalMILNCE(cfg["loss_milnce_weights"], cfg["loss_temperature"])
+        self._last_step_start: float | None = None
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
+
+    # -- training ------------------------------------------------------------------------------
+
+    def fragment_vectors(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fragment vector (CLS, or the mean of frame tokens) and frame tokens of a training batch."""
+        cls, tokens = self.encoder(frames)
+        return (cls if cls is not None else tokens.mean(dim=1)), tokens
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        frag, tokens = self.fragment_vectors(batch["frames"])
+        z = self.projector(frag)
+        cfg = self.config
+        if self.milnce is not None:
+            frame_z = self.projector(tokens) if self.milnce.needs_frames else None
+            return self.milnce(z, batch["bag"], frame_z)
+        if cfg["loss_type"] == "supervised":
+            return {"loss": supcon(z, same_group(batch["bag"]), cfg["loss_temperature"])}
+        return {
+            "loss": temporally_aware(
+                z, batch["position"], batch["video"], cfg["loss_temperature"], cfg["loss_ta_lambda"]
+            )
+        }
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_start is not None:
+            dt = now - self._last_step_start
+            b, s = batch["frames"].shape[:2]
+            world = self.trainer.world_size if self._trainer is not None else 1
+            # all ranks run equal batches, so the global rate is the local one times world size
+            self.log("train/fragments_per_s", b * world / dt, on_step=True, on_epoch=False)
+            self.log("train/frames_per_s", b * s * world / dt, on_step=True, on_epoch=False)
+        self._last_step_start = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_start = None  # do not count validation or loader start-up as step time
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        b = batch["frames"].shape[0]
+        self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=b)
+        for name in TERM_NAMES:
+            if name in out:
+                self.log(f"train/{name}", out[name], on_step=True, on_epoch=True, batch_size=b)
+        self.log(
+            "train/videos_per_batch",
+            float(torch.unique(batch["video"]).numel()),
+            on_step=True,
+            on_epoch=True,
+            batch_size=b,
+        )
+        if self._trainer is not None and self.trainer.optimizers:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("train/lr", lr, on_step=True, on_epoch=False)
+        return out["loss"]
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.config
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        schedule = "constant" if cfg["lr_schedule"] == "none" else cfg["lr_schedule"]
+        warmup = int(cfg["warmup_steps"] or 0)
+        if schedule == "constant" and warmup <= 0:
+            return opt
+        total = float(self.trainer.estimated_stepping_batches) if schedule == "cosine" else 0.0
+        if schedule == "cosine" and not math.isfinite(total):
+            raise ValueError(
+                "lr_schedule=cosine needs a known number of training steps: set max_steps or use a "
+                "training loader with a length"
+            )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, LrLambda(warmup, total, schedule))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_fit_start(self) -> None:
+        if self.config.get("compile"):
+            self.encoder.backbone.compile()  # in place: state dict keys stay unprefixed
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if "valid" in batch:  # rows a loader added only to even out ranks
+            keep = batch["valid"].to(torch.bool)
+            batch = {k: v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape else v
+                     for k, v in batch.items()}
+            if not keep.any():
+                return
+        emb = self.encoder.embed(batch["frames"], batch.get("mask"), pooling=self.config["encoder_pooling"])
+        n = emb.shape[0]
+        out = {
+            "emb": emb.detach().float().cpu(),
+            "identity": batch["identity"].detach().long().cpu(),
+            "video": batch["video"].detach().long().cpu(),
+        }
+        key = next((k for k in ("index", "tracklet") if k in batch), None)
+        out["key"] = batch[key].detach().long().cpu() if key else torch.full((n,), -1, dtype=torch.long)
+        if "position" in batch:
+            out["order"] = batch["position"].detach().double().cpu()
+        else:  # batch order: a video's tracklets come in time order
+            out["order"] = torch.arange(n, dtype=torch.double) + float(batch_idx) * 1e6
+        self._val_outputs.append(out)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate `t` ([n, ...], n may differ per rank) over ranks, in rank order."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return t
+        n = torch.tensor([t.shape[0]], device=self.device)
+        sizes = self.all_gather(n).reshape(-1).tolist()
+        if max(sizes) == 0:
+            return t
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        gathered = self.all_gather(padded.to(self.device)).cpu()
+        return torch.cat([gathered[r, : sizes[r]] for r in range(len(sizes))])
+
+    def on_validation_epoch_end(self) -> None:
+        outs = self._val_outputs
+        self._val_outputs = []
+        if outs:
+            merged = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        else:  # this rank saw no batch; it must still join the gathers below
+            merged = {
+                "emb": torch.zeros(0, self.encoder.out_dim),
+                "identity": torch.zeros(0, dtype=torch.long),
+                "video": torch.zeros(0, dtype=torch.long),
+                "key": torch.zeros(0, dtype=torch.long),
+                "order": torch.zeros(0, dtype=torch.double),
+            }
+        merged = {k: self._gather(v) for k, v in merged.items()}
+        if merged["emb"].shape[0] == 0:
+            return
+        keys = merged["key"]
+        if (keys >= 0).all():  # drop duplicates a distributed sampler adds to even out ranks
+            _, first = np.unique(keys.numpy(), return_index=True)
+            first = torch.as_tensor(np.sort(first))
+            merged = {k: v[first] for k, v in merged.items()}
+        emb, identity = merged["emb"], merged["identity"]
+        align = temporal_alignment(emb, merged["video"], merged["order"])
+        if math.isfinite(align):
+            self.log("val/alignment", align, sync_dist=True)
+        mean_ap, n_queries, excluded = retrieval_map(emb, identity)
+        self.log("val/n_tracklets", float(emb.shape[0]), sync_dist=True)
+        if n_queries:
+            self.log("val/map", mean_ap, sync_dist=True)
+        log.info(
+            "validation: %d tracklets, mAP %.4f over %d queries (%d without positive excluded), "
+            "alignment %.4f",
+            emb.shape[0], mean_ap, n_queries, excluded, align,
+        )
+
+    # -- inference -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.encoder.embed(batch["frames"], batch.get("mask"), pooling=self.config["encoder_pooling"])
+
+
+def make_embedder(encoder: TrackletEncoder, pooling: str = "cls") -> Callable[..., torch.Tensor]:
+    """A function frames, mask -> embeddings, running `encoder` in eval mode without gradients."""
+    encoder.eval()
+
+    @torch.no_grad()
+    def embed(frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return encoder.embed(frames, mask, pooling=pooling)
+
+    return embed
+
+
+__all__ = ["DEFAULTS", "NTSSLModule", "lr_factor", "masked_mean", "retrieval_map", "temporal_alignment"]
