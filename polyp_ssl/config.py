@@ -1,0 +1,145 @@
+"""The training configuration: every flag of `polyp-ssl train`, one dataclass.
+
+Names and defaults follow the reference code's training command (the seed README), so the paper's
+command line keeps its meaning; the extra fields cover the trainer (devices, precision, resume, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SAMPLERS = ("temporaltemperaturebag", "temporalknnbag", "multipos", "tracklet")
+LOSSES = ("mil-nce", "supervised", "temporally-aware")
+ENCODERS = ("sfe", "mve", "hmve")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+LOGGERS = ("csv", "tensorboard", "wandb")
+LR_SCHEDULES = ("none", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    # data (seed flags)
+    dataset_root: str = ""
+    num_workers: int = 8
+    max_epochs: int = 50
+    batch_size: int = 60
+    fragment_length: int = 8
+    fragment_stride: int = 4
+    fragment_drop_last: bool = False
+    bbox_scale_factor: float = 5.0
+    min_tracklet_length: int = 30
+    im_size: int = 232
+    aug_anchorcrop: bool = False
+    eval_n_views: int = 2
+    eval_batch_size: int = 6
+    eval_fragment_length: int = 8
+    eval_aug_anchorcrop: bool = False
+    # encoder (seed flags)
+    encoder_type: str = "hmve"
+    sfe_backbone_arch: str = "resnet50"
+    sfe_backbone_weights: str | None = None  # None = random init; the paper uses IMAGENET1K_V2
+    sfe_d_model: int | None = None  # None: the backbone's width (2048 for resnet50)
+    d_proj: int = 128
+    hmve_d_model: int = 256
+    hmve_d_feedforward: int = 1024
+    hmve_n_heads: int = 8
+    hmve_n_layers: int = 3
+    hmve_dropout: float = 0.1
+    # optimisation and loss (seed flags)
+    lr: float = 1e-5
+    loss_type: str = "mil-nce"
+    loss_temperature: float = 0.07
+    loss_milnce_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    sampler: str = "temporaltemperaturebag"
+    sampler_ttb_tmin: float = 0.3
+    sampler_ttb_tmax: float = 12.0
+    n_views: int = 5
+    exp_name: str = "default"
+    seed: int = 42
+    # trainer (this stack)
+    weight_decay: float = 1e-4
+    lr_schedule: str = "none"
+    warmup_steps: int = 0
+    open_videos: int = 4
+    max_steps: int = -1
+    limit_val_batches: float = 1.0
+    val_every_n_epochs: int = 1
+    val_max_frames: int = 64
+    monitor: str = "auto"  # "auto": val/map when val identities exist, else "none" (keep last)
+    deterministic: bool = False
+    split: str = "train"
+    val_split: str = "val"
+    shard_base: str | None = None  # URL prefix for the catalog's relative shard paths
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    precision: str = "32"
+    compile: bool = False
+    channels_last: bool = False
+    resume: bool = False
+    ckpt_every_n_steps: int = 0
+    logger: str = "csv"
+    runs_dir: str = "runs"
+    log_every_n_steps: int = 10
+    data_log: str | None = None  # debug: append the video ids of every batch, per rank, to this file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise ValueError with a message naming the setting for a configuration that cannot work."""
+        checks = [
+            (self.sampler in SAMPLERS, f"--sampler {self.sampler!r}: choose one of {SAMPLERS}"),
+            (self.loss_type in LOSSES, f"--loss_type {self.loss_type!r}: choose one of {LOSSES}"),
+            (
+                self.encoder_type in ENCODERS,
+                f"--encoder_type {self.encoder_type!r}: choose one of {ENCODERS}",
+            ),
+            (self.precision in PRECISIONS, f"--precision {self.precision!r}: choose one of {PRECISIONS}"),
+            (self.logger in LOGGERS, f"--logger {self.logger!r}: choose one of {LOGGERS}"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr_schedule {self.lr_schedule!r}: one of {LR_SCHEDULES}"),
+            (
+                self.n_views >= 2,
+                f"--n_views {self.n_views}: a bag needs the anchor and at least one more view",
+            ),
+            (
+                self.batch_size >= self.n_views,
+                f"--batch_size {self.batch_size} < --n_views {self.n_views}: a batch must hold one whole bag",
+            ),
+            (
+                self.batch_size % self.n_views == 0,
+                f"--batch_size {self.batch_size} is not a multiple of --n_views {self.n_views}",
+            ),
+            (
+                self.fragment_length == -1 or self.fragment_length >= 1,
+                f"--fragment_length {self.fragment_length}: use >= 1, or -1 for whole tracklets",
+            ),
+            (self.fragment_stride >= 1, f"--fragment_stride {self.fragment_stride}: use >= 1"),
+            (self.im_size >= 8, f"--im_size {self.im_size}: too small"),
+            (self.bbox_scale_factor > 0, f"--bbox_scale_factor {self.bbox_scale_factor}: use > 0"),
+            (self.open_videos >= 1, f"--open_videos {self.open_videos}: use >= 1"),
+            (self.num_workers >= 0, f"--num_workers {self.num_workers}: use >= 0"),
+            (self.max_epochs >= 1, f"--max_epochs {self.max_epochs}: use >= 1"),
+            (
+                1 <= len(self.loss_milnce_weights) <= 3,
+                f"--loss_milnce_weights takes 1 to 3 values, got {self.loss_milnce_weights}",
+            ),
+            (
+                0 < self.sampler_ttb_tmin <= self.sampler_ttb_tmax,
+                f"--sampler_ttb_tmin {self.sampler_ttb_tmin} / --sampler_ttb_tmax {self.sampler_ttb_tmax}: "
+                "need 0 < tmin <= tmax",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

@@ -1,0 +1,779 @@
+"""The streaming bag loader: shards -> videos -> fragments -> bags -> finished batches.
+
+Layout of the work:
+- main process: `build_index` reads the catalog once (pyarrow over OUT/catalog/*.parquet, split and
+  min_tracklet_length applied there) into a small picklable `StreamIndex`; it also fixes the epoch
+  length (batches per worker), so every rank runs the same number of steps by construction.
+- each stream (rank x worker) gets, per epoch, a disjoint part of the training videos
+  (`assign_videos`, the same computation on every rank), reads its shards sequentially, groups a
+  video's samples, cuts fragments, forms bags, keeps `open_videos` videos open and interleaves
+  their bags, and decodes only the JPEGs of the frames a batch uses. A stream that runs out of
+  videos starts another pass over them (new bag draws) until it has yielded its batch count.
+- `StreamLoader`, a DataLoader whose state {epoch, batches_seen, seed} Lightning stores in the
+  checkpoint: a resumed run replays bag formation (no decoding) to skip the consumed batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from polyp_ssl.bags import anchors_per_video, eligible_anchors, sample_bags, temporal_temperature
+from polyp_ssl.fragments import count_fragments, cut_tracklet, even_subsample, fragment_index_lists
+from polyp_ssl.transforms import CropParams, anchor_crop, decode_jpeg_bytes, draw_crop_params
+from shards.sample import TrackletSample, frame_jpeg, sample_meta
+from shards.schema import TRACKLETS, VIDEOS
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class DataConfigError(ValueError):
+    """A data configuration that cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    batch_size: int = 60
+    n_views: int = 5
+    fragment_length: int = 8
+    fragment_stride: int = 4
+    fragment_drop_last: bool = False
+    min_tracklet_length: int = 30
+    bbox_scale_factor: float = 5.0
+    im_size: int = 232
+    aug_anchorcrop: bool = False
+    sampler: str = "temporaltemperaturebag"
+    sampler_ttb_tmin: float = 0.3
+    sampler_ttb_tmax: float = 12.0
+    max_epochs: int = 50
+    open_videos: int = 4
+    seed: int = 42
+    data_log: str | None = None
+
+    @property
+    def n_bags(self) -> int:
+        return self.batch_size // self.n_views
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> StreamParams:
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class StreamIndex:
+    """What the streams need from the catalog, picklable and small (arrays and plain lists)."""
+
+    root: str
+    shard_base: str | None
+    split: str
+    video_ids: list[str]  # the split's usable videos, catalog order
+    video_codes: np.ndarray  # int64, stable codes over the whole catalog
+    video_shard: list[str]  # shard path (relative to root) of each video
+    video_fragments: np.ndarray  # int64, training fragments per video
+    video_eligible: np.ndarray  # int64, fragments that can anchor a bag
+    samples: dict[str, tuple[int, int, int]]  # sample_key -> (video index, tracklet code, identity code)
+    excluded: Counter = field(default_factory=Counter)  # reason -> count, from the catalog query
+
+    @property
+    def total_fragments(self) -> int:
+        return int(self.video_fragments.sum())
+
+    def shard_url(self, rel: str) -> str:
+        if _SCHEME.match(rel) and not re.match(r"^[A-Za-z]:[\\/]", rel):
+            return rel
+        if self.shard_base:
+            return self.shard_base.rstrip("/") + "/" + rel
+        return str(Path(self.root) / rel)
+
+
+def _read_table(root: Path, name: str, schema) -> Any:
+    path = root / "catalog" / f"{name}.parquet"
+    if not path.exists():
+        raise DataConfigError(
+            f"{root}: no catalog table {path.name} (this root was never ingested?); "
+            f"run `polyp-ssl ingest {root}` first"
+        )
+    table = pq.read_table(path)
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise DataConfigError(f"{path}: catalog table lacks columns {missing}")
+    return table.select([f.name for f in schema]).to_pydict()
+
+
+def dataset_codes(root: str | Path) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Integer codes for video, tracklet and identity ids, stable for the dataset (sorted over
+    every split of the catalog)."""
+    root = Path(root)
+    trk = _read_table(root, "tracklets", TRACKLETS)
+    vids = _read_table(root, "videos", VIDEOS)
+    video = {v: i for i, v in enumerate(sorted(set(vids["video_id"]) | set(trk["video_id"])))}
+    tracklet = {t: i for i, t in enumerate(sorted(set(trk["tracklet_id"])))}
+    identity = {d: i for i, d in enumerate(sorted({d for d in trk["identity_id"] if d}))}
+    return video, tracklet, identity
+
+
+def build_index(
+    root: str | Path,
+    split: str,
+    params: StreamParams,
+    shard_base: str | None = None,
+    min_tracklet_length: int | None = None,
+    require_bags: bool = True,
+) -> StreamIndex:
+    """Read the catalog once (main process) and keep the split's usable tracklets.
+
+    Tracklets shorter than min_tracklet_length and, with require_bags, videos whose fragments
+    cannot form a single bag with the chosen sampler are left out and counted in `excluded`.
+    """
+    root = Path(root)
+    min_len = params.min_tracklet_length if min_tracklet_length is None else min_tracklet_length
+    trk = _read_table(root, "tracklets", TRACKLETS)
+    video_code, tracklet_code, identity_code = dataset_codes(root)
+    excluded: Counter = Counter()
+    per_video: dict[str, list[int]] = {}
+    n_split = 0
+    for i, (s, n) in enumerate(zip(trk["split"], trk["n_frames"], strict=False)):
+        if s != split:
+            continue
+        n_split += 1
+        if n < min_len:
+            excluded["tracklet_shorter_than_min_tracklet_length"] += 1
+            continue
+        per_video.setdefault(trk["video_id"][i], []).append(i)
+    if n_split == 0:
+        raise DataConfigError(f"{root}: the catalog has no tracklets in split {split!r}")
+    if not per_video:
+        raise DataConfigError(
+            f"{root}: none of the {n_split} {split!r} tracklets reaches --min_tracklet_length {min_len}; "
+            "lower it"
+        )
+    flen = params.fragment_length
+    index = StreamIndex(
+        str(root),
+        shard_base,
+        split,
+        [],
+        np.zeros(0, np.int64),
+        [],
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        {},
+        excluded,
+    )
+    codes, frags, elig = [], [], []
+    for vid, rows in per_video.items():
+        shards = {trk["shard"][i] for i in rows}
+        if len(shards) != 1:
+            raise DataConfigError(f"{root}: video {vid!r} is split across shards {sorted(shards)}")
+        counts = [
+            count_fragments(trk["n_frames"][i], flen, params.fragment_stride, params.fragment_drop_last)
+            for i in rows
+        ]
+        t_codes = np.repeat([tracklet_code[trk["tracklet_id"][i]] for i in rows], counts)
+        i_codes = np.repeat([identity_code.get(trk["identity_id"][i] or "", -1) for i in rows], counts)
+        n_frag = int(sum(counts))
+        n_elig = (
+            int(eligible_anchors(params.sampler, t_codes, i_codes, params.n_views).sum()) if n_frag else 0
+        )
+        if require_bags and n_elig == 0:
+            excluded["video_without_a_bag"] += 1
+            continue
+        v = len(index.video_ids)
+        index.video_ids.append(vid)
+        index.video_shard.append(next(iter(shards)))
+        codes.append(video_code[vid])
+        frags.append(n_frag)
+        elig.append(n_elig)
+        for i in rows:
+            index.samples[trk["sample_key"][i]] = (
+                v,
+                tracklet_code[trk["tracklet_id"][i]],
+                identity_code.get(trk["identity_id"][i] or "", -1),
+            )
+    if not index.video_ids:
+        raise DataConfigError(
+            f"{root}: no {split!r} video has {params.n_views} (--n_views) fragments that the sampler "
+            f"{params.sampler!r} can put in one bag; lower --n_views or --min_tracklet_length, or use "
+            "shorter --fragment_length"
+        )
+    index.video_codes = np.asarray(codes, dtype=np.int64)
+    index.video_fragments = np.asarray(frags, dtype=np.int64)
+    index.video_eligible = np.asarray(elig, dtype=np.int64)
+    if excluded:
+        log.info("%s split %r: left out %s", root, split, dict(excluded))
+    return index
+
+
+# ---------------------------------------------------------------- epoch arithmetic and partition
+
+
+def epoch_batches(
+    total_fragments: int, batch_size: int, world_size: int, num_workers: int
+) -> tuple[int, int]:
+    """(batches per worker stream, batches per rank = the loader's length).
+
+    global = total_fragments // batch_size; per rank = ceil(global / world); per worker =
+    ceil(per rank / workers); a rank's length is per worker x workers.
+    """
+    global_batches = total_fragments // batch_size
+    if global_batches == 0:
+        raise DataConfigError(
+            f"{total_fragments} training fragments make no batch of --batch_size {batch_size}; "
+            "lower --batch_size or --min_tracklet_length, or add data"
+        )
+    per_rank = math.ceil(global_batches / world_size)
+    workers = max(num_workers, 1)
+    per_worker = math.ceil(per_rank / workers)
+    return per_worker, per_worker * workers
+
+
+def assign_videos(index: StreamIndex, n_streams: int, seed: int, epoch: int) -> list[list[int]]:
+    """Video indices of each stream for one epoch: disjoint, balanced by fragment count.
+
+    Whole shards go to streams when there are at least as many shards as streams; else single
+    videos (a stream then reads a shared shard and skips the other streams' samples). With fewer
+    videos than streams, the streams left empty get videos of others (resampling).
+    """
+    rng = np.random.default_rng([seed, epoch, 7])
+    shards = sorted(set(index.video_shard))
+    by_shard: dict[str, list[int]] = {s: [] for s in shards}
+    for v, s in enumerate(index.video_shard):
+        by_shard[s].append(v)
+    if len(shards) >= n_streams:
+        units = [by_shard[s] for s in shards]
+    else:
+        units = [[v] for v in range(len(index.video_ids))]
+    loads = np.array([index.video_fragments[u].sum() for u in units], dtype=np.float64)
+    perm = rng.permutation(len(units))
+    order = perm[np.argsort(-loads[perm], kind="stable")]
+    stream_load = np.zeros(n_streams)
+    out: list[list[int]] = [[] for _ in range(n_streams)]
+    for u in order:
+        s = int(np.argmin(stream_load))
+        out[s].extend(units[u])
+        stream_load[s] += loads[u]
+    n_videos = len(index.video_ids)
+    for s in range(n_streams):
+        if not out[s]:
+            out[s] = [int(rng.integers(n_videos))]
+    for s in range(n_streams):
+        # read shards in a per-stream random order; a shard's videos in catalog (= shard) order
+        srng = np.random.default_rng([seed, epoch, s, 11])
+        shard_rank = {
+            sh: r for r, sh in enumerate(srng.permutation(sorted({index.video_shard[v] for v in out[s]})))
+        }
+        out[s].sort(key=lambda v: (shard_rank[index.video_shard[v]], v))
+    return out
+
+
+# ---------------------------------------------------------------- reading shards
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__` plus member suffix -> bytes) of one tar, in order. `url` may be a local
+    path, a `pipe:` command or any URL webdataset.gopen opens."""
+    if _SCHEME.match(url) and not re.match(r"^[A-Za-z]:[\\/]", url) and not url.startswith("file:"):
+        import webdataset  # pipe:, http(s):, ... ; local files need no webdataset
+
+        stream = webdataset.gopen(url, "rb")
+    else:
+        stream = open(url.removeprefix("file:"), "rb")  # noqa: SIM115 (closed below)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            current: dict[str, Any] | None = None
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                f = tar.extractfile(member)
+                data = f.read() if f is not None else b""
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                current[ext] = data
+            if current is not None:
+                yield current
+    except tarfile.TarError as exc:
+        raise RuntimeError(f"{url}: unreadable tar ({exc})") from exc
+    finally:
+        stream.close()
+
+
+# ---------------------------------------------------------------- videos, fragments, bags
+
+
+@dataclass
+class _FragRef:
+    key: str
+    frames: tuple[int, ...]
+    position: float
+    tracklet: int
+    identity: int
+
+
+@dataclass
+class _OpenVideo:
+    index: int
+    code: int
+    samples: dict[str, dict[str, Any]]
+    metas: dict[str, TrackletSample]
+    frags: list[_FragRef]
+    bags: list[np.ndarray]  # remaining bags, in drawn (shuffled) order
+
+
+def video_fragments(
+    samples: list[dict[str, Any]], metas: list[TrackletSample], codes: list[tuple[int, int]], p: StreamParams
+) -> list[_FragRef]:
+    out = []
+    for s, meta, (t_code, i_code) in zip(samples, metas, codes, strict=False):
+        for f in cut_tracklet(
+            meta.frame_ids,
+            meta.video_first_frame,
+            meta.video_last_frame,
+            p.fragment_length,
+            p.fragment_stride,
+            p.fragment_drop_last,
+            p.min_tracklet_length,
+        ):
+            out.append(_FragRef(s["__key__"], f.frame_indices, f.position, t_code, i_code))
+    return out
+
+
+def open_video(
+    v: int,
+    code: int,
+    samples: list[dict[str, Any]],
+    codes: list[tuple[int, int]],
+    p: StreamParams,
+    rng: np.random.Generator,
+    temperature: float,
+    stats: Counter,
+) -> _OpenVideo:
+    metas = [sample_meta(s) for s in samples]
+    frags = video_fragments(samples, metas, codes, p)
+    pos = np.array([f.position for f in frags])
+    trk = np.array([f.tracklet for f in frags], dtype=np.int64)
+    ide = np.array([f.identity for f in frags], dtype=np.int64)
+    bags: list[np.ndarray] = []
+    if len(frags) >= p.n_views:
+        ok = np.flatnonzero(eligible_anchors(p.sampler, trk, ide, p.n_views))
+        n_anchor = anchors_per_video(len(ok), len(frags), p.n_views)
+        anchors = rng.choice(ok, size=n_anchor, replace=False) if n_anchor else ok[:0]
+        result = sample_bags(p.sampler, pos, trk, ide, anchors, p.n_views, rng, temperature)
+        stats.update(result.skipped)
+        bags = list(result.bags)
+    else:
+        stats["video_too_few_fragments"] += 1
+    drop_unused_jpegs(samples, frags, bags)
+    return _OpenVideo(v, code, {s["__key__"]: s for s in samples}, {m.key: m for m in metas}, frags, bags)
+
+
+def drop_unused_jpegs(samples: list[dict[str, Any]], frags: list[_FragRef], bags: list[np.ndarray]) -> None:
+    """Free the JPEG bytes no bag uses (frames between strides, fragments not drawn): an open
+    video then holds only what its batches will decode."""
+    used: dict[str, set[int]] = {}
+    for bag in bags:
+        for m in bag:
+            fr = frags[int(m)]
+            used.setdefault(fr.key, set()).update(fr.frames)
+    for sample in samples:
+        keep = used.get(sample["__key__"], set())
+        for ext in [e for e in sample if e.endswith(".jpg")]:
+            if int(ext.split(".", 1)[0]) not in keep:
+                del sample[ext]
+
+
+def take_batch(
+    pool: list[_OpenVideo], n_bags: int, rng: np.random.Generator
+) -> list[tuple[_OpenVideo, np.ndarray]]:
+    """n_bags bags from the open videos, one per video in a random video order, round after round,
+    so a batch spans as many videos as the pool holds. Exhausted videos leave the pool."""
+    chosen: list[tuple[_OpenVideo, np.ndarray]] = []
+    while len(chosen) < n_bags:
+        live = [ov for ov in pool if ov.bags]
+        if not live:
+            break
+        for j in rng.permutation(len(live)):
+            if len(chosen) == n_bags:
+                break
+            chosen.append((live[j], live[j].bags.pop()))
+    pool[:] = [ov for ov in pool if ov.bags]
+    return chosen
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+class SharedState:
+    """Counters shared with persistent workers (created in the loader's multiprocessing context):
+    the epoch, and the batches to skip in one epoch when resuming."""
+
+    def __init__(self, ctx: Any = None) -> None:
+        make = ctx.Value if ctx is not None else mp.Value
+        self.epoch = make("q", 0)
+        self.skip_epoch = make("q", -1)
+        self.skip_batches = make("q", 0)
+
+
+class BagStream(IterableDataset):
+    """Finished training batches (docs/architecture.md "Batches"), batching inside the dataset."""
+
+    def __init__(
+        self,
+        index: StreamIndex,
+        params: StreamParams,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shared: SharedState | None = None,
+        batches_per_worker: int | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if params.fragment_length < 1:
+            raise DataConfigError("training needs a fixed --fragment_length (>= 1)")
+        if params.batch_size < params.n_views:
+            raise DataConfigError(f"--batch_size {params.batch_size} < --n_views {params.n_views}")
+        if params.batch_size % params.n_views:
+            raise DataConfigError(
+                f"--batch_size {params.batch_size} is not a multiple of --n_views {params.n_views}"
+            )
+        self.index = index
+        self.params = params
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.shared = shared or SharedState()
+        if batches_per_worker is not None:  # a fixed epoch length instead of one pass over the data
+            self.per_worker, self.length = batches_per_worker, batches_per_worker * max(num_workers, 1)
+        else:
+            self.per_worker, self.length = epoch_batches(
+                index.total_fragments, params.batch_size, world_size, num_workers
+            )
+        self.stats: Counter = Counter()
+        self.decode = decode_jpeg_bytes
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def n_streams(self) -> int:
+        return self.world_size * max(self.num_workers, 1)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if nw != max(self.num_workers, 1):
+            raise RuntimeError(f"BagStream built for {self.num_workers} workers runs under {nw}")
+        epoch = int(self.shared.epoch.value)
+        skip = int(self.shared.skip_batches.value) if int(self.shared.skip_epoch.value) == epoch else 0
+        # the DataLoader takes batches from workers round-robin starting at worker 0; after skipping
+        # `skip` batches the next one is logical worker skip % nw's, so rotate the roles
+        logical = (wid + skip) % nw
+        skip_mine = max(0, math.ceil((skip - logical) / nw))
+        yield from self.iter_stream(epoch, self.rank * nw + logical, skip_mine)
+
+    def _iter_videos(self, videos: list[int]) -> Iterator[tuple[int, list[dict], list[tuple[int, int]]]]:
+        wanted = set(videos)
+        ix = self.index
+        by_shard: dict[str, None] = dict.fromkeys(ix.video_shard[v] for v in videos)
+        for rel in by_shard:
+            cur_v, cur, cur_codes = -1, [], []
+            for sample in iter_tar_samples(ix.shard_url(rel)):
+                entry = ix.samples.get(sample["__key__"])
+                if entry is None:
+                    self.stats["sample_not_in_index"] += 1
+                    continue
+                v, t_code, i_code = entry
+                if v not in wanted:
+                    self.stats["sample_of_other_stream"] += 1
+                    continue
+                if v != cur_v and cur:
+                    yield cur_v, cur, cur_codes
+                    cur, cur_codes = [], []
+                cur_v = v
+                cur.append(sample)
+                cur_codes.append((t_code, i_code))
+            if cur:
+                yield cur_v, cur, cur_codes
+
+    def iter_stream(self, epoch: int, stream: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Exactly `per_worker` batches of stream `stream` in `epoch`; the first `skip` are formed
+        (bags drawn) but not decoded nor yielded."""
+        p = self.params
+        videos = assign_videos(self.index, self.n_streams, p.seed, epoch)[stream]
+        temperature = temporal_temperature(epoch, p.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
+        pool: list[_OpenVideo] = []
+        done = 0
+        n_pass = 0
+        while done < self.per_worker:
+            added = 0
+            for v, samples, codes in self._iter_videos(videos):
+                code = int(self.index.video_codes[v])
+                rng = np.random.default_rng([p.seed, epoch, stream, n_pass, code])
+                ov = open_video(v, code, samples, codes, p, rng, temperature, self.stats)
+                if not ov.bags:
+                    continue
+                rng.shuffle(ov.bags)
+                pool.append(ov)
+                added += len(ov.bags)
+                while (
+                    done < self.per_worker
+                    and len(pool) >= p.open_videos
+                    and sum(len(o.bags) for o in pool) >= p.n_bags
+                ):
+                    yield from self._emit(pool, epoch, stream, done, skip)
+                    done += 1
+                if done >= self.per_worker:
+                    break
+            n_pass += 1
+            if added == 0:
+                raise RuntimeError(
+                    f"stream {stream} (rank {self.rank}): its videos "
+                    f"{[self.index.video_ids[v] for v in videos][:5]} gave no bag; "
+                    "shards and catalog disagree?"
+                )
+            # end of a pass: fewer open videos than open_videos is all this stream has
+            while (
+                done < self.per_worker
+                and pool
+                and sum(len(o.bags) for o in pool) >= p.n_bags
+                and len(pool) >= min(p.open_videos, len(videos))
+            ):
+                yield from self._emit(pool, epoch, stream, done, skip)
+                done += 1
+        if pool:
+            self.stats["bags_left_at_epoch_end"] += sum(len(o.bags) for o in pool)
+
+    def _emit(self, pool: list[_OpenVideo], epoch: int, stream: int, batch_i: int, skip: int):
+        p = self.params
+        rng = np.random.default_rng([p.seed, epoch, stream, batch_i, 3])
+        chosen = take_batch(pool, p.n_bags, rng)
+        if batch_i < skip:
+            return
+        batch = self.decode_batch(chosen, rng)
+        if p.data_log:
+            with open(f"{p.data_log}.rank{self.rank}", "a") as fh:
+                vids = sorted({self.index.video_ids[ov.index] for ov, _ in chosen})
+                fh.write(f"{epoch} {stream} {batch_i} {' '.join(vids)}\n")
+        yield batch
+
+    def decode_batch(self, chosen: list[tuple[_OpenVideo, np.ndarray]], rng: np.random.Generator) -> dict:
+        """Decode only the JPEGs of the chosen fragments; anchor crop; the batch dict."""
+        p = self.params
+        cache: dict[tuple[str, int], torch.Tensor] = {}
+        frames, bag, video, tracklet, identity, position = [], [], [], [], [], []
+        for b, (ov, members) in enumerate(chosen):
+            for m in members:
+                fr = ov.frags[int(m)]
+                meta = ov.metas[fr.key]
+                sample = ov.samples[fr.key]
+                if p.aug_anchorcrop:
+                    params = draw_crop_params(p.bbox_scale_factor, rng, meta.params.get("crop_scale"))
+                else:
+                    params = CropParams(p.bbox_scale_factor)
+                clip = []
+                for i in fr.frames:
+                    img = cache.get((fr.key, i))
+                    if img is None:
+                        img = cache[(fr.key, i)] = self.decode(frame_jpeg(sample, i))
+                    clip.append(anchor_crop(img, meta.boxes_in_crop[i], params, p.im_size))
+                frames.append(torch.stack(clip))
+                bag.append(b)
+                video.append(ov.code)
+                tracklet.append(fr.tracklet)
+                identity.append(fr.identity)
+                position.append(fr.position)
+        return {
+            "frames": torch.stack(frames),
+            "bag": torch.tensor(bag, dtype=torch.int64),
+            "video": torch.tensor(video, dtype=torch.int64),
+            "tracklet": torch.tensor(tracklet, dtype=torch.int64),
+            "identity": torch.tensor(identity, dtype=torch.int64),
+            "position": torch.tensor(position, dtype=torch.float32),
+            "videos_per_batch": torch.tensor(len({ov.index for ov, _ in chosen}), dtype=torch.int64),
+        }
+
+
+class StreamLoader(DataLoader):
+    """DataLoader over a BagStream (batch_size=None, persistent workers) with a resumable state
+    {epoch, batches_seen, seed}, which Lightning saves in the checkpoint and restores."""
+
+    def __init__(
+        self, dataset: BagStream, pin_memory: bool = False, prefetch_factor: int | None = None
+    ) -> None:
+        workers = dataset.num_workers
+        ctx = mp.get_context() if workers > 0 else None
+        dataset.shared = SharedState(ctx)
+        kwargs: dict[str, Any] = {}
+        if workers > 0:
+            kwargs.update(
+                multiprocessing_context=ctx, persistent_workers=True, prefetch_factor=prefetch_factor or 2
+            )
+        super().__init__(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **kwargs)
+        self.epoch = 0
+        self.batches_seen = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_seen": self.batches_seen, "seed": self.dataset.params.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state.get("seed", self.dataset.params.seed)) != self.dataset.params.seed:
+            log.warning(
+                "resuming with seed %s, the checkpoint's loader used %s: the data order differs",
+                self.dataset.params.seed,
+                state.get("seed"),
+            )
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["batches_seen"]))
+
+    def __iter__(self):
+        skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+        self._resume = None
+        shared = self.dataset.shared
+        shared.epoch.value = self.epoch
+        shared.skip_epoch.value = self.epoch if skip else -1
+        shared.skip_batches.value = skip
+        self.batches_seen = skip
+        return self._counted(super().__iter__())
+
+    def _counted(self, it):
+        for batch in it:
+            self.batches_seen += 1
+            yield batch
+
+
+# ---------------------------------------------------------------- validation: whole tracklets
+
+
+class ValTracklets(IterableDataset):
+    """Whole val tracklets (every fragment_stride-th frame, at most max_frames, evenly spread),
+    deterministic anchor crop, padded batches with `mask`; rank r takes items r, r + world, ...
+    padded with copies of real items (`valid` False, same tracklet code) so every rank runs the
+    same number of batches and a gather that de-duplicates by tracklet sees each tracklet once."""
+
+    def __init__(
+        self,
+        index: StreamIndex,
+        params: StreamParams,
+        batch_size: int,
+        max_frames: int = 64,
+        rank: int = 0,
+        world_size: int = 1,
+        aug_anchorcrop: bool = False,
+    ) -> None:
+        self.index, self.params, self.batch_size = index, params, batch_size
+        self.max_frames, self.rank, self.world_size, self.aug = max_frames, rank, world_size, aug_anchorcrop
+        keys = sorted(
+            index.samples, key=lambda k: (index.video_shard[index.samples[k][0]], index.samples[k][0], k)
+        )
+        self.per_rank = math.ceil(len(keys) / world_size)
+        self.all_keys = keys
+        self.keys = keys[rank::world_size]
+        self.n_batches = math.ceil(self.per_rank / batch_size) if self.per_rank else 0
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def _items(self) -> Iterator[tuple[dict[str, Any], bool]]:
+        """(sample, valid): the rank's samples in order, then copies of the first samples of the
+        split as padding (valid False; their tracklet codes repeat, so a gather de-duplicates)."""
+        ix = self.index
+        pads = self.all_keys[: self.per_rank - len(self.keys)]
+        wanted = set(self.keys) | set(pads)
+        got: dict[str, dict] = {}
+        for rel in dict.fromkeys(ix.video_shard[ix.samples[k][0]] for k in [*self.keys, *pads]):
+            for s in iter_tar_samples(ix.shard_url(rel)):
+                if s["__key__"] in wanted:
+                    got[s["__key__"]] = s
+        missing = wanted - set(got)
+        if missing:
+            raise RuntimeError(
+                f"val samples {sorted(missing)[:3]} listed in the catalog are not in their shards"
+            )
+        for k in self.keys:
+            yield got[k], True
+        for k in pads:
+            yield got[k], False
+
+    def _item(self, sample: dict[str, Any], valid: bool) -> dict[str, Any]:
+        p = self.params
+        meta = sample_meta(sample)
+        v, t_code, i_code = self.index.samples[meta.key]
+        idx = fragment_index_lists(meta.n_frames, -1, p.fragment_stride, False)[0]
+        idx = even_subsample(idx, self.max_frames)
+        if self.aug:
+            rng = np.random.default_rng([p.seed, int(self.index.video_codes[v]), t_code])
+            params = draw_crop_params(p.bbox_scale_factor, rng, meta.params.get("crop_scale"))
+        else:
+            params = CropParams(p.bbox_scale_factor)
+        clip = torch.stack(
+            [
+                anchor_crop(
+                    decode_jpeg_bytes(frame_jpeg(sample, i)), meta.boxes_in_crop[i], params, p.im_size
+                )
+                for i in idx
+            ]
+        )
+        pos = cut_tracklet(
+            meta.frame_ids, meta.video_first_frame, meta.video_last_frame, -1, p.fragment_stride, False
+        )[0].position
+        return {
+            "frames": clip,
+            "video": int(self.index.video_codes[v]),
+            "tracklet": t_code,
+            "identity": i_code,
+            "position": pos,
+            "valid": valid,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        buf: list[dict[str, Any]] = []
+        for sample, valid in self._items():
+            buf.append(self._item(sample, valid))
+            if len(buf) == self.batch_size:
+                yield collate_padded(buf)
+                buf = []
+        if buf:
+            yield collate_padded(buf)
+
+
+def collate_padded(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    s_max = max(it["frames"].shape[0] for it in items)
+    _, c, h, w = items[0]["frames"].shape
+    frames = torch.zeros((len(items), s_max, c, h, w), dtype=torch.uint8)
+    mask = torch.zeros((len(items), s_max), dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = it["frames"].shape[0]
+        frames[i, :n] = it["frames"]
+        mask[i, :n] = True
+    return {
+        "frames": frames,
+        "mask": mask,
+        "video": torch.tensor([it["video"] for it in items], dtype=torch.int64),
+        "tracklet": torch.tensor([it["tracklet"] for it in items], dtype=torch.int64),
+        "identity": torch.tensor([it["identity"] for it in items], dtype=torch.int64),
+        "position": torch.tensor([it["position"] for it in items], dtype=torch.float32),
+        "valid": torch.tensor([it["valid"] for it in items], dtype=torch.bool),
+    }

@@ -1,0 +1,142 @@
+"""Fragments/s of the streaming loader (stored crops in shards) vs a map-style loader that reads the
+original frames from images/ and crops them (the reference code's way), same data and transforms.
+
+Builds a small REAL-Colon-sized synthetic dataset (1240x1080 JPEG frames) in a temp dir, ingests it
+with `polyp-ssl ingest`, then times both loaders for each worker count. Prints one JSON object.
+
+    python scripts/bench_loader.py --workers 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from polyp_ssl.fragments import fragment_index_lists
+from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index
+from polyp_ssl.transforms import resize_uint8
+from shards.crops import enlarge_box
+from tests.shard_factory import make_raw_root
+
+
+class FullFrameFragments(Dataset):
+    """The reference code's way: per fragment, open each full JPEG, crop the enlarged box, resize."""
+
+    def __init__(self, root: Path, fragment_length: int, stride: int, scale: float, im_size: int) -> None:
+        coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+        images = {im["id"]: im for im in coco["images"]}
+        by_identity: dict[str, list] = {}
+        for a in coco["annotations"]:
+            im = images[a["image_id"]]
+            by_identity.setdefault(a["identity_id"], []).append((im["frame_id"], im["file_name"], a["bbox"]))
+        self.items = []
+        for frames in by_identity.values():
+            frames.sort()
+            for idx in fragment_index_lists(len(frames), fragment_length, stride, True):
+                self.items.append([frames[i] for i in idx])
+        self.root, self.scale, self.im_size = root, scale, im_size
+        self.length = 0  # > len(items): cycle over the fragments (same data, longer timing)
+
+    def __len__(self) -> int:
+        return max(len(self.items), self.length)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        out = []
+        for _, name, box in self.items[i % len(self.items)]:
+            img = Image.open(self.root / "images" / name).convert("RGB")
+            x0, y0, x1, y1 = enlarge_box(box, self.scale, img.width, img.height)
+            t = torch.from_numpy(np.array(img.crop((x0, y0, x1, y1)))).permute(2, 0, 1)
+            out.append(resize_uint8(t.contiguous(), self.im_size))
+        return torch.stack(out)
+
+
+def time_loader(loader, n_batches: int) -> float:
+    """Fragments/s over n_batches, counted from the loader's start (worker start-up included, the
+    same for both loaders), so prefetching cannot hide work."""
+    t = time.perf_counter()
+    n = 0
+    for i, batch in enumerate(loader):
+        frames = batch["frames"] if isinstance(batch, dict) else batch
+        n += frames.shape[0]
+        if i + 1 == n_batches:
+            break
+    return n / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--videos", type=int, default=4)
+    ap.add_argument("--polyps", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=160, help="frames per video (every polyp in every frame)")
+    ap.add_argument("--batches", type=int, default=3, help="timed batches per worker")
+    ap.add_argument("--batch_size", type=int, default=10)
+    ap.add_argument("--n_views", type=int, default=5)
+    ap.add_argument("--fragment_length", type=int, default=8)
+    ap.add_argument("--im_size", type=int, default=232)
+    a = ap.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory()
+    raw = make_raw_root(Path(tmp.name) / "raw", a.videos, a.polyps, a.frames)
+    out = Path(tmp.name) / "ingested"
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "polyp_ssl", "ingest", str(raw), "--out", str(out), "--no-progress"],
+        check=True,
+        capture_output=True,
+    )
+    ingest_s = time.perf_counter() - t
+    params = StreamParams(
+        batch_size=a.batch_size,
+        n_views=a.n_views,
+        fragment_length=a.fragment_length,
+        fragment_stride=4,
+        fragment_drop_last=True,
+        min_tracklet_length=30,
+        im_size=a.im_size,
+        bbox_scale_factor=5.0,
+        open_videos=4,
+    )
+    index = build_index(out, "train", params)
+    full = FullFrameFragments(raw, a.fragment_length, 4, 5.0, a.im_size)
+    b = (a.batch_size // a.n_views) * a.n_views
+    result = {
+        "frame_size": [1240, 1080],
+        "im_size": a.im_size,
+        "fragment_length": a.fragment_length,
+        "batch_fragments": b,
+        "train_fragments": index.total_fragments,
+        "ingest_s": round(ingest_s, 1),
+        "per_workers": {},
+    }
+    for w in a.workers:
+        n_batches = a.batches * max(w, 1)
+        ds = BagStream(index, params, 0, 1, w, batches_per_worker=a.batches)
+        stream_fps = time_loader(StreamLoader(ds), n_batches)
+        full.length = n_batches * b
+        generator = torch.Generator().manual_seed(0)
+        map_loader = DataLoader(full, batch_size=b, shuffle=True, num_workers=w, generator=generator)
+        map_fps = time_loader(map_loader, n_batches)
+        result["per_workers"][str(w)] = {
+            "stream_fragments_per_s": round(stream_fps, 2),
+            "map_style_fragments_per_s": round(map_fps, 2),
+            "speedup": round(stream_fps / map_fps, 2),
+            "stream_fragments_per_s_per_worker": round(stream_fps / max(w, 1), 2),
+        }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

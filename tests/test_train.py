@@ -1,0 +1,202 @@
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from polyp_ssl.cli import build_parser, main, resolve_config
+from tests.shard_factory import make_raw_root, make_root
+
+TINY = [
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "8",
+    "--n_views",
+    "2",
+    "--fragment_length",
+    "2",
+    "--fragment_stride",
+    "2",
+    "--min_tracklet_length",
+    "4",
+    "--im_size",
+    "32",
+    "--encoder_type",
+    "hmve",
+    "--sfe_backbone_arch",
+    "resnet18",
+    "--hmve_d_model",
+    "32",
+    "--hmve_d_feedforward",
+    "64",
+    "--hmve_n_heads",
+    "2",
+    "--hmve_n_layers",
+    "1",
+    "--hmve_dropout",
+    "0.0",
+    "--d_proj",
+    "16",
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--eval_batch_size",
+    "4",
+    "--lr",
+    "0.001",
+    "--loss_milnce_weights",
+    "1.0",
+    "1.0",
+    "--log_every_n_steps",
+    "1",
+    "--open_videos",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_root(tmp_path_factory.mktemp("root"), videos={"train": 4, "val": 2})
+
+
+@pytest.fixture(scope="module")
+def ingested_root(tmp_path_factory):
+    """A raw COCO-layout root ingested with the real `polyp-ssl ingest`."""
+    from ingest.cli import main as ingest_main
+
+    raw = tmp_path_factory.mktemp("raw")
+    make_raw_root(raw, n_videos=3, polyps=2, frames=24, wh=(160, 128), split="train")
+    make_raw_root(raw, n_videos=2, polyps=2, frames=12, wh=(160, 128), split="val", seed=1)
+    out = tmp_path_factory.mktemp("ingested")
+    assert ingest_main([str(raw), "--out", str(out), "--no-progress", "--store-size", "48"]) == 0
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                if row.get("train/loss_step"):
+                    out[int(row["step"])] = float(row["train/loss_step"])
+    return out
+
+
+SEED_COMMAND = """--dataset_root=data/rc27 --num_workers=8 --max_epochs=50 --batch_size=60 --fragment_length=8
+--fragment_stride=4 --fragment_drop_last --bbox_scale_factor=5 --min_tracklet_length=30 --im_size=232
+--aug_anchorcrop --eval_n_views=2 --eval_batch_size=6 --eval_fragment_length=8 --eval_aug_anchorcrop
+--encoder_type=hmve --sfe_backbone_arch=resnet50 --sfe_backbone_weights=IMAGENET1K_V2 --sfe_d_model=2048
+--d_proj=128 --hmve_d_model=256 --hmve_d_feedforward=1024 --hmve_n_heads=8 --hmve_n_layers=3
+--hmve_dropout=0.1 --lr=0.00001 --loss_type=mil-nce --loss_temperature=0.07 --loss_milnce_weights 1.0 1.0
+--sampler=temporaltemperaturebag --sampler_ttb_tmin=0.3 --sampler_ttb_tmax=12 --n_views=5
+--exp_name=my_experiment"""
+
+
+def test_the_papers_command_parses(tmp_path):
+    cfg = resolve_config(SEED_COMMAND.split())
+    assert cfg.fragment_drop_last and cfg.aug_anchorcrop and cfg.eval_aug_anchorcrop
+    assert cfg.loss_milnce_weights == [1.0, 1.0] and cfg.n_views == 5 and cfg.lr == 1e-5
+    (tmp_path / "c.yaml").write_text("batch_size: 30\nn_views: 3\nseed: 5\n")
+    cfg = resolve_config(["--dataset_root", "x", "--config", str(tmp_path / "c.yaml"), "--seed", "9"])
+    assert (cfg.batch_size, cfg.n_views, cfg.seed) == (30, 3, 9)
+    help_text = build_parser().format_help()
+    for name in ("--fragment_drop_last", "--sampler_ttb_tmax", "--resume", "--precision", "--open_videos"):
+        assert name in help_text
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["--dataset_root", str(tmp_path), "--runs_dir", str(tmp_path / "runs")]) == 2
+    assert "polyp-ssl ingest" in capsys.readouterr().err
+    assert main(["--dataset_root", str(tmp_path), "--batch_size", "7", "--n_views", "5"]) == 2
+    assert "multiple of --n_views" in capsys.readouterr().err
+
+
+def test_train_writes_a_checkpoint_that_reloads(ingested_root, tmp_path):
+    runs = tmp_path / "runs"
+    rc = main(
+        [
+            "--dataset_root",
+            str(ingested_root),
+            "--runs_dir",
+            str(runs),
+            "--exp_name",
+            "e2e",
+            "--max_steps",
+            "2",
+            *TINY,
+        ]
+    )
+    assert rc == 0
+    last = runs / "e2e" / "checkpoints" / "last.ckpt"
+    assert last.exists() and (runs / "e2e" / "config.yaml").exists()
+    from polyp_ssl.checkpoint import load_encoder
+
+    encoder, config = load_encoder(last)
+    assert config["im_size"] == 32
+    emb = encoder.embed(torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8))
+    assert emb.shape == (2, 32) and torch.isfinite(emb).all()
+    assert len(losses(runs / "e2e")) == 2
+
+
+@pytest.mark.slow
+def test_resume_equivalence(root, tmp_path):
+    """4 steps straight vs 2 steps, stop, --resume to 4: same steps, same losses (mid-epoch)."""
+    runs = tmp_path / "runs"
+    args = [
+        "--dataset_root",
+        str(root),
+        "--runs_dir",
+        str(runs),
+        "--deterministic",
+        "--limit_val_batches",
+        "0",
+        *TINY,
+    ]
+    assert main([*args, "--exp_name", "straight", "--max_steps", "4"]) == 0
+    assert main([*args, "--exp_name", "cut", "--max_steps", "2"]) == 0
+    assert main([*args, "--exp_name", "cut", "--max_steps", "4", "--resume"]) == 0
+    a, b = losses(runs / "straight"), losses(runs / "cut")
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    ckpt = torch.load(runs / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(root, tmp_path):
+    data_log = tmp_path / "seen"
+    cmd = [
+        sys.executable,
+        "-m",
+        "polyp_ssl",
+        "train",
+        "--dataset_root",
+        str(root),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--exp_name",
+        "ddp",
+        "--max_epochs",
+        "1",
+        "--strategy",
+        "ddp",
+        "--data_log",
+        str(data_log),
+        *TINY,
+    ]
+    cmd[cmd.index("--devices") + 1] = "2"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [Path(f"{data_log}.rank{r}").read_text().splitlines() for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) > 0  # the same number of steps
+    videos = [{v for line in lines for v in line.split()[3:]} for lines in ranks]
+    assert videos[0] and videos[1] and not videos[0] & videos[1]
+    assert (tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt").exists()
