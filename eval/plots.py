@@ -1,0 +1,66 @@
+"""ROC and precision-recall curve PNGs (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def roc_png(path: str | Path, fpr: np.ndarray, tpr: np.ndarray, auroc: float, title: str = "") -> Path:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot(fpr, tpr, lw=1.5, label=f"AUROC {auroc:.4f}")
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(title or "re-identification ROC")
+    ax.legend(loc="lower right")
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def pr_png(
+    path: str | Path,
+    recall: np.ndarray,
+    precision: np.ndarray,
+    aupr: float,
+    prevalence: float,
+    title: str = "",
+) -> Path:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.step(
+        np.r_[0.0, recall],
+        np.r_[precision[:1] if len(precision) else [1.0], precision],
+        where="pre",
+        lw=1.5,
+        label=f"AUPR {aupr:.4f}",
+    )
+    ax.axhline(prevalence, ls="--", lw=0.8, color="grey", label=f"chance {prevalence:.4f}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(title or "re-identification precision-recall")
+    ax.legend(loc="upper right")
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
