@@ -101,8 +101,7 @@ def sample_bags(
     return BagResult(arr, skipped)
 
 
-def anchors_per_video(n_eligible: int, n_fragments: int, n_views: int) -> int:
-    """Anchors drawn from a video per pass: each fragment is a bag member about once per pass."""
-    if n_eligible == 0:
-        return 0
-    return min(n_eligible, max(1, math.ceil(n_fragments / n_views)))
+def epoch_anchors(eligible: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The anchors of one pass over a video: every eligible fragment exactly once, shuffled
+    (METHOD.md: "for every fragment (the anchor) ... the bag is the anchor plus K others")."""
+    return rng.permutation(np.flatnonzero(np.asarray(eligible, dtype=bool)))

@@ -54,6 +54,12 @@ def _read(path: Path, map_location: Any) -> Any:
         ) from e
 
 
+def check_loadable(path: str | os.PathLike[str]) -> None:
+    """Raise CheckpointError unless `path` loads with ``torch.load(weights_only=True)`` (run before
+    handing a checkpoint to anything that might unpickle it)."""
+    _read(Path(path), "cpu")
+
+
 def read_encoder_state(path: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[dict, dict]:
     """``(encoder state dict, run config)`` from a Lightning checkpoint or an exported file."""
     path = Path(path)

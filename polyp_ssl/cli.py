@@ -13,7 +13,16 @@ from typing import Any
 
 import yaml
 
-from polyp_ssl.config import ENCODERS, LOGGERS, LOSSES, LR_SCHEDULES, PRECISIONS, SAMPLERS, TrainConfig
+from polyp_ssl.config import (
+    ENCODERS,
+    LOGGERS,
+    LOSSES,
+    LR_SCHEDULES,
+    POOLINGS,
+    PRECISIONS,
+    SAMPLERS,
+    TrainConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,10 @@ HELP: dict[str, str] = {
     "loss_type": f"contrastive loss: {', '.join(LOSSES)}",
     "loss_temperature": "softmax temperature tau of the loss",
     "loss_milnce_weights": "1-3 weights of the MIL-NCE terms: fragment, frame across fragments, frame within",
+    "loss_ta_lambda": "temporally-aware loss: a pair's weight is exp(-lambda |t_i - t_j|), t = position "
+    "in the video in [0, 1]",
+    "encoder_pooling": f"tracklet embedding, trained and evaluated: {', '.join(POOLINGS)} (cls = the HMVE "
+    "CLS output; mean = the mean of the frame tokens, always for sfe and mve)",
     "sampler": f"bag sampler: {', '.join(SAMPLERS)}",
     "sampler_ttb_tmin": "bag temperature at the first epoch (temporaltemperaturebag)",
     "sampler_ttb_tmax": "bag temperature at the last epoch (temporaltemperaturebag)",
@@ -83,6 +96,9 @@ HELP: dict[str, str] = {
     "runs_dir": "folder of runs",
     "log_every_n_steps": "logging interval in steps",
     "data_log": "debug: append the videos of every batch to FILE.rankR",
+    "on_shard_error": "a damaged shard or sample (truncated tar, corrupt JPEG, JSON that disagrees with "
+    "the catalog): fail = stop naming shard and sample; warn = skip it, count skips by reason, report "
+    "them in the run summary and checkpoints/data_skips.rankR.json",
 }
 
 STORE_TRUE = {
@@ -204,6 +220,13 @@ def train(cfg: TrainConfig) -> Path:
     last = ckpt_dir / "last.ckpt"
     if cfg.resume and not last.exists():
         raise ValueError(f"--resume: {last} does not exist")
+    if cfg.resume:
+        from polyp_ssl.checkpoint import CheckpointError, check_loadable
+
+        try:
+            check_loadable(last)
+        except CheckpointError as exc:
+            raise ValueError(f"--resume refused: {exc}") from exc
     if not cfg.resume and last.exists() and _is_rank_zero():
         raise ValueError(f"{last} exists: continue it with --resume, or choose another --exp_name")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -218,7 +241,7 @@ def train(cfg: TrainConfig) -> Path:
     module_cfg = {**cfg.to_dict(), "lr_schedule": cfg.lr_schedule}
     model = NTSSLModule(module_cfg)
     every = cfg.ckpt_every_n_steps or None
-    callbacks: list[Any] = [StreamEpochCallback(dm)]
+    callbacks: list[Any] = [StreamEpochCallback(dm, run_dir)]
     if monitor:
         callbacks.append(
             ModelCheckpoint(
@@ -259,22 +282,80 @@ def train(cfg: TrainConfig) -> Path:
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if cfg.resume else None)
+    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if cfg.resume else None, weights_only=True)
+    write_skip_summary(ckpt_dir, trainer.global_rank, cfg.on_shard_error, dm.skip_counts())
     return ckpt_dir
+
+
+def skip_summary_path(ckpt_dir: Path, rank: int) -> Path:
+    return Path(ckpt_dir) / f"data_skips.rank{rank}.json"
+
+
+def write_skip_summary(ckpt_dir: Path, rank: int, mode: str, counts: dict[str, int]) -> Path:
+    """checkpoints/data_skips.rankR.json: what this rank's loader skipped (--on_shard_error warn).
+    Counts are skip events: a damaged sample is counted each time a stream reads it (every epoch)."""
+    import json
+
+    path = skip_summary_path(ckpt_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    data = {"on_shard_error": mode, "skipped": counts, "total": sum(counts.values())}
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    if counts:
+        log.warning("rank %d: the loader skipped damaged data: %s (see %s)", rank, counts, path)
+    return path
+
+
+def _last_line(exc: BaseException) -> str:
+    """The message of an exception re-raised from a DataLoader worker (whose text carries the
+    worker's traceback) without that traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    name = type(exc).__name__ + ": "
+    return last.split(name, 1)[1] if name in last else last
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from polyp_ssl.stream import DataConfigError
+    import time
 
+    from polyp_ssl.datamodule import read_failure_notes
+    from polyp_ssl.stream import DataConfigError, ShardError
+
+    started = time.time()
+    cfg: TrainConfig | None = None
     try:
         cfg = resolve_config(argv)
         ckpt_dir = train(cfg)
+    except ShardError as exc:
+        print(
+            f"polyp-ssl train: error: damaged data: {_last_line(exc)} "
+            "(--on_shard_error warn skips such samples and counts them)",
+            file=sys.stderr,
+        )
+        return 1
     except (ValueError, DataConfigError) as exc:
         print(f"polyp-ssl train: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # another rank's failure reaches this one as a broken collective; name the failure itself
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+        notes = read_failure_notes(Path(cfg.runs_dir) / cfg.exp_name, started, rank) if cfg else {}
+        if not notes:
+            raise
+        named = "; ".join(f"rank {r} failed: {note}" for r, note in sorted(notes.items()))
+        print(f"polyp-ssl train: error: {named} (this rank {rank}: {_last_line(exc)})", file=sys.stderr)
+        return 1
     if _is_rank_zero():
         found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.exists() else []
         print(f"checkpoints in {ckpt_dir}: {', '.join(found) or 'none'}")
+        summary = skip_summary_path(ckpt_dir, 0)
+        if summary.exists():
+            import json
+
+            skipped = json.loads(summary.read_text())["skipped"]
+            mode = cfg.on_shard_error if cfg else "fail"
+            print(f"damaged data skipped (rank 0, --on_shard_error {mode}): {skipped or 'none'}")
     return 0

@@ -15,6 +15,7 @@ ENCODERS = ("sfe", "mve", "hmve")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 LOGGERS = ("csv", "tensorboard", "wandb")
 LR_SCHEDULES = ("none", "cosine")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
     loss_type: str = "mil-nce"
     loss_temperature: float = 0.07
     loss_milnce_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    loss_ta_lambda: float = 10.0  # temporally-aware loss: weights exp(-lambda |t_i - t_j|)
+    encoder_pooling: str = "cls"  # tracklet embedding: the CLS output (hmve) or the mean of frame tokens
     sampler: str = "temporaltemperaturebag"
     sampler_ttb_tmin: float = 0.3
     sampler_ttb_tmax: float = 12.0
@@ -84,6 +87,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     log_every_n_steps: int = 10
     data_log: str | None = None  # debug: append the video ids of every batch, per rank, to this file
+    on_shard_error: str = "fail"  # damaged shard/sample: "fail" stops the run, "warn" skips and counts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +111,11 @@ class TrainConfig:
             ),
             (self.precision in PRECISIONS, f"--precision {self.precision!r}: choose one of {PRECISIONS}"),
             (self.logger in LOGGERS, f"--logger {self.logger!r}: choose one of {LOGGERS}"),
+            (
+                self.encoder_pooling in POOLINGS,
+                f"--encoder_pooling {self.encoder_pooling!r}: choose one of {POOLINGS}",
+            ),
+            (self.loss_ta_lambda >= 0, f"--loss_ta_lambda {self.loss_ta_lambda}: use >= 0"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr_schedule {self.lr_schedule!r}: one of {LR_SCHEDULES}"),
             (
                 self.n_views >= 2,
@@ -128,6 +137,10 @@ class TrainConfig:
             (self.im_size >= 8, f"--im_size {self.im_size}: too small"),
             (self.bbox_scale_factor > 0, f"--bbox_scale_factor {self.bbox_scale_factor}: use > 0"),
             (self.open_videos >= 1, f"--open_videos {self.open_videos}: use >= 1"),
+            (
+                self.on_shard_error in ("fail", "warn"),
+                f"--on_shard_error {self.on_shard_error!r}: choose fail or warn",
+            ),
             (self.num_workers >= 0, f"--num_workers {self.num_workers}: use >= 0"),
             (self.max_epochs >= 1, f"--max_epochs {self.max_epochs}: use >= 1"),
             (

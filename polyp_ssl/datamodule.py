@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -95,13 +97,83 @@ class StreamDataModule(L.LightningDataModule):
         if self.train_loader is not None:
             self.train_loader.set_epoch(epoch)
 
+    def skip_counts(self) -> dict[str, int]:
+        """Samples (or shard remainders) this rank's streams skipped, by reason (--on_shard_error warn)."""
+        if self.train_loader is None:
+            return {}
+        return self.train_loader.dataset.shared.skip_counts()
+
+
+TEST_RAISE_ENV = "POLYP_SSL_TEST_RAISE_AT_STEP"
+
+
+def raise_hook_from_env(env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """(rank, step) of the failure-injection hook `POLYP_SSL_TEST_RAISE_AT_STEP=rank:step`; None
+    (inert) when the variable is unset or empty."""
+    value = (os.environ if env is None else env).get(TEST_RAISE_ENV, "")
+    if not value:
+        return None
+    rank, _, step = value.partition(":")
+    try:
+        return int(rank), int(step)
+    except ValueError as exc:
+        raise ValueError(f"{TEST_RAISE_ENV}={value!r}: expected RANK:STEP") from exc
+
+
+def failure_note_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / f"failed.rank{rank}.txt"
+
+
+def write_failure_note(run_dir: Path, rank: int, exc: BaseException) -> None:
+    """One line naming a rank's failure, so the other ranks (which see only a broken collective)
+    can name it in their own error."""
+    text = str(exc).strip().splitlines()
+    path = failure_note_path(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(f"{type(exc).__name__}: {text[-1] if text else ''}\n")
+    tmp.replace(path)
+
+
+def read_failure_notes(run_dir: Path, since: float, except_rank: int) -> dict[int, str]:
+    """Failure notes of the other ranks written after `since` (a time.time())."""
+    notes = {}
+    for path in sorted(Path(run_dir).glob("failed.rank*.txt")):
+        try:
+            rank = int(path.stem.removeprefix("failed.rank"))
+            if rank != except_rank and path.stat().st_mtime >= since - 1:
+                notes[rank] = path.read_text().strip()
+        except (ValueError, OSError):
+            continue
+    return notes
+
 
 class StreamEpochCallback(L.Callback):
     """Sets the shared epoch of the streaming loader (bag temperature, video partition) at each
     epoch start and logs the streams' skip counts (visible here when num_workers is 0)."""
 
-    def __init__(self, datamodule: StreamDataModule) -> None:
+    def __init__(self, datamodule: StreamDataModule, run_dir: Path | None = None) -> None:
         self.datamodule = datamodule
+        self.run_dir = run_dir
+        self.raise_at = raise_hook_from_env()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.raise_at is not None and self.raise_at == (trainer.global_rank, trainer.global_step):
+            raise RuntimeError(
+                f"{TEST_RAISE_ENV}: rank {trainer.global_rank} raises at step {trainer.global_step} "
+                "(test hook)"
+            )
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if self.run_dir is not None:
+            try:
+                write_failure_note(self.run_dir, trainer.global_rank, exception)
+            except OSError as exc:
+                log.warning("could not write the failure note: %s", exc)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.datamodule.set_epoch(trainer.current_epoch)

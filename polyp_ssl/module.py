@@ -147,9 +147,12 @@ class NTSSLModule(L.LightningModule):
     # -- training ------------------------------------------------------------------------------
 
     def fragment_vectors(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fragment vector (CLS, or the mean of frame tokens) and frame tokens of a training batch."""
+        """Fragment vector and frame tokens of a training batch; the fragment vector is the embedding
+        `encoder_pooling` names (CLS, or the mean of frame tokens; the mean when there is no CLS), so
+        training shapes the vector that evaluation uses."""
         cls, tokens = self.encoder(frames)
-        return (cls if cls is not None else tokens.mean(dim=1)), tokens
+        use_cls = cls is not None and self.config["encoder_pooling"] == "cls"
+        return (cls if use_cls else tokens.mean(dim=1)), tokens
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         frag, tokens = self.fragment_vectors(batch["frames"])

@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,9 +32,17 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from polyp_ssl.bags import anchors_per_video, eligible_anchors, sample_bags, temporal_temperature
+from polyp_ssl.bags import eligible_anchors, epoch_anchors, sample_bags, temporal_temperature
 from polyp_ssl.fragments import count_fragments, cut_tracklet, even_subsample, fragment_index_lists
-from polyp_ssl.transforms import CropParams, anchor_crop, decode_jpeg_bytes, draw_crop_params
+from polyp_ssl.transforms import (
+    CropParams,
+    anchor_crop,
+    apply_flips,
+    crop_resize,
+    decode_jpeg_bytes,
+    draw_crop_params,
+)
+from shards.reader import safe_member_name
 from shards.sample import TrackletSample, frame_jpeg, sample_meta
 from shards.schema import TRACKLETS, VIDEOS
 
@@ -44,6 +53,32 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 class DataConfigError(ValueError):
     """A data configuration that cannot work; the message says what to change."""
+
+
+ON_SHARD_ERROR = ("fail", "warn")
+# why a sample (or the rest of a shard) was skipped under --on_shard_error warn
+SKIP_REASONS = (
+    "truncated_shard",
+    "unreadable_shard",
+    "bad_json",
+    "json_mismatch",
+    "jpeg_missing",
+    "corrupt_jpeg",
+    "sample_missing_from_shard",
+)
+
+
+class ShardError(RuntimeError):
+    """A damaged shard or sample; the message names the shard, the sample key and the reason."""
+
+    def __init__(self, message: str, reason: str = "unreadable_shard") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    @classmethod
+    def at(cls, shard: str, key: str | None, reason: str, detail: str) -> ShardError:
+        where = f"sample {key!r}" if key is not None else "before its first sample"
+        return cls(f"{shard}: {where}: {detail} [{reason}]", reason)
 
 
 @dataclass(frozen=True)
@@ -64,6 +99,7 @@ class StreamParams:
     open_videos: int = 4
     seed: int = 42
     data_log: str | None = None
+    on_shard_error: str = "fail"
 
     @property
     def n_bags(self) -> int:
@@ -88,10 +124,16 @@ class StreamIndex:
     video_eligible: np.ndarray  # int64, fragments that can anchor a bag
     samples: dict[str, tuple[int, int, int]]  # sample_key -> (video index, tracklet code, identity code)
     excluded: Counter = field(default_factory=Counter)  # reason -> count, from the catalog query
+    sample_frames: dict[str, int] = field(default_factory=dict)  # sample_key -> catalog n_frames
 
     @property
     def total_fragments(self) -> int:
         return int(self.video_fragments.sum())
+
+    @property
+    def total_anchors(self) -> int:
+        """Fragments that anchor a bag once per epoch (all of them for the temporal samplers)."""
+        return int(self.video_eligible.sum())
 
     def shard_url(self, rel: str) -> str:
         if _SCHEME.match(rel) and not re.match(r"^[A-Za-z]:[\\/]", rel):
@@ -200,6 +242,7 @@ def build_index(
         frags.append(n_frag)
         elig.append(n_elig)
         for i in rows:
+            index.sample_frames[trk["sample_key"][i]] = int(trk["n_frames"][i])
             index.samples[trk["sample_key"][i]] = (
                 v,
                 tracklet_code[trk["tracklet_id"][i]],
@@ -223,18 +266,19 @@ def build_index(
 
 
 def epoch_batches(
-    total_fragments: int, batch_size: int, world_size: int, num_workers: int
+    total_anchors: int, bags_per_batch: int, world_size: int, num_workers: int
 ) -> tuple[int, int]:
     """(batches per worker stream, batches per rank = the loader's length).
 
-    global = total_fragments // batch_size; per rank = ceil(global / world); per worker =
+    One epoch = every training fragment anchors one bag: global = total_anchors // bags_per_batch
+    (bags_per_batch = batch_size // n_views); per rank = ceil(global / world); per worker =
     ceil(per rank / workers); a rank's length is per worker x workers.
     """
-    global_batches = total_fragments // batch_size
+    global_batches = total_anchors // bags_per_batch
     if global_batches == 0:
         raise DataConfigError(
-            f"{total_fragments} training fragments make no batch of --batch_size {batch_size}; "
-            "lower --batch_size or --min_tracklet_length, or add data"
+            f"{total_anchors} training fragments (bag anchors) make no batch of {bags_per_batch} bags "
+            "(--batch_size / --n_views); lower --batch_size or --min_tracklet_length, or add data"
         )
     per_rank = math.ceil(global_batches / world_size)
     workers = max(num_workers, 1)
@@ -284,23 +328,39 @@ def assign_videos(index: StreamIndex, n_streams: int, seed: int, epoch: int) -> 
 # ---------------------------------------------------------------- reading shards
 
 
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (`__key__` plus member suffix -> bytes) of one tar, in order. `url` may be a local
-    path, a `pipe:` command or any URL webdataset.gopen opens."""
-    if _SCHEME.match(url) and not re.match(r"^[A-Za-z]:[\\/]", url) and not url.startswith("file:"):
-        import webdataset  # pipe:, http(s):, ... ; local files need no webdataset
+    path, a `pipe:` command or any URL webdataset.gopen opens.
 
-        stream = webdataset.gopen(url, "rb")
-    else:
-        stream = open(url.removeprefix("file:"), "rb")  # noqa: SIM115 (closed below)
+    Only `.json` and `.jpg` members are read; any other member (`.pyd`, `.pickle`, ...) and any
+    member whose name is absolute or climbs with `..` is left unread and counted in `stats`.
+    A tar that cannot be opened or ends mid-member raises ShardError naming the last sample key;
+    the incomplete sample is not yielded.
+    """
+    stats = stats if stats is not None else Counter()
+    current: dict[str, Any] | None = None
+    try:
+        if _SCHEME.match(url) and not re.match(r"^[A-Za-z]:[\\/]", url) and not url.startswith("file:"):
+            import webdataset  # pipe:, http(s):, ... ; local files need no webdataset
+
+            stream = webdataset.gopen(url, "rb")
+        else:
+            stream = open(url.removeprefix("file:"), "rb")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise ShardError.at(url, None, "unreadable_shard", f"cannot open ({exc})") from exc
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            current: dict[str, Any] | None = None
             for member in tar:
                 if not member.isfile():
                     continue
+                if not safe_member_name(member.name):
+                    stats["member_unsafe_name"] += 1
+                    continue
                 base = member.name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
+                if ext != "json" and not ext.endswith(".jpg"):
+                    stats["member_not_decoded"] += 1
+                    continue
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
                 if current is None or current["__key__"] != key:
@@ -310,10 +370,53 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
                 current[ext] = data
             if current is not None:
                 yield current
-    except tarfile.TarError as exc:
-        raise RuntimeError(f"{url}: unreadable tar ({exc})") from exc
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        key = current["__key__"] if current is not None else None
+        raise ShardError.at(
+            url, key, "truncated_shard", f"truncated or unreadable tar from here on ({exc})"
+        ) from exc
     finally:
         stream.close()
+
+
+class SampleDamage(ValueError):
+    """A sample that cannot be used as the catalog describes it; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+PARSED_META = "__meta__"  # a checked sample carries its parsed TrackletSample under this key
+
+
+def check_sample(sample: dict[str, Any], catalog_frames: int | None) -> TrackletSample:
+    """The sample's metadata, after checking it against the catalog; raises SampleDamage.
+
+    JPEGs get a cheap structural check here (start and end markers); a JPEG that passes it but
+    does not decode is named when its batch is decoded.
+    """
+    key = sample["__key__"]
+    try:
+        meta = sample_meta(sample)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise SampleDamage("bad_json", f"JSON member unreadable ({exc})") from exc
+    if meta.key != key:
+        raise SampleDamage("json_mismatch", f"JSON key {meta.key!r} differs from the member key")
+    if catalog_frames is not None and meta.n_frames != catalog_frames:
+        raise SampleDamage("json_mismatch", f"JSON has {meta.n_frames} frames, the catalog {catalog_frames}")
+    if len(meta.boxes_in_crop) != meta.n_frames:
+        raise SampleDamage(
+            "json_mismatch", f"JSON has {len(meta.boxes_in_crop)} boxes_in_crop for {meta.n_frames} frames"
+        )
+    for i in range(meta.n_frames):
+        name = f"{i:04d}.jpg"
+        data = sample.get(name)
+        if data is None:
+            raise SampleDamage("jpeg_missing", f"no member .{name}")
+        if not data.startswith(b"\xff\xd8") or b"\xff\xd9" not in data[-64:]:
+            raise SampleDamage("corrupt_jpeg", f"member .{name} is not a complete JPEG ({len(data)} bytes)")
+    return meta
 
 
 # ---------------------------------------------------------------- videos, fragments, bags
@@ -366,16 +469,14 @@ def open_video(
     temperature: float,
     stats: Counter,
 ) -> _OpenVideo:
-    metas = [sample_meta(s) for s in samples]
+    metas = [s.pop(PARSED_META, None) or sample_meta(s) for s in samples]
     frags = video_fragments(samples, metas, codes, p)
     pos = np.array([f.position for f in frags])
     trk = np.array([f.tracklet for f in frags], dtype=np.int64)
     ide = np.array([f.identity for f in frags], dtype=np.int64)
     bags: list[np.ndarray] = []
     if len(frags) >= p.n_views:
-        ok = np.flatnonzero(eligible_anchors(p.sampler, trk, ide, p.n_views))
-        n_anchor = anchors_per_video(len(ok), len(frags), p.n_views)
-        anchors = rng.choice(ok, size=n_anchor, replace=False) if n_anchor else ok[:0]
+        anchors = epoch_anchors(eligible_anchors(p.sampler, trk, ide, p.n_views), rng)
         result = sample_bags(p.sampler, pos, trk, ide, anchors, p.n_views, rng, temperature)
         stats.update(result.skipped)
         bags = list(result.bags)
@@ -430,6 +531,16 @@ class SharedState:
         self.epoch = make("q", 0)
         self.skip_epoch = make("q", -1)
         self.skip_batches = make("q", 0)
+        self.skips = (ctx.Array if ctx is not None else mp.Array)("q", len(SKIP_REASONS))
+
+    def add_skip(self, reason: str) -> None:
+        with self.skips.get_lock():
+            self.skips[SKIP_REASONS.index(reason)] += 1
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples (or shard remainders) skipped so far, by reason, over all of this rank's streams."""
+        with self.skips.get_lock():
+            return {r: int(n) for r, n in zip(SKIP_REASONS, self.skips[:], strict=True) if n}
 
 
 class BagStream(IterableDataset):
@@ -465,7 +576,7 @@ class BagStream(IterableDataset):
             self.per_worker, self.length = batches_per_worker, batches_per_worker * max(num_workers, 1)
         else:
             self.per_worker, self.length = epoch_batches(
-                index.total_fragments, params.batch_size, world_size, num_workers
+                index.total_anchors, params.n_bags, world_size, num_workers
             )
         self.stats: Counter = Counter()
         self.decode = decode_jpeg_bytes
@@ -490,14 +601,39 @@ class BagStream(IterableDataset):
         skip_mine = max(0, math.ceil((skip - logical) / nw))
         yield from self.iter_stream(epoch, self.rank * nw + logical, skip_mine)
 
+    def damaged(self, err: ShardError) -> None:
+        """--on_shard_error: `fail` raises `err`; `warn` counts it and logs it (rate-limited)."""
+        if self.params.on_shard_error != "warn":
+            raise err
+        self.stats[f"skipped_{err.reason}"] += 1
+        self.shared.add_skip(err.reason)
+        n = self.stats[f"skipped_{err.reason}"]
+        if n <= 5 or math.log10(n).is_integer():
+            log.warning("rank %d: skipped (%s, %d so far in this stream): %s", self.rank, err.reason, n, err)
+
     def _iter_videos(self, videos: list[int]) -> Iterator[tuple[int, list[dict], list[tuple[int, int]]]]:
         wanted = set(videos)
         ix = self.index
         by_shard: dict[str, None] = dict.fromkeys(ix.video_shard[v] for v in videos)
+        expected: dict[str, list[str]] = {}
+        for k, (v, _, _) in ix.samples.items():
+            if v in wanted:
+                expected.setdefault(ix.video_shard[v], []).append(k)
         for rel in by_shard:
+            url = ix.shard_url(rel)
             cur_v, cur, cur_codes = -1, [], []
-            for sample in iter_tar_samples(ix.shard_url(rel)):
-                entry = ix.samples.get(sample["__key__"])
+            seen: set[str] = set()
+            samples = iter_tar_samples(url, self.stats)
+            while True:
+                try:
+                    sample = next(samples)
+                except StopIteration:
+                    break
+                except ShardError as err:
+                    self.damaged(err)
+                    break
+                key = sample["__key__"]
+                entry = ix.samples.get(key)
                 if entry is None:
                     self.stats["sample_not_in_index"] += 1
                     continue
@@ -505,12 +641,28 @@ class BagStream(IterableDataset):
                 if v not in wanted:
                     self.stats["sample_of_other_stream"] += 1
                     continue
+                seen.add(key)
+                try:
+                    sample[PARSED_META] = check_sample(sample, ix.sample_frames.get(key))
+                except SampleDamage as bad:
+                    self.damaged(ShardError.at(url, key, bad.reason, str(bad)))
+                    continue
                 if v != cur_v and cur:
                     yield cur_v, cur, cur_codes
                     cur, cur_codes = [], []
                 cur_v = v
                 cur.append(sample)
                 cur_codes.append((t_code, i_code))
+            missing = [k for k in expected.get(rel, []) if k not in seen]
+            for k in missing:
+                self.damaged(
+                    ShardError.at(
+                        url,
+                        k,
+                        "sample_missing_from_shard",
+                        f"listed in the catalog but not in the shard ({len(missing)} such samples)",
+                    )
+                )
             if cur:
                 yield cur_v, cur, cur_codes
 
@@ -550,12 +702,16 @@ class BagStream(IterableDataset):
                     f"{[self.index.video_ids[v] for v in videos][:5]} gave no bag; "
                     "shards and catalog disagree?"
                 )
-            # end of a pass: fewer open videos than open_videos is all this stream has
+            # end of a pass: fewer open videos than open_videos is all this stream has; and when the
+            # bags left finish the epoch, use them rather than start a pass that repeats anchors
             while (
                 done < self.per_worker
                 and pool
                 and sum(len(o.bags) for o in pool) >= p.n_bags
-                and len(pool) >= min(p.open_videos, len(videos))
+                and (
+                    len(pool) >= min(p.open_videos, len(videos))
+                    or (self.per_worker - done) * p.n_bags <= sum(len(o.bags) for o in pool)
+                )
             ):
                 yield from self._emit(pool, epoch, stream, done, skip)
                 done += 1
@@ -579,9 +735,13 @@ class BagStream(IterableDataset):
         """Decode only the JPEGs of the chosen fragments; anchor crop; the batch dict."""
         p = self.params
         cache: dict[tuple[str, int], torch.Tensor] = {}
-        frames, bag, video, tracklet, identity, position = [], [], [], [], [], []
+        bag, video, tracklet, identity, position = [], [], [], [], []
+        # one preallocated uint8 batch, each resized frame written once into its slot (no stacking)
+        n_rows = sum(len(members) for _, members in chosen)
+        frames = torch.empty((n_rows, p.fragment_length, 3, p.im_size, p.im_size), dtype=torch.uint8)
         for b, (ov, members) in enumerate(chosen):
             for m in members:
+                row = len(bag)
                 fr = ov.frags[int(m)]
                 meta = ov.metas[fr.key]
                 sample = ov.samples[fr.key]
@@ -589,20 +749,27 @@ class BagStream(IterableDataset):
                     params = draw_crop_params(p.bbox_scale_factor, rng, meta.params.get("crop_scale"))
                 else:
                     params = CropParams(p.bbox_scale_factor)
-                clip = []
-                for i in fr.frames:
+                for j, i in enumerate(fr.frames):
                     img = cache.get((fr.key, i))
                     if img is None:
-                        img = cache[(fr.key, i)] = self.decode(frame_jpeg(sample, i))
-                    clip.append(anchor_crop(img, meta.boxes_in_crop[i], params, p.im_size))
-                frames.append(torch.stack(clip))
+                        try:
+                            img = self.decode(frame_jpeg(sample, i))
+                        except (RuntimeError, ValueError) as exc:
+                            shard = self.index.shard_url(self.index.video_shard[ov.index])
+                            raise ShardError.at(
+                                shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
+                            ) from exc
+                        cache[(fr.key, i)] = img
+                    frames[row, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
+                if params.hflip or params.vflip:
+                    frames[row] = apply_flips(frames[row], params)
                 bag.append(b)
                 video.append(ov.code)
                 tracklet.append(fr.tracklet)
                 identity.append(fr.identity)
                 position.append(fr.position)
         return {
-            "frames": torch.stack(frames),
+            "frames": frames,
             "bag": torch.tensor(bag, dtype=torch.int64),
             "video": torch.tensor(video, dtype=torch.int64),
             "tracklet": torch.tensor(tracklet, dtype=torch.int64),

@@ -56,19 +56,26 @@ def draw_crop_params(
     return CropParams(float(scale), float(sx), float(sy), bool(hflip), bool(vflip))
 
 
-def anchor_crop(img: torch.Tensor, box: Sequence[float], params: CropParams, im_size: int) -> torch.Tensor:
-    """The anchor crop of one decoded stored crop [3, H, W] around its box, resized to im_size."""
+def crop_resize(img: torch.Tensor, box: Sequence[float], params: CropParams, im_size: int) -> torch.Tensor:
+    """The anchor crop of one decoded stored crop [3, H, W] around its box, resized to im_size,
+    without the flips (a view of `img` when no resize is needed)."""
     _, h, w = img.shape
     x, y, bw, bh = box
     x += params.shift_x * bw
     y += params.shift_y * bh
     x0, y0, x1, y1 = enlarge_box((x, y, bw, bh), params.scale, w, h)
-    out = resize_uint8(img[:, y0:y1, x0:x1], im_size)
-    if params.hflip:
-        out = out.flip(-1)
-    if params.vflip:
-        out = out.flip(-2)
-    return out
+    return resize_uint8(img[:, y0:y1, x0:x1], im_size)
+
+
+def apply_flips(frames: torch.Tensor, params: CropParams) -> torch.Tensor:
+    """The flips of `params` on [..., H, W] (one call for a whole fragment)."""
+    dims = [d for d, on in ((-1, params.hflip), (-2, params.vflip)) if on]
+    return frames.flip(dims) if dims else frames
+
+
+def anchor_crop(img: torch.Tensor, box: Sequence[float], params: CropParams, im_size: int) -> torch.Tensor:
+    """The anchor crop of one decoded stored crop [3, H, W] around its box, resized to im_size."""
+    return apply_flips(crop_resize(img, box, params, im_size), params)
 
 
 def load_frames(

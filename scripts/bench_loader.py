@@ -1,8 +1,11 @@
 """Fragments/s of the streaming loader (stored crops in shards) vs a map-style loader that reads the
 original frames from images/ and crops them (the reference code's way), same data and transforms.
 
-Builds a small REAL-Colon-sized synthetic dataset (1240x1080 JPEG frames) in a temp dir, ingests it
-with `polyp-ssl ingest`, then times both loaders for each worker count. Prints one JSON object.
+Builds a small REAL-Colon-sized synthetic dataset (1240x1080 JPEG frames) in a temp dir (or in
+--root, reused when it exists), ingests it with `polyp-ssl ingest`, then times both loaders for each
+worker count. Also prints the machine's per-frame ceilings, measured in the same run in the main
+process on one thread: decode + anchor crop + resize of one stored crop (the least work a streaming
+frame needs) and of one full frame (a map-style frame). Prints one JSON object.
 
     python scripts/bench_loader.py --workers 1 2
 """
@@ -25,9 +28,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from polyp_ssl.fragments import fragment_index_lists
-from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index
-from polyp_ssl.transforms import resize_uint8
+from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index, iter_tar_samples
+from polyp_ssl.transforms import CropParams, crop_resize, decode_jpeg_bytes, resize_uint8
 from shards.crops import enlarge_box
+from shards.sample import frame_jpeg, sample_meta
 from tests.shard_factory import make_raw_root
 
 
@@ -52,14 +56,14 @@ class FullFrameFragments(Dataset):
     def __len__(self) -> int:
         return max(len(self.items), self.length)
 
+    def load_frame(self, name: str, box: list[float]) -> torch.Tensor:
+        img = Image.open(self.root / "images" / name).convert("RGB")
+        x0, y0, x1, y1 = enlarge_box(box, self.scale, img.width, img.height)
+        t = torch.from_numpy(np.array(img.crop((x0, y0, x1, y1)))).permute(2, 0, 1)
+        return resize_uint8(t.contiguous(), self.im_size)
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        out = []
-        for _, name, box in self.items[i % len(self.items)]:
-            img = Image.open(self.root / "images" / name).convert("RGB")
-            x0, y0, x1, y1 = enlarge_box(box, self.scale, img.width, img.height)
-            t = torch.from_numpy(np.array(img.crop((x0, y0, x1, y1)))).permute(2, 0, 1)
-            out.append(resize_uint8(t.contiguous(), self.im_size))
-        return torch.stack(out)
+        return torch.stack([self.load_frame(name, box) for _, name, box in self.items[i % len(self.items)]])
 
 
 def time_loader(loader, n_batches: int) -> float:
@@ -75,6 +79,42 @@ def time_loader(loader, n_batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def per_frame_ms(fn, items: list, repeats: int = 3) -> float:
+    """Best-of-`repeats` milliseconds per item of fn over items (best: the least disturbed by other
+    jobs on a shared machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for it in items:
+            fn(it)
+        best = min(best, (time.perf_counter() - t) / len(items))
+    return best * 1000
+
+
+def ceilings(out: Path, full: FullFrameFragments, scale: float, im_size: int) -> dict[str, float]:
+    """Per-frame cost of decode + crop + resize alone: a stored crop vs a full frame."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker
+    try:
+        shard = sorted((out / "shards" / "train").glob("*.tar"))[0]
+        sample = next(iter_tar_samples(str(shard)))
+        meta = sample_meta(sample)
+        stored = [(frame_jpeg(sample, i), meta.boxes_in_crop[i]) for i in range(min(32, meta.n_frames))]
+        params = CropParams(scale)
+        stored_ms = per_frame_ms(
+            lambda jb: crop_resize(decode_jpeg_bytes(jb[0]), jb[1], params, im_size), stored
+        )
+        frames = [f for frag in full.items[:4] for f in frag][:16]
+        full_ms = per_frame_ms(lambda f: full.load_frame(f[1], f[2]), frames, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "stored_crop_decode_crop_resize_ms": round(stored_ms, 3),
+        "full_frame_decode_crop_resize_ms": round(full_ms, 3),
+        "ceiling_ratio": round(full_ms / stored_ms, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -86,16 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n_views", type=int, default=5)
     ap.add_argument("--fragment_length", type=int, default=8)
     ap.add_argument("--im_size", type=int, default=232)
+    ap.add_argument("--root", type=Path, default=None, help="build the data here (reused if present)")
     a = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
-    raw = make_raw_root(Path(tmp.name) / "raw", a.videos, a.polyps, a.frames)
-    out = Path(tmp.name) / "ingested"
+    base = a.root or Path(tmp.name)
+    raw, out = base / "raw", base / "ingested"
     t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "polyp_ssl", "ingest", str(raw), "--out", str(out), "--no-progress"],
-        check=True,
-        capture_output=True,
-    )
+    if not (out / "catalog" / "manifest.json").exists():
+        make_raw_root(raw, a.videos, a.polyps, a.frames)
+        subprocess.run(
+            [sys.executable, "-m", "polyp_ssl", "ingest", str(raw), "--out", str(out), "--no-progress"],
+            check=True,
+            capture_output=True,
+        )
     ingest_s = time.perf_counter() - t
     params = StreamParams(
         batch_size=a.batch_size,
@@ -118,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_fragments": b,
         "train_fragments": index.total_fragments,
         "ingest_s": round(ingest_s, 1),
+        "ceiling_per_frame": ceilings(out, full, 5.0, a.im_size),
         "per_workers": {},
     }
     for w in a.workers:

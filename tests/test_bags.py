@@ -1,11 +1,9 @@
-import math
-
 import numpy as np
 import pytest
 
 from polyp_ssl.bags import (
-    anchors_per_video,
     eligible_anchors,
+    epoch_anchors,
     gumbel_top_k_ranks,
     sample_bags,
     temporal_ranks,
@@ -133,8 +131,10 @@ def test_same_seed_same_bags():
     assert not (a.bags == c.bags).all()
 
 
-def test_anchors_per_video():
-    assert anchors_per_video(0, 10, 5) == 0
-    assert anchors_per_video(10, 10, 5) == 2
-    assert anchors_per_video(1, 10, 5) == 1
-    assert anchors_per_video(7, 11, 5) == math.ceil(11 / 5)
+def test_epoch_anchors_every_eligible_fragment_once_shuffled():
+    ok = np.array([True, False, True, True, True, False, True, True, True, True])
+    a = epoch_anchors(ok, np.random.default_rng(0))
+    assert sorted(a.tolist()) == np.flatnonzero(ok).tolist()
+    orders = {tuple(epoch_anchors(ok, np.random.default_rng(s)).tolist()) for s in range(5)}
+    assert len(orders) > 1  # shuffled, seed-dependent
+    assert len(epoch_anchors(np.zeros(4, bool), np.random.default_rng(0))) == 0

@@ -288,3 +288,16 @@ def test_validation_gathers_ranks_without_duplicates(tmp_path: Path) -> None:
     assert one["val/n_tracklets"] == two["val/n_tracklets"] == 19  # 20 rows, one not valid
     assert two["val/map"] == pytest.approx(one["val/map"], abs=1e-5)
     assert two["val/alignment"] == pytest.approx(one["val/alignment"], abs=1e-5)
+
+
+def test_encoder_pooling_chooses_the_trained_fragment_vector() -> None:
+    torch.manual_seed(0)
+    frames = train_batch(0)["frames"]
+    cls_module = NTSSLModule({**TINY, "encoder_pooling": "cls"}).eval()
+    mean_module = NTSSLModule({**TINY, "encoder_pooling": "mean"}).eval()
+    mean_module.load_state_dict(cls_module.state_dict())
+    with torch.no_grad():
+        cls, tokens = cls_module.encoder(frames)
+        assert torch.equal(cls_module.fragment_vectors(frames)[0], cls)
+        assert torch.allclose(mean_module.fragment_vectors(frames)[0], tokens.mean(dim=1), atol=1e-6)
+        assert not torch.allclose(cls, tokens.mean(dim=1), atol=1e-3)

@@ -48,10 +48,26 @@ def run_rank(index, params, rank, world, workers, epoch=0, state=None):
 
 
 def test_epoch_arithmetic():
-    assert epoch_batches(100, 8, 1, 0) == (12, 12)
-    assert epoch_batches(100, 8, 3, 2) == (2, 4)  # 12 global -> 4 per rank -> 2 per worker
+    # 100 anchors, 4 bags per batch (batch_size 20, n_views 5): 25 global batches
+    assert epoch_batches(100, 4, 1, 0) == (25, 25)
+    assert epoch_batches(100, 4, 3, 2) == (5, 10)  # 25 global -> 9 per rank -> 5 per worker
     with pytest.raises(DataConfigError, match="batch_size"):
-        epoch_batches(7, 8, 1, 0)
+        epoch_batches(3, 4, 1, 0)
+
+
+def test_one_stream_epoch_anchors_every_fragment_exactly_once(root):
+    index = build_index(root, "train", P)
+    assert index.total_anchors == index.total_fragments  # temporal sampler: every fragment anchors
+    loader, batches = run_rank(index, P, 0, 1, 0)
+    assert len(batches) == index.total_fragments // P.n_bags
+    anchors = []
+    for b in batches:
+        first = torch.ones(len(b["bag"]), dtype=torch.bool)
+        first[1:] = b["bag"][1:] != b["bag"][:-1]  # a bag's members are contiguous, anchor first
+        anchors += list(zip(b["tracklet"][first].tolist(), b["position"][first].tolist(), strict=True))
+    assert len(anchors) == len(batches) * P.n_bags
+    assert len(set(anchors)) == len(anchors)  # no fragment anchors twice in an epoch
+    assert index.total_fragments - len(anchors) < P.n_bags  # and at most a partial batch is left
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (3, 0), (2, 2)])
@@ -204,3 +220,32 @@ def test_val_is_sharded_without_duplicates(root):
     assert len(lengths) == 1
     assert sorted(valid_tracklets) == sorted(t for _, t, _ in index.samples.values())
     assert len(valid_tracklets) == n_items
+
+
+def test_decoded_batch_equals_per_frame_anchor_crops(root):
+    """The preallocated batch path gives the frames of transforms.load_frames (the one crop rule),
+    and its per-fragment flips equal flipping every frame."""
+    from polyp_ssl.stream import open_video
+    from polyp_ssl.transforms import CropParams, apply_flips, crop_resize, decode_jpeg_bytes, load_frames
+    from shards.sample import frame_jpeg
+
+    params = StreamParams(**{**P.__dict__, "aug_anchorcrop": False})
+    index = build_index(root, "train", params)
+    ds = BagStream(index, params, 0, 1, 0)
+    v, samples, codes = next(ds._iter_videos([0]))
+    ov = open_video(v, 0, samples, codes, params, np.random.default_rng(0), 1.0, ds.stats)
+    chosen = [(ov, ov.bags[0]), (ov, ov.bags[1])]
+    batch = ds.decode_batch(chosen, np.random.default_rng(0))
+    rows = [int(m) for _, bag in chosen for m in bag]
+    for r, m in enumerate(rows):
+        fr = ov.frags[m]
+        meta = ov.metas[fr.key]
+        jpegs = [frame_jpeg(ov.samples[fr.key], i) for i in fr.frames]
+        boxes = [meta.boxes_in_crop[i] for i in fr.frames]
+        expected = load_frames(jpegs, boxes, params.im_size, params.bbox_scale_factor)
+        assert torch.equal(batch["frames"][r], expected)
+    img = decode_jpeg_bytes(jpegs[0])
+    flip = CropParams(params.bbox_scale_factor, hflip=True, vflip=True)
+    plain = crop_resize(img, boxes[0], flip, params.im_size)
+    flipped = torch.from_numpy(plain.numpy()[:, ::-1, ::-1].copy())
+    assert torch.equal(apply_flips(plain[None], flip)[0], flipped)

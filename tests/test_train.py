@@ -109,6 +109,19 @@ def test_the_papers_command_parses(tmp_path):
         assert name in help_text
 
 
+def test_loss_ta_lambda_and_encoder_pooling_flags(capsys):
+    cfg = resolve_config(["--dataset_root", "x"])
+    assert (cfg.loss_ta_lambda, cfg.encoder_pooling) == (10.0, "cls")
+    cfg = resolve_config(["--dataset_root", "x", "--loss_ta_lambda", "2.5", "--encoder_pooling", "mean"])
+    assert (cfg.loss_ta_lambda, cfg.encoder_pooling) == (2.5, "mean")
+    help_text = build_parser().format_help()
+    assert "--loss_ta_lambda" in help_text and "--encoder_pooling" in help_text
+    assert main(["--dataset_root", "x", "--encoder_pooling", "max"]) == 2
+    assert "--encoder_pooling 'max'" in capsys.readouterr().err
+    assert main(["--dataset_root", "x", "--loss_ta_lambda", "-1"]) == 2
+    assert "--loss_ta_lambda" in capsys.readouterr().err
+
+
 def test_clear_errors(tmp_path, capsys):
     assert main(["--dataset_root", str(tmp_path), "--runs_dir", str(tmp_path / "runs")]) == 2
     assert "polyp-ssl ingest" in capsys.readouterr().err

@@ -1,0 +1,285 @@
+"""Damaged data at training time: the streaming loader names the shard and the sample, and
+`--on_shard_error` chooses between stopping (`fail`) and skipping with counts (`warn`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from polyp_ssl.cli import main
+from polyp_ssl.stream import (
+    BagStream,
+    SampleDamage,
+    ShardError,
+    StreamParams,
+    build_index,
+    check_sample,
+)
+from tests.shard_factory import make_root
+from tests.test_train import TINY
+
+PARAMS = {
+    "batch_size": 8,
+    "n_views": 2,
+    "fragment_length": 2,
+    "fragment_stride": 2,
+    "min_tracklet_length": 4,
+    "im_size": 32,
+    "open_videos": 2,
+    "max_epochs": 2,
+}
+SHARD = "shards/train/train-000000.tar"
+
+
+@pytest.fixture(scope="module")
+def clean_root(tmp_path_factory):
+    return make_root(tmp_path_factory.mktemp("clean"), videos={"train": 4, "val": 2})
+
+
+@pytest.fixture
+def root(clean_root, tmp_path):
+    out = tmp_path / "root"
+    shutil.copytree(clean_root, out)
+    return out
+
+
+def read_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def write_members(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def first_key(root: Path, shard: str = SHARD) -> str:
+    return read_members(root / shard)[0][0].split(".", 1)[0]
+
+
+def edit_json(members, key, change):
+    out = []
+    for name, data in members:
+        if name == f"{key}.json":
+            obj = json.loads(data)
+            change(obj)
+            data = json.dumps(obj).encode()
+        out.append((name, data))
+    return out
+
+
+def damage(root: Path, kind: str, shard: str = SHARD) -> str:
+    """Damage one shard (the first by default); returns the sample key that the loader must name."""
+    path = root / shard
+    members = read_members(path)
+    key = first_key(root, shard)
+    if kind == "truncated_shard":
+        data = path.read_bytes()
+        # cut inside the JPEG members of the third sample: the first two samples survive
+        cut = [i for i, (n, _) in enumerate(members) if n.endswith(".json")][2] + 3
+        size = sum(512 + -(-len(d) // 512) * 512 for _, d in members[:cut]) + 700
+        path.write_bytes(data[:size])
+        return members[cut][0].split(".", 1)[0]
+    if kind == "corrupt_jpeg":
+        members = [(n, b"this is not a JPEG" if n == f"{key}.0002.jpg" else d) for n, d in members]
+    elif kind == "jpeg_missing":
+        members = [(n, d) for n, d in members if n != f"{key}.0005.jpg"]
+    elif kind == "bad_json":
+        members = [(n, b"{not json" if n == f"{key}.json" else d) for n, d in members]
+    elif kind == "json_mismatch_frames":
+        members = edit_json(members, key, lambda o: [o[f].pop() for f in ("frame_ids", "boxes_in_crop")])
+    elif kind == "json_mismatch_key":
+        members = edit_json(members, key, lambda o: o.update(key="someone-else"))
+    elif kind == "sample_missing_from_shard":
+        members = [(n, d) for n, d in members if not n.startswith(key + ".")]
+    write_members(path, members)
+    return key
+
+
+def reason_of(kind: str) -> str:
+    return "json_mismatch" if kind.startswith("json_mismatch") else kind
+
+
+def make_stream(root: Path, mode: str, rank: int = 0, world: int = 1) -> BagStream:
+    params = StreamParams(**PARAMS, on_shard_error=mode)
+    return BagStream(build_index(root, "train", params), params, rank, world)
+
+
+KINDS = [
+    "truncated_shard",
+    "corrupt_jpeg",
+    "jpeg_missing",
+    "bad_json",
+    "json_mismatch_frames",
+    "json_mismatch_key",
+    "sample_missing_from_shard",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fail_names_the_shard_and_the_sample(root, kind):
+    key = damage(root, kind)
+    ds = make_stream(root, "fail")
+    with pytest.raises(ShardError) as info:
+        list(ds)
+    msg = str(info.value)
+    assert SHARD in msg and repr(key) in msg and f"[{reason_of(kind)}]" in msg, msg
+    assert info.value.reason == reason_of(kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_warn_skips_counts_and_keeps_the_epoch_length(root, kind):
+    key = damage(root, kind)
+    ds = make_stream(root, "warn")
+    damaged_code = ds.index.samples[key][1] if key in ds.index.samples else None
+    batches = list(ds)
+    assert len(batches) == len(ds) > 0  # the stream keeps going over its other videos
+    counts = ds.shared.skip_counts()
+    assert counts.get(reason_of(kind), 0) >= 1 and sum(counts.values()) == sum(
+        n for r, n in ds.stats.items() if r.startswith("skipped_")
+    )
+    if kind == "truncated_shard":  # the rest of the shard counts as missing samples
+        assert counts["sample_missing_from_shard"] >= 1
+    if damaged_code is not None and kind != "truncated_shard":
+        for b in batches:  # no fragment of the damaged sample reached a batch
+            assert damaged_code not in b["tracklet"].tolist()
+
+
+def test_clean_shards_skip_nothing(root):
+    ds = make_stream(root, "warn")
+    assert len(list(ds)) == len(ds)
+    assert ds.shared.skip_counts() == {}
+    with pytest.raises(SampleDamage) as info:
+        check_sample({"__key__": "k"}, None)
+    assert info.value.reason == "bad_json"
+
+
+def test_equal_steps_per_rank_with_skips(root):
+    damage(root, "truncated_shard")
+    lengths = [len(list(make_stream(root, "warn", r, 2))) for r in range(2)]
+    assert lengths[0] == lengths[1] == len(make_stream(root, "warn", 0, 2))
+
+
+def test_a_jpeg_that_passes_the_marker_check_but_does_not_decode_is_named(root):
+    path = root / SHARD
+    members = read_members(path)
+    key = first_key(root)
+    bad = []
+    for n, d in members:
+        if n.startswith(key + ".") and n.endswith(".jpg"):
+            d = d[:40] + bytes(range(256)) * 2 + d[-20:]  # SOI ... EOI, garbage between
+        bad.append((n, d))
+    write_members(path, bad)
+    ds = make_stream(root, "warn")
+    with pytest.raises(ShardError) as info:
+        list(ds)
+    assert repr(key) in str(info.value) and "does not decode" in str(info.value)
+
+
+class CreatesFile:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_members_are_never_unpickled_and_climbing_names_never_used(root, tmp_path):
+    target = tmp_path / "pwned"
+    payload = pickle.dumps(CreatesFile(str(target)))
+    pickle.loads(payload).close()  # the payload does create its file when unpickled ...
+    assert target.exists()
+    target.unlink()
+    path = root / SHARD
+    members = read_members(path)
+    key = first_key(root)
+    at = next(i for i, (n, _) in enumerate(members) if n.startswith(key + ".")) + 1
+    members[at:at] = [
+        (f"{key}.pickle", payload),
+        (f"{key}.pyd", payload),
+        (f"{key}.0000.pth", payload),
+        (f"../{key}.0001.jpg", b"\xff\xd8 climbing \xff\xd9"),
+    ]
+    write_members(path, members)
+    for mode in ("fail", "warn"):
+        ds = make_stream(root, mode)
+        assert len(list(ds)) == len(ds)
+        assert ds.stats["member_not_decoded"] >= 3 and ds.stats["member_unsafe_name"] >= 1
+        assert ds.shared.skip_counts() == {}
+    assert not target.exists()  # ... and the loader never unpickled it
+    assert not (root / "shards" / f"{key}.0001.jpg").exists()
+
+
+def cli_args(root: Path, runs: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset_root",
+        str(root),
+        "--runs_dir",
+        str(runs),
+        "--exp_name",
+        "e",
+        "--max_steps",
+        "2",
+        "--limit_val_batches",
+        "0",
+        *TINY,
+        *extra,
+    ]
+
+
+def damage_every_train_shard(root: Path, kind: str) -> dict[str, str]:
+    """Damaged samples in every shard, so that the first batch meets one whatever the shard order."""
+    return {
+        f"shards/train/{p.name}": damage(root, kind, f"shards/train/{p.name}")
+        for p in sorted((root / "shards" / "train").glob("*.tar"))
+    }
+
+
+def test_cli_fail_stops_with_the_message_not_a_traceback(root, tmp_path, capsys):
+    keys = damage_every_train_shard(root, "bad_json")
+    args = cli_args(root, tmp_path / "runs")
+    args[args.index("--num_workers") + 1] = "1"  # the error comes from a DataLoader worker
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("polyp-ssl train: error: damaged data:") and "Traceback" not in err
+    assert any(shard in err and repr(key) in err for shard, key in keys.items()), err
+    assert "[bad_json]" in err
+
+
+def test_cli_warn_reports_skips_in_the_summary_and_a_json(root, tmp_path, capsys):
+    damage_every_train_shard(root, "truncated_shard")
+    runs = tmp_path / "runs"
+    assert main(cli_args(root, runs, "--on_shard_error", "warn")) == 0
+    out = capsys.readouterr().out
+    assert "damaged data skipped (rank 0, --on_shard_error warn)" in out and "truncated_shard" in out
+    summary = json.loads((runs / "e" / "checkpoints" / "data_skips.rank0.json").read_text())
+    assert summary["on_shard_error"] == "warn" and summary["skipped"]["truncated_shard"] >= 1
+    assert summary["total"] == sum(summary["skipped"].values())
+    assert main(cli_args(root, tmp_path / "r2", "--on_shard_error", "maybe")) == 2
+    assert "--on_shard_error 'maybe'" in capsys.readouterr().err
+
+
+def test_cli_missing_catalog_table_and_old_catalog_version(root, tmp_path, capsys):
+    (root / "catalog" / "tracklets.parquet").unlink()
+    assert main(cli_args(root, tmp_path / "runs")) == 2
+    assert "tracklets.parquet" in capsys.readouterr().err
+    manifest = root / "catalog" / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    meta["version"] = meta["catalog_version"] = meta["version"] - 1
+    manifest.write_text(json.dumps(meta))
+    assert main(cli_args(root, tmp_path / "runs")) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "version" in err
+    manifest.unlink()
+    assert main(cli_args(root, tmp_path / "runs")) == 2
+    assert "polyp-ssl train: error:" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "e" / "checkpoints").exists()
