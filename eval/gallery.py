@@ -1,0 +1,151 @@
+"""Retrieval gallery: a few query tracklets, each with its top-k results marked right or wrong.
+
+The crops are the anchor crops of each tracklet's middle frame, read straight from the shard
+members (`{key}.json`, `{key}.{i:04d}.jpg`, shards/sample.py) by name, so a handful of crops
+costs a handful of member reads, not a pass over the split.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shards.crops import enlarge_box
+from shards.sample import JSON_EXT, TrackletSample, frame_ext
+
+RIGHT = (0.10, 0.65, 0.20)  # green
+WRONG = (0.85, 0.10, 0.10)  # red
+
+
+@dataclass
+class GalleryRow:
+    query: int  # row index into the embedded tracklets
+    results: list[int]  # row indices of the top-k, best first
+    correct: list[bool]  # result shares the query's identity
+
+
+def cosine_top_k(vectors: np.ndarray, query: int, k: int) -> list[int]:
+    """Indices of the k rows most similar (cosine) to row `query`, itself excluded, best first;
+    ties broken by row index so the gallery is deterministic."""
+    x = np.asarray(vectors, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sims = x @ x[query]
+    sims[query] = -np.inf
+    order = np.lexsort((np.arange(len(sims)), -sims))
+    return [int(i) for i in order[: min(k, len(sims) - 1)]]
+
+
+def pick_gallery_rows(
+    vectors: np.ndarray, identities: Sequence[str], n_queries: int = 4, k: int = 5
+) -> list[GalleryRow]:
+    """Queries spread over the split (evenly spaced among tracklets that have a positive), each
+    with its top-k results."""
+    ids = [str(v) for v in identities]
+    counts: dict[str, int] = defaultdict(int)
+    for v in ids:
+        counts[v] += 1
+    eligible = [i for i, v in enumerate(ids) if counts[v] > 1]
+    if not eligible or len(ids) < 2:
+        return []
+    n = min(n_queries, len(eligible))
+    picks = [eligible[int(round(j * (len(eligible) - 1) / max(n - 1, 1)))] for j in range(n)]
+    rows = []
+    for q in dict.fromkeys(picks):
+        res = cosine_top_k(vectors, q, k)
+        rows.append(GalleryRow(q, res, [ids[r] == ids[q] for r in res]))
+    return rows
+
+
+def anchor_crop(meta: TrackletSample, jpeg: bytes, frame_index: int, scale: float, size: int) -> np.ndarray:
+    """The eval anchor crop (shards.crops rule) of one stored frame as uint8 [size, size, 3]."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    box = enlarge_box(meta.boxes_in_crop[frame_index], scale, img.width, img.height)
+    img = img.crop(box).resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def read_middle_crops(
+    root: str | Path, shard_and_keys: Sequence[tuple[str, str]], scale: float, size: int = 96
+) -> list[np.ndarray]:
+    """Anchor crops of the middle frame of each (shard path relative to root, sample_key)."""
+    root = Path(root)
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for shard, key in shard_and_keys:
+        by_shard[shard].append(key)
+    crops: dict[tuple[str, str], np.ndarray] = {}
+    for shard, keys in by_shard.items():
+        path = root / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard named by the catalog is missing")
+        with tarfile.open(path) as tar:
+            for key in dict.fromkeys(keys):
+                member = tar.extractfile(f"{key}.{JSON_EXT}")
+                if member is None:
+                    raise ValueError(f"{path}: sample {key!r} has no .json member")
+                meta = TrackletSample.from_json(member.read())
+                mid = meta.n_frames // 2
+                jpeg = tar.extractfile(f"{key}.{frame_ext(mid)}")
+                if jpeg is None:
+                    raise ValueError(f"{path}: sample {key!r} has no member .{frame_ext(mid)}")
+                crops[(shard, key)] = anchor_crop(meta, jpeg.read(), mid, scale, size)
+    return [crops[(s, k)] for s, k in shard_and_keys]
+
+
+def plot_gallery(
+    query_crops: Sequence[np.ndarray],
+    result_crops: Sequence[Sequence[np.ndarray]],
+    correct: Sequence[Sequence[bool]],
+    path: str | Path,
+    query_labels: Sequence[str] | None = None,
+    title: str = "",
+) -> Path:
+    """One row per query: the query crop (blue frame), then its results framed green (same polyp)
+    or red (another polyp). Written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows = len(query_crops)
+    if n_rows == 0:
+        raise ValueError("gallery needs at least one query")
+    k = max(len(r) for r in result_crops)
+    fig, axes = plt.subplots(n_rows, k + 1, figsize=(1.4 * (k + 1), 1.55 * n_rows), dpi=80, squeeze=False)
+    for r in range(n_rows):
+        cells = [(query_crops[r], (0.15, 0.35, 0.9), "query")]
+        for j, crop in enumerate(result_crops[r]):
+            ok = bool(correct[r][j])
+            cells.append((crop, RIGHT if ok else WRONG, f"#{j + 1} {'right' if ok else 'wrong'}"))
+        for c in range(k + 1):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(cells):
+                ax.axis("off")
+                continue
+            img, colour, text = cells[c]
+            ax.imshow(img)
+            for side in ax.spines.values():
+                side.set_edgecolor(colour)
+                side.set_linewidth(4)
+            if c == 0 and query_labels is not None:
+                text = f"query {query_labels[r]}"
+            ax.set_title(text, fontsize=7, color=colour)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

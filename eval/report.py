@@ -1,0 +1,788 @@
+"""`polyp-ssl report`: every downstream task for a set of checkpoints and the untrained baselines,
+into one results table (OUT/results.parquet, appended) and one OUT/report.md with figures.
+
+Each encoder is run once per split it needs (eval/embed.py caches the files under
+ROOT/embeddings/); every task then reads those vectors. A task that the data cannot support
+(no labels of that kind, a single class, no validation split for counting) is skipped with its
+reason in the report; asked for explicitly with --tasks, it is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval import embed as embed_mod
+from eval.embed import DESCRIPTOR, INIT_PREFIX, EmbedError, NoItemsError
+from eval.embeddings import Embeddings, EmbeddingsError, read_embeddings
+
+log = logging.getLogger(__name__)
+
+TASKS = ("retrieval", "reid", "size", "histology", "count")
+BASELINES = ("init", DESCRIPTOR)
+# (task, metric) columns of the table, in order; value formatting per metric
+COLUMNS: list[tuple[str, str]] = [
+    ("retrieval", "mAP"),
+    ("retrieval", "HR@1"),
+    ("retrieval", "HR@5"),
+    ("reid", "AUROC"),
+    ("reid", "AUPR"),
+    ("size", "F1"),
+    ("size", "accuracy"),
+    ("histology", "accuracy"),
+    ("histology", "balanced_accuracy"),
+    ("count", "fragmentation_rate"),
+    ("count", "FPR"),
+]
+RESULTS_FILE = "results.parquet"
+REPORT_FILE = "report.md"
+
+
+class ReportError(ValueError):
+    """Inputs the report cannot use; the message names the file and the field."""
+
+
+class TaskSkipped(Exception):
+    """The data cannot support a task (e.g. no labels); the reason goes into the report."""
+
+
+# ----------------------------------------------------------------------------- subjects
+
+
+@dataclass
+class Subject:
+    """One row of the table: a checkpoint, a baseline, or a given embeddings file."""
+
+    label: str
+    kind: str  # "checkpoint" | "init" | "descriptor" | "embeddings"
+    spec: str  # what ensure_embeddings takes (checkpoint path, init:..., descriptor) or the file
+    sha256: str | None = None
+
+
+def resolve_checkpoints(paths: Sequence[str | Path]) -> list[Path]:
+    """A run folder stands for its checkpoints/last.ckpt and its best checkpoint(s)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            cdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+            found = sorted(cdir.glob("*.ckpt"), key=lambda c: (c.name != "last.ckpt", c.name))
+            if not found:
+                raise ReportError(f"{p}: a run folder without checkpoints ({cdir}/*.ckpt)")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ReportError(f"{p}: no such checkpoint file or run folder")
+    return out
+
+
+def checkpoint_label(path: Path) -> str:
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}/{path.stem}"
+    return path.stem
+
+
+def build_subjects(
+    ckpts: Sequence[Path], baselines: Sequence[str], embeddings: Sequence[Path] = ()
+) -> list[Subject]:
+    """Checkpoints (deduplicated by content), then one init baseline per distinct encoder
+    config, then the descriptor, then given embeddings files."""
+    subjects: list[Subject] = []
+    seen: set[str] = set()
+    for c in ckpts:
+        digest = embed_mod.sha256_file(c)
+        if digest in seen:
+            log.info("%s has the same content as an earlier checkpoint; evaluated once", c)
+            continue
+        seen.add(digest)
+        subjects.append(Subject(checkpoint_label(c), "checkpoint", str(c), digest))
+    for b in baselines:
+        if b not in BASELINES:
+            raise ReportError(f"--baselines: unknown baseline {b!r} (choose from {', '.join(BASELINES)})")
+    if "init" in baselines:
+        inits: dict[str, Subject] = {}
+        for s in [s for s in subjects if s.kind == "checkpoint"]:
+            src = embed_mod.resolve_source(INIT_PREFIX + s.spec)
+            if src.identity not in inits:
+                inits[src.identity] = Subject(
+                    f"init ({src.label.removeprefix('init_')})", "init", INIT_PREFIX + s.spec, None
+                )
+        if not inits and ckpts:
+            raise ReportError("the init baseline needs a checkpoint to take its encoder config from")
+        subjects.extend(inits.values())
+    if DESCRIPTOR in baselines:
+        subjects.append(Subject("hand-made descriptor", DESCRIPTOR, DESCRIPTOR, None))
+    for e in embeddings:
+        subjects.append(Subject(Path(e).stem, "embeddings", str(e), None))
+    return subjects
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class ReportOptions:
+    root: Path
+    out: Path
+    tasks: tuple[str, ...] = TASKS
+    strict_tasks: bool = False  # tasks named explicitly: a task that cannot run is an error
+    device: str = "auto"
+    batch_size: int = 32
+    im_size: int | None = None
+    bbox_scale_factor: float | None = None
+    fragment_stride: int = 4
+    pooling: str = "cls"
+    encoder_type: str | None = None
+    probe_fragment_length: int = 8
+    probe_splits: tuple[str, ...] = ("val", "test")
+    projection: str = "auto"
+    gallery_queries: int = 4
+    seed: int = 42
+    count_fpr: float = 0.05
+    progress: bool = True
+
+
+@dataclass
+class TaskOutcome:
+    task: str
+    metrics: dict[str, float]
+    time_s: float
+    note: str = ""
+    extra: Any = None
+
+
+@dataclass
+class SubjectResult:
+    subject: Subject
+    outcomes: list[TaskOutcome] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    test: Embeddings | None = None
+    files: list[str] = field(default_factory=list)
+
+
+class EmbeddingSource:
+    """Embeddings of one subject, computed on first use and kept for the other tasks."""
+
+    def __init__(self, subject: Subject, opts: ReportOptions, result: SubjectResult) -> None:
+        self.subject, self.opts, self.result = subject, opts, result
+        self._cache: dict[tuple[str, int], Embeddings] = {}
+
+    def get(self, split: str, fragment_length: int = -1) -> Embeddings:
+        key = (split, fragment_length)
+        if key in self._cache:
+            return self._cache[key]
+        o = self.opts
+        if self.subject.kind == "embeddings":  # a given file serves every task as it is
+            emb = read_embeddings(self.subject.spec, split=split, root=o.root)
+            path = Path(self.subject.spec)
+        else:
+            path = embed_mod.ensure_embeddings(
+                o.root,
+                self.subject.spec,
+                split=split,
+                fragment_length=fragment_length,
+                fragment_stride=o.fragment_stride,
+                im_size=o.im_size,
+                bbox_scale_factor=o.bbox_scale_factor,
+                pooling=o.pooling,
+                batch_size=o.batch_size,
+                device=o.device,
+                encoder_type=o.encoder_type if self.subject.kind == "checkpoint" else None,
+                progress=o.progress,
+            )
+            emb = read_embeddings(path, split=split, root=o.root)
+        if str(path) not in self.result.files:
+            self.result.files.append(str(path))
+        self._cache[key] = emb
+        return emb
+
+    def has_split(self, split: str) -> bool:
+        if self.subject.kind == "embeddings":
+            emb = read_embeddings(self.subject.spec, root=self.opts.root)
+            return bool((emb.split == split).any())
+        try:
+            embed_mod.split_shards(self.opts.root, split)
+        except EmbedError:
+            return False
+        return True
+
+
+def _identities(emb: Embeddings) -> np.ndarray:
+    missing = [i for i, v in enumerate(emb.identity_id) if v is None or v == ""]
+    if len(missing) == len(emb):
+        raise TaskSkipped(f"split {emb.split[0] if len(emb) else '?'} has no identity labels")
+    if missing:
+        raise TaskSkipped(f"{len(missing)} of {len(emb)} tracklets lack identity_id")
+    return emb.identity_id.astype(str)
+
+
+def task_retrieval(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
+    from eval.metrics import retrieval_from_vectors
+
+    emb = src.get("test").tracklet_level()
+    ident = _identities(emb)
+    if len(set(ident)) == len(ident):
+        raise TaskSkipped("no two test tracklets share a polyp: no query has a positive")
+    res = retrieval_from_vectors(emb.vectors, ident)
+    return TaskOutcome(
+        "retrieval",
+        {"mAP": res.mAP, "HR@1": res.hr[1], "HR@5": res.hr[5]},
+        0.0,
+        note=f"{res.n_queries} queries, {res.n_excluded} without a positive excluded",
+    )
+
+
+def task_reid(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
+    from eval.metrics import reid_from_vectors
+
+    emb = src.get("test").tracklet_level()
+    ident = _identities(emb)
+    if len(set(ident)) == len(ident):
+        raise TaskSkipped("no two test tracklets share a polyp: no positive pair")
+    if len(set(ident)) < 2:
+        raise TaskSkipped("every test tracklet is the same polyp: no negative pair")
+    res = reid_from_vectors(emb.vectors, ident)
+    return TaskOutcome(
+        "reid",
+        {"AUROC": res.auroc, "AUPR": res.aupr},
+        0.0,
+        note=f"{res.n_pairs} pairs, {res.n_positive} same-polyp",
+        extra=res,
+    )
+
+
+def task_size(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
+    return _probe_task("size", src, opts)
+
+
+def task_histology(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
+    return _probe_task("histology", src, opts)
+
+
+def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
+    """MLP probe on frozen fragment embeddings of the polyps the encoder never trained on
+    (`probe_splits`, default val + test, as the paper probes on held-out videos), 70/30 split by
+    polyp (stratified, seeded); rows of polyps without a usable label are left out and counted."""
+    from eval import probe
+    from eval.embeddings import polyp_labels
+
+    parts = []
+    for split in opts.probe_splits:
+        if split != "test" and not src.has_split(split):
+            continue
+        try:
+            parts.append(src.get(split, opts.probe_fragment_length))
+        except NoItemsError as e:
+            raise TaskSkipped(f"{e}; set --probe_fragment_length shorter or -1") from e
+    where = "+".join(opts.probe_splits)
+    ids = np.concatenate([e.identity_id for e in parts]).astype(str)
+    vectors = np.concatenate([e.vectors for e in parts])
+    labels = polyp_labels(opts.root)
+    y, left_out = probe.task_labels(ids, task, labels.size_mm, labels.histology, labels.dataset_id)
+    keep = y >= 0
+    if not keep.any():
+        reasons = ", ".join(f"{n} {why}" for why, n in left_out.most_common()) or "no rows"
+        raise TaskSkipped(f"no {where} polyp has a {task} label ({reasons})")
+    ids, y, x = ids[keep], y[keep], vectors[keep]
+    if np.unique(y).size < 2:
+        raise TaskSkipped(f"every labelled {where} polyp has the same {task} class ({int(y[0])})")
+    train, val = probe.split_by_identity(ids, y, 0.7, seed=opts.seed)
+    try:
+        with warnings.catch_warnings():
+            # a small val side may hold one class; the metrics stay defined, sklearn's notice is noise
+            warnings.simplefilter("ignore", UserWarning)
+            res = probe.run_probe(
+                probe.ProbeData(x[train], y[train], ids[train]),
+                probe.ProbeData(x[val], y[val], ids[val]),
+                probe.ProbeConfig(seed=opts.seed),
+            )
+    except probe.ProbeError as e:
+        raise TaskSkipped(str(e)) from e
+    m = res.metrics
+    metrics = (
+        {"F1": m["identity_weighted_macro_f1"], "accuracy": m["accuracy"]}
+        if task == "size"
+        else {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
+    )
+    left = sum(left_out.values())
+    note = (
+        f"{res.n_train} train / {res.n_val} val fragments, {res.n_train_polyps} / {res.n_val_polyps} "
+        f"polyps; {left} rows without a label left out; "
+        f"{sum(int(e.meta.get('n_tracklets_too_short') or 0) for e in parts)} tracklets shorter than one "
+        "fragment"
+    )
+    return TaskOutcome(task, metrics, 0.0, note=note)
+
+
+def task_count(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
+    """Agglomerative clustering per video; threshold chosen on val at pairwise FPR <= count_fpr."""
+    from eval import count
+    from eval.embeddings import tracklet_spans
+
+    if not src.has_split("val"):
+        raise TaskSkipped("counting chooses its threshold on the val split, which has no tracklets")
+    spans = tracklet_spans(opts.root)
+    videos = {}
+    for split in ("val", "test"):
+        emb = src.get(split).tracklet_level()
+        ident = _identities(emb)
+        tids = emb.tracklet_id.astype(str)
+        missing = [t for t in tids if t not in spans]
+        if missing:
+            raise ReportError(f"{emb.path}: tracklet {missing[0]!r} is not in the catalog of {opts.root}")
+        videos[split] = count.group_videos(
+            emb.video_id.astype(str),
+            ident,
+            emb.vectors,
+            [spans[t][0] for t in tids],
+            [spans[t][1] for t in tids],
+        )
+    if not any(count.pair_counts(np.arange(v.n), v.identity)[1] for v in videos["val"]):
+        raise TaskSkipped(
+            "no val video shows two different polyps: the pairwise FPR is 0 at every threshold and "
+            "cannot choose one"
+        )
+    try:
+        res = count.evaluate_counting(
+            videos["val"], videos["test"], method="agglomerative", max_fpr=opts.count_fpr
+        )
+    except count.CountError as e:
+        raise TaskSkipped(str(e)) from e
+    met = "met" if res.fpr_target_met else "NOT met (lowest-FPR threshold used)"
+    note = (
+        f"agglomerative, threshold {res.value:.2f} chosen on val (val FPR {res.val_fpr:.3f}, target "
+        f"{met}); {len(res.per_video)} test videos"
+    )
+    return TaskOutcome(
+        "count", {"fragmentation_rate": res.test_fragmentation, "FPR": res.test_fpr}, 0.0, note=note
+    )
+
+
+TASK_FUNCS: dict[str, Callable[[EmbeddingSource, ReportOptions], TaskOutcome]] = {
+    "retrieval": task_retrieval,
+    "reid": task_reid,
+    "size": task_size,
+    "histology": task_histology,
+    "count": task_count,
+}
+
+
+def evaluate_subject(subject: Subject, opts: ReportOptions) -> SubjectResult:
+    result = SubjectResult(subject)
+    src = EmbeddingSource(subject, opts, result)
+    for task in opts.tasks:
+        t0 = time.perf_counter()
+        try:
+            outcome = TASK_FUNCS[task](src, opts)
+        except TaskSkipped as e:
+            if opts.strict_tasks:
+                raise ReportError(f"{subject.label}: task {task} cannot run: {e}") from e
+            result.skipped[task] = str(e)
+            log.warning("%s: %s skipped: %s", subject.label, task, e)
+            continue
+        outcome.time_s = time.perf_counter() - t0
+        result.outcomes.append(outcome)
+    if "test" in {k[0] for k in src._cache}:
+        result.test = src.get("test").tracklet_level()
+    return result
+
+
+# ----------------------------------------------------------------------------- results table
+
+
+def result_rows(res: SubjectResult, created: str) -> list[dict[str, Any]]:
+    rows = []
+    for o in res.outcomes:
+        for metric, value in o.metrics.items():
+            rows.append(
+                {
+                    "checkpoint": res.subject.label,
+                    "checkpoint_path": res.subject.spec,
+                    "checkpoint_sha256": res.subject.sha256,
+                    "task": o.task,
+                    "metric": metric,
+                    "value": float(value),
+                    "time_s": round(o.time_s, 4),
+                    "created": created,
+                }
+            )
+    return rows
+
+
+def results_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("checkpoint", pa.string()),
+            ("checkpoint_path", pa.string()),
+            ("checkpoint_sha256", pa.string()),
+            ("task", pa.string()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("time_s", pa.float64()),
+            ("created", pa.string()),
+        ]
+    )
+
+
+def append_results(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Append rows to results.parquet (rewritten whole under a temporary name, then renamed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = results_schema()
+    new = pa.Table.from_pylist(rows, schema=schema)
+    if path.is_file():
+        try:
+            old = pq.read_table(path)
+            old = old.select(schema.names).cast(schema)
+        except Exception as e:
+            raise ReportError(f"{path}: existing results file is not a results table ({e})") from e
+        new = pa.concat_tables([old, new])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(new, tmp)
+    tmp.replace(path)
+    return path
+
+
+def format_value(metric: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if metric == "fragmentation_rate":
+        return f"{value:.2f}"
+    return f"{100 * value:.1f}"
+
+
+def markdown_table(results: Sequence[SubjectResult]) -> str:
+    """One row per subject, one column per (task, metric) that any subject has."""
+    have = {(o.task, m) for r in results for o in r.outcomes for m in o.metrics}
+    cols = [c for c in COLUMNS if c in have] + sorted(have - set(COLUMNS))
+    head = "| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
+    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    lines = [head, sep]
+    for r in results:
+        vals = {(o.task, m): v for o in r.outcomes for m, v in o.metrics.items()}
+        cells = " | ".join(format_value(m, vals.get((t, m))) for t, m in cols)
+        lines.append(f"| {r.subject.label} | {cells} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def plot_reid_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Path]:
+    """ROC and PR curves of re-identification, every subject on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(r.subject.label, o.extra) for r in results for o in r.outcomes if o.task == "reid" and o.extra]
+    if not curves:
+        return []
+    paths = []
+    for name, xlab, ylab, getx, gety, auc_name in (
+        ("reid_roc.png", "false positive rate", "true positive rate", "fpr", "tpr", "auroc"),
+        ("reid_pr.png", "recall", "precision", "recall", "precision", "aupr"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 4.5), dpi=110)
+        for label, res in curves:
+            x, y = np.asarray(getattr(res, getx)), np.asarray(getattr(res, gety))
+            if name == "reid_roc.png":
+                x, y = np.r_[0.0, x, 1.0], np.r_[0.0, y, 1.0]
+                order = np.lexsort((y, x))
+                ax.plot(x[order], y[order], label=f"{label} ({100 * getattr(res, auc_name):.1f})")
+            else:
+                order = np.argsort(x, kind="stable")
+                ax.step(
+                    x[order], y[order], where="post", label=f"{label} ({100 * getattr(res, auc_name):.1f})"
+                )
+        if name == "reid_roc.png":
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(xlab)
+        ax.set_ylabel(ylab)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("re-identification " + ("ROC" if "roc" in name else "precision-recall"))
+        ax.legend(fontsize=7, loc="lower right" if "roc" in name else "upper right")
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / name))
+        plt.close(fig)
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def _slug(text: str) -> str:
+    return embed_mod.sanitize_name(text.replace("/", "_").replace(" ", "_").replace("(", "").replace(")", ""))
+
+
+def gallery_for(res: SubjectResult, opts: ReportOptions, crop_scale: float) -> Path | None:
+    from eval.gallery import pick_gallery_rows, plot_gallery, read_middle_crops
+
+    emb = res.test
+    if emb is None or len(emb) < 2:
+        return None
+    rows = pick_gallery_rows(emb.vectors, emb.identity_id.astype(str), opts.gallery_queries, k=5)
+    if not rows:
+        return None
+    shard_of = _shard_of(opts.root)
+    needed = sorted({i for r in rows for i in [r.query, *r.results]})
+    keys = [(shard_of[str(emb.tracklet_id[i])], str(emb.sample_key[i])) for i in needed]
+    crops = dict(zip(needed, read_middle_crops(opts.root, keys, crop_scale, size=64), strict=True))
+    return plot_gallery(
+        [crops[r.query] for r in rows],
+        [[crops[i] for i in r.results] for r in rows],
+        [r.correct for r in rows],
+        opts.out / f"gallery_{_slug(res.subject.label)}.png",
+        query_labels=[str(emb.identity_id[r.query]) for r in rows],
+        title=f"retrieval top-5, {res.subject.label}: green = same polyp, red = another",
+    )
+
+
+def _shard_of(root: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(root / "catalog" / "tracklets.parquet", columns=["tracklet_id", "shard"]).to_pydict()
+    return dict(zip(t["tracklet_id"], t["shard"], strict=True))
+
+
+def projection_for(res: SubjectResult, opts: ReportOptions) -> Path | None:
+    from eval.projection import plot_projection, project_2d
+
+    emb = res.test
+    if emb is None or len(emb) < 3:
+        return None
+    method = opts.projection
+    if method == "auto":
+        method = "tsne" if len(emb) <= 150 else "pca"  # exact t-SNE is cheap up to a few hundred
+    xy = project_2d(emb.vectors, method=method, seed=opts.seed)
+    path = opts.out / f"projection_{_slug(res.subject.label)}.png"
+    return plot_projection(
+        xy,
+        emb.identity_id.astype(str),
+        path,
+        title=f"{res.subject.label}: test tracklets ({method.upper()}), colour = polyp",
+    )
+
+
+# ----------------------------------------------------------------------------- report.md
+
+
+def write_report_md(
+    path: Path,
+    results: Sequence[SubjectResult],
+    figures: dict[str, list[Path]],
+    opts: ReportOptions,
+    created: str,
+    command: str,
+) -> Path:
+    from eval.embeddings import manifest_sha256
+
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- dataset root: `{opts.root}` (catalog manifest sha256 `{manifest_sha256(opts.root)[:16]}`)",
+        f"- created: {created}",
+        f"- command: `{command}`",
+        "",
+        "## Results",
+        "",
+        "Percentages except the fragmentation rate (predicted clusters per true polyp, lower is better,",
+        "1.0 is perfect). Retrieval, re-identification: test split, whole tracklets; size and",
+        f"histology: MLP probe on frozen fragment embeddings of the {'+'.join(opts.probe_splits)} "
+        "polyps, 70/30 split by polyp;",
+        f"counting: threshold chosen on val at pairwise FPR <= {opts.count_fpr}, measured on test.",
+        "",
+        markdown_table(results),
+        "",
+    ]
+    notes = []
+    for r in results:
+        for o in r.outcomes:
+            if o.note:
+                notes.append(f"- {r.subject.label}, {o.task}: {o.note} ({o.time_s:.1f} s)")
+        for task, why in r.skipped.items():
+            notes.append(f"- {r.subject.label}, {task}: **skipped**: {why}")
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    if any(figures.values()):
+        lines += ["## Figures", ""]
+        for title, paths in figures.items():
+            for p in paths:
+                lines += [f"### {title}: {p.stem}", "", f"![{p.stem}]({p.name})", ""]
+    lines += ["## Encoders", "", "| encoder | kind | source | sha256 |", "|---|---|---|---|"]
+    for r in results:
+        s = r.subject
+        lines.append(f"| {s.label} | {s.kind} | `{s.spec}` | {(s.sha256 or '-')[:16]} |")
+    lines += ["", "## Embeddings files", ""]
+    for r in results:
+        for f in r.files:
+            lines.append(f"- {r.subject.label}: `{f}`")
+    lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_report(
+    checkpoints: Sequence[str | Path],
+    opts: ReportOptions,
+    baselines: Sequence[str] = BASELINES,
+    embeddings: Sequence[str | Path] = (),
+    command: str = "polyp-ssl report",
+) -> list[SubjectResult]:
+    opts.root = Path(opts.root)
+    opts.out = Path(opts.out)
+    for e in embeddings:  # a file of another dataset is refused before any work
+        read_embeddings(e, root=opts.root)
+    subjects = build_subjects(resolve_checkpoints(checkpoints), baselines, [Path(e) for e in embeddings])
+    if not subjects:
+        raise ReportError("nothing to evaluate: give checkpoints, run folders, --embeddings or --baselines")
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results = []
+    for i, subject in enumerate(subjects, 1):
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(subjects)}] {subject.label}", flush=True)
+        res = evaluate_subject(subject, opts)
+        results.append(res)
+        summary = ", ".join(
+            f"{o.task} {m} {format_value(m, v)}" for o in res.outcomes for m, v in o.metrics.items()
+        )
+        print(f"    {summary or 'no task ran'} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    rows = [row for r in results for row in result_rows(r, created)]
+    append_results(opts.out / RESULTS_FILE, rows)
+    figures: dict[str, list[Path]] = {"re-identification curves": plot_reid_curves(results, opts.out)}
+    scale = _crop_scale(opts, results)
+    figures["retrieval gallery"] = [p for r in results if (p := gallery_for(r, opts, scale))]
+    figures["2-D projection"] = [p for r in results if (p := projection_for(r, opts))]
+    write_report_md(opts.out / REPORT_FILE, results, figures, opts, created, command)
+    return results
+
+
+def _crop_scale(opts: ReportOptions, results: Sequence[SubjectResult]) -> float:
+    if opts.bbox_scale_factor:
+        return opts.bbox_scale_factor
+    from eval.embeddings import read_metadata
+
+    for r in results:
+        for f in r.files:
+            s = (read_metadata(f).get("params") or {}).get("bbox_scale_factor")
+            if s:
+                return float(s)
+    return embed_mod.DEFAULT_BBOX_SCALE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polyp-ssl report", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "checkpoints",
+        nargs="*",
+        metavar="RUN_OR_CKPT",
+        help="checkpoint files or run folders (a run folder = its checkpoints/*.ckpt)",
+    )
+    p.add_argument("--dataset_root", required=True, help="an ingested root (shards/ and catalog/)")
+    p.add_argument("--out", default="report", help="output folder for report.md, results.parquet, figures")
+    p.add_argument(
+        "--baselines",
+        default="init,descriptor",
+        help="comma-separated: init (same encoder, random weights), descriptor; 'none' for none",
+    )
+    p.add_argument("--embeddings", nargs="*", default=[], help="also evaluate these embeddings files")
+    p.add_argument(
+        "--tasks",
+        default="all",
+        help=f"comma-separated from {','.join(TASKS)}, or all "
+        "(with all, a task the data cannot support is skipped; named, it is an error)",
+    )
+    p.add_argument("--encoder_type", choices=["sfe", "mve", "hmve"], help="expected type of every checkpoint")
+    p.add_argument("--data_im_size", type=int, default=None, help="default: each checkpoint's im_size")
+    p.add_argument("--data_bbox_scale_factor", type=float, default=None)
+    p.add_argument("--data_fragment_stride", type=int, default=4)
+    p.add_argument("--probe_fragment_length", type=int, default=8, help="fragment length for the probes")
+    p.add_argument(
+        "--probe_splits",
+        default="val,test",
+        help="splits whose polyps the probes use (70/30 by polyp); default the held-out val,test",
+    )
+    p.add_argument("--encoder_pooling", choices=["cls", "mean"], default="cls")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--projection", choices=["auto", "pca", "tsne"], default="auto")
+    p.add_argument("--gallery_queries", type=int, default=4)
+    p.add_argument("--count_fpr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=42)
+    return p
+
+
+def parse_tasks(text: str) -> tuple[tuple[str, ...], bool]:
+    if text.strip() == "all":
+        return TASKS, False
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ReportError(f"--tasks: unknown task(s) {bad} (choose from {', '.join(TASKS)} or all)")
+    return tasks, True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        tasks, strict = parse_tasks(args.tasks)
+        baselines = (
+            []
+            if args.baselines.strip() in ("", "none")
+            else [b.strip() for b in args.baselines.split(",") if b.strip()]
+        )
+        opts = ReportOptions(
+            root=Path(args.dataset_root),
+            out=Path(args.out),
+            tasks=tasks,
+            strict_tasks=strict,
+            device=args.device,
+            batch_size=args.batch_size,
+            im_size=args.data_im_size,
+            bbox_scale_factor=args.data_bbox_scale_factor,
+            fragment_stride=args.data_fragment_stride,
+            pooling=args.encoder_pooling,
+            encoder_type=args.encoder_type,
+            probe_fragment_length=args.probe_fragment_length,
+            projection=args.projection,
+            gallery_queries=args.gallery_queries,
+            seed=args.seed,
+            count_fpr=args.count_fpr,
+        )
+        results = run_report(
+            args.checkpoints, opts, baselines, args.embeddings, command="polyp-ssl report " + " ".join(argv)
+        )
+    except (ReportError, EmbedError, EmbeddingsError) as e:
+        print(f"polyp-ssl report: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(markdown_table(results))
+    print(f"\nreport: {opts.out / REPORT_FILE}\nresults: {opts.out / RESULTS_FILE}")
+    return 0
