@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.plots import save_figure
 from shards.crops import enlarge_box
 from shards.sample import JSON_EXT, TrackletSample, frame_ext
 
@@ -142,10 +143,4 @@ def plot_gallery(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -17,11 +17,19 @@ def _figure():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Write a figure as PNG under a temporary name, rename it into place, close the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -34,7 +42,7 @@ def roc_png(path: str | Path, fpr: np.ndarray, tpr: np.ndarray, auroc: float, ti
     ax.set_title(title or "re-identification ROC")
     ax.legend(loc="lower right")
     try:
-        return _save(fig, Path(path))
+        return save_figure(fig, path, dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
 
@@ -61,6 +69,6 @@ def pr_png(
     ax.set_title(title or "re-identification precision-recall")
     ax.legend(loc="upper right")
     try:
-        return _save(fig, Path(path))
+        return save_figure(fig, path, dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.plots import save_figure
+
 METHODS = ("pca", "tsne")
 
 
@@ -74,10 +76,4 @@ def plot_projection(
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

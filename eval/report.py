@@ -24,6 +24,7 @@ import numpy as np
 from eval import embed as embed_mod
 from eval.embed import DESCRIPTOR, INIT_PREFIX, EmbedError, NoItemsError
 from eval.embeddings import Embeddings, EmbeddingsError, read_embeddings
+from eval.plots import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -517,17 +518,10 @@ def plot_reid_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Pa
         ax.set_title("re-identification " + ("ROC" if "roc" in name else "precision-recall"))
         ax.legend(fontsize=7, loc="lower right" if "roc" in name else "upper right")
         fig.tight_layout()
-        paths.append(_save(fig, out_dir / name))
-        plt.close(fig)
+        paths.append(save_figure(fig, out_dir / name))
     return paths
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
 
 
 def _slug(text: str) -> str:
