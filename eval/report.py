@@ -70,7 +70,8 @@ class Subject:
 
 
 def resolve_checkpoints(paths: Sequence[str | Path]) -> list[Path]:
-    """A run folder stands for its checkpoints/last.ckpt and its best checkpoint(s)."""
+    """A run folder stands for every checkpoint it holds: last.ckpt, best, and init.ckpt (the
+    run's own step-0 weights, the before of a before/after comparison)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():

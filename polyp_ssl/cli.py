@@ -206,6 +206,7 @@ def train(cfg: TrainConfig) -> Path:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from polyp_ssl.callbacks import INIT_CKPT, InitialCheckpoint
     from polyp_ssl.datamodule import StreamDataModule, StreamEpochCallback
     from polyp_ssl.module import NTSSLModule
     from shards.catalog import CatalogError, read_manifest
@@ -241,7 +242,7 @@ def train(cfg: TrainConfig) -> Path:
     module_cfg = {**cfg.to_dict(), "lr_schedule": cfg.lr_schedule}
     model = NTSSLModule(module_cfg)
     every = cfg.ckpt_every_n_steps or None
-    callbacks: list[Any] = [StreamEpochCallback(dm, run_dir)]
+    callbacks: list[Any] = [StreamEpochCallback(dm, run_dir), InitialCheckpoint(ckpt_dir / INIT_CKPT)]
     if monitor:
         callbacks.append(
             ModelCheckpoint(

@@ -154,6 +154,13 @@ def test_train_writes_a_checkpoint_that_reloads(ingested_root, tmp_path):
     emb = encoder.embed(torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8))
     assert emb.shape == (2, 32) and torch.isfinite(emb).all()
     assert len(losses(runs / "e2e")) == 2
+    # the run's own initialisation is kept beside it, and training moved away from it
+    start, _ = load_encoder(runs / "e2e" / "checkpoints" / "init.ckpt")
+    trained = encoder.state_dict()
+    moved = [
+        k for k, v in start.state_dict().items() if v.is_floating_point() and not torch.equal(v, trained[k])
+    ]
+    assert moved, "init.ckpt holds the trained weights"
 
 
 @pytest.mark.slow
