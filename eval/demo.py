@@ -153,7 +153,9 @@ def build_steps(out: Path, settings: DemoSettings, device: str = "cpu") -> list[
     def run_synth() -> int:
         if data.exists():  # an unfinished or outdated dataset: start it again
             shutil.rmtree(data)
-        return _command(["synth", str(data), *flags(settings.synth)])
+        rc = _command(["synth", str(data), *flags(settings.synth)])
+        # the dataset's measured properties (temporal association precision, difficulty, ...)
+        return rc or _command(["synth", "--stats", str(data)])
 
     def run_ingest() -> int:
         for sub in ("shards", "catalog", "embeddings"):

@@ -29,10 +29,14 @@ class FakeCommands:
 
     def __init__(self, fail: str | None = None):
         self.calls: list[str] = []
+        self.stats_calls = 0
         self.fail = fail
 
     def __call__(self, argv):
         cmd = argv[0]
+        if argv[:2] == ["synth", "--stats"]:  # part of the synth step: reads, writes nothing
+            self.stats_calls += 1
+            return 0
         self.calls.append(cmd)
         if cmd == self.fail:
             return 3
@@ -76,6 +80,7 @@ def test_steps_run_once_then_reused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "_command", fake)
     assert demo.run_demo(tmp_path, quick=True) == 0
     assert fake.calls == ["synth", "ingest", "train", "report"]
+    assert fake.stats_calls == 1  # the dataset's properties are printed after it is generated
     out = capsys.readouterr().out
     assert "== [1/4] synth" in out and "| demo/last | 60.0 |" in out and "report.md" in out
     for step in ("synth", "ingest", "train", "report"):
