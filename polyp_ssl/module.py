@@ -18,6 +18,7 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from polyp_ssl.checkpoint import encoder_config_from
+from polyp_ssl.config import TrainConfig
 from polyp_ssl.encoders import POOLINGS, TrackletEncoder, build_encoder, masked_mean
 from polyp_ssl.losses import (
     LOSS_TYPES,
@@ -30,31 +31,8 @@ from polyp_ssl.losses import (
 
 log = logging.getLogger(__name__)
 
-# Defaults of the keys this module reads (the seed's training flags plus this stack's).
-DEFAULTS: dict[str, Any] = {
-    "encoder_type": "hmve",
-    "sfe_backbone_arch": "resnet50",
-    "sfe_backbone_weights": None,
-    "sfe_d_model": None,
-    "d_proj": 128,
-    "hmve_d_model": 256,
-    "hmve_d_feedforward": 1024,
-    "hmve_n_heads": 8,
-    "hmve_n_layers": 3,
-    "hmve_dropout": 0.1,
-    "channels_last": False,
-    "lr": 1e-5,
-    "weight_decay": 1e-4,
-    "loss_type": "mil-nce",
-    "loss_temperature": 0.07,
-    "loss_milnce_weights": [1.0, 1.0],
-    "loss_ta_lambda": 10.0,
-    "encoder_pooling": "cls",
-    "lr_schedule": "constant",
-    "warmup_steps": 0,
-    "max_epochs": 50,
-    "compile": False,
-}
+# Defaults of the keys this module reads: the training flags' defaults, defined once in TrainConfig.
+DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
 LR_SCHEDULES = ("constant", "none", "cosine")  # "none" = "constant"
 
 
