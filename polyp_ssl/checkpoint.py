@@ -82,7 +82,7 @@ def read_encoder_state(path: str | os.PathLike[str], map_location: Any = "cpu") 
                 f"{path}: Lightning checkpoint without hyper_parameters.config: not written by NTSSLModule"
             )
         state = {
-            k[len(ENCODER_PREFIX):]: v for k, v in obj["state_dict"].items() if k.startswith(ENCODER_PREFIX)
+            k[len(ENCODER_PREFIX) :]: v for k, v in obj["state_dict"].items() if k.startswith(ENCODER_PREFIX)
         }
         if not state:
             raise CheckpointError(f"{path}: checkpoint has no `encoder.*` weights")

@@ -96,6 +96,9 @@ HELP: dict[str, str] = {
     "runs_dir": "folder of runs",
     "log_every_n_steps": "logging interval in steps",
     "data_log": "debug: append the videos of every batch to FILE.rankR",
+    "decode_on": "where training JPEGs are decoded: workers = in the loader workers (CPU); device = the "
+    "workers ship JPEG bytes and crop windows, the training process decodes them on its device (nvJPEG on "
+    "a GPU), so few CPU cores feed a fast GPU",
     "on_shard_error": "a damaged shard or sample (truncated tar, corrupt JPEG, JSON that disagrees with "
     "the catalog): fail = stop naming shard and sample; warn = skip it, count skips by reason, report "
     "them in the run summary and checkpoints/data_skips.rankR.json",

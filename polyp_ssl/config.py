@@ -88,6 +88,7 @@ class TrainConfig:
     log_every_n_steps: int = 10
     data_log: str | None = None  # debug: append the video ids of every batch, per rank, to this file
     on_shard_error: str = "fail"  # damaged shard/sample: "fail" stops the run, "warn" skips and counts
+    decode_on: str = "workers"  # where training JPEGs are decoded: loader "workers" or the "device"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,6 +141,10 @@ class TrainConfig:
             (
                 self.on_shard_error in ("fail", "warn"),
                 f"--on_shard_error {self.on_shard_error!r}: choose fail or warn",
+            ),
+            (
+                self.decode_on in ("workers", "device"),
+                f"--decode_on {self.decode_on!r}: choose workers or device",
             ),
             (self.num_workers >= 0, f"--num_workers {self.num_workers}: use >= 0"),
             (self.max_epochs >= 1, f"--max_epochs {self.max_epochs}: use >= 1"),

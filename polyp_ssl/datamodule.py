@@ -11,6 +11,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from polyp_ssl.config import TrainConfig
+from polyp_ssl.device_decode import decode_batch_on, is_encoded
 from polyp_ssl.stream import (
     BagStream,
     DataConfigError,
@@ -77,6 +78,8 @@ class StreamDataModule(L.LightningDataModule):
         if self.train_loader is None:
             self.setup("fit")
         assert self.train_loader is not None
+        if self.trainer is not None:
+            self.train_loader.decode_device = self.trainer.strategy.root_device
         return self.train_loader
 
     def val_dataloader(self) -> Any:
@@ -92,6 +95,15 @@ class StreamDataModule(L.LightningDataModule):
             self.cfg.eval_aug_anchorcrop,
         )
         return DataLoader(ds, batch_size=None, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """--decode_on device: the training loader decodes ahead in a thread (DevicePrefetcher); a
+        batch still encoded here (a loader without a device) is decoded now, before the transfer
+        (the JPEG bytes must be on the CPU for torchvision's decoder, whatever the device)."""
+        if is_encoded(batch):
+            device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+            return decode_batch_on(batch, device, self.params.im_size)
+        return batch
 
     def set_epoch(self, epoch: int) -> None:
         if self.train_loader is not None:

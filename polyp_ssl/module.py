@@ -209,8 +209,10 @@ class NTSSLModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if "valid" in batch:  # rows a loader added only to even out ranks
             keep = batch["valid"].to(torch.bool)
-            batch = {k: v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape else v
-                     for k, v in batch.items()}
+            batch = {
+                k: v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape else v
+                for k, v in batch.items()
+            }
             if not keep.any():
                 return
         emb = self.encoder.embed(batch["frames"], batch.get("mask"), pooling=self.config["encoder_pooling"])
@@ -273,7 +275,11 @@ class NTSSLModule(L.LightningModule):
         log.info(
             "validation: %d tracklets, mAP %.4f over %d queries (%d without positive excluded), "
             "alignment %.4f",
-            emb.shape[0], mean_ap, n_queries, excluded, align,
+            emb.shape[0],
+            mean_ap,
+            n_queries,
+            excluded,
+            align,
         )
 
     # -- inference -----------------------------------------------------------------------------

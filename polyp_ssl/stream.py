@@ -33,16 +33,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from polyp_ssl.bags import eligible_anchors, epoch_anchors, sample_bags, temporal_temperature
+from polyp_ssl.device_decode import DECODE_ON, DevicePrefetcher, pack_jpegs
 from polyp_ssl.fragments import count_fragments, cut_tracklet, even_subsample, fragment_index_lists
 from polyp_ssl.transforms import (
     CropParams,
     anchor_crop,
     apply_flips,
     crop_resize,
+    crop_window,
     decode_jpeg_bytes,
     draw_crop_params,
 )
-from shards.reader import safe_member_name
+from shards.reader import read_members, safe_member_name
 from shards.sample import TrackletSample, frame_jpeg, sample_meta
 from shards.schema import TRACKLETS, VIDEOS
 
@@ -100,6 +102,7 @@ class StreamParams:
     seed: int = 42
     data_log: str | None = None
     on_shard_error: str = "fail"
+    decode_on: str = "workers"  # or "device": workers ship JPEG bytes, the training process decodes
 
     @property
     def n_bags(self) -> int:
@@ -328,6 +331,12 @@ def assign_videos(index: StreamIndex, n_streams: int, seed: int, epoch: int) -> 
 # ---------------------------------------------------------------- reading shards
 
 
+def _wanted_member(name: str) -> bool:
+    """Read a member only if it is a sample's `.json` or a `.jpg` frame under a safe name."""
+    ext = name.rpartition("/")[2].partition(".")[2]
+    return (ext == "json" or ext.endswith(".jpg")) and safe_member_name(name)
+
+
 def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (`__key__` plus member suffix -> bytes) of one tar, in order. `url` may be a local
     path, a `pipe:` command or any URL webdataset.gopen opens.
@@ -349,27 +358,18 @@ def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[st
     except OSError as exc:
         raise ShardError.at(url, None, "unreadable_shard", f"cannot open ({exc})") from exc
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if not safe_member_name(member.name):
-                    stats["member_unsafe_name"] += 1
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if ext != "json" and not ext.endswith(".jpg"):
-                    stats["member_not_decoded"] += 1
-                    continue
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key}
-                current[ext] = data
-            if current is not None:
-                yield current
+        for name, data in read_members(stream, _wanted_member):
+            if data is None:
+                stats["member_not_decoded" if safe_member_name(name) else "member_unsafe_name"] += 1
+                continue
+            key, _, ext = name.rpartition("/")[2].partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[ext] = data
+        if current is not None:
+            yield current
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         key = current["__key__"] if current is not None else None
         raise ShardError.at(
@@ -558,6 +558,8 @@ class BagStream(IterableDataset):
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if params.decode_on not in DECODE_ON:
+            raise DataConfigError(f"--decode_on {params.decode_on!r}: choose one of {DECODE_ON}")
         if params.fragment_length < 1:
             raise DataConfigError("training needs a fixed --fragment_length (>= 1)")
         if params.batch_size < params.n_views:
@@ -732,50 +734,95 @@ class BagStream(IterableDataset):
         yield batch
 
     def decode_batch(self, chosen: list[tuple[_OpenVideo, np.ndarray]], rng: np.random.Generator) -> dict:
-        """Decode only the JPEGs of the chosen fragments; anchor crop; the batch dict."""
+        """The batch dict of the chosen bags: only the JPEGs of the chosen fragments are decoded and
+        anchor-cropped here, or (decode_on device) packed with their crop windows for the training
+        process to decode (polyp_ssl.device_decode)."""
         p = self.params
-        cache: dict[tuple[str, int], torch.Tensor] = {}
+        rows: list[tuple[_OpenVideo, _FragRef, CropParams]] = []
         bag, video, tracklet, identity, position = [], [], [], [], []
-        # one preallocated uint8 batch, each resized frame written once into its slot (no stacking)
-        n_rows = sum(len(members) for _, members in chosen)
-        frames = torch.empty((n_rows, p.fragment_length, 3, p.im_size, p.im_size), dtype=torch.uint8)
         for b, (ov, members) in enumerate(chosen):
             for m in members:
-                row = len(bag)
                 fr = ov.frags[int(m)]
                 meta = ov.metas[fr.key]
-                sample = ov.samples[fr.key]
                 if p.aug_anchorcrop:
                     params = draw_crop_params(p.bbox_scale_factor, rng, meta.params.get("crop_scale"))
                 else:
                     params = CropParams(p.bbox_scale_factor)
-                for j, i in enumerate(fr.frames):
-                    img = cache.get((fr.key, i))
-                    if img is None:
-                        try:
-                            img = self.decode(frame_jpeg(sample, i))
-                        except (RuntimeError, ValueError) as exc:
-                            shard = self.index.shard_url(self.index.video_shard[ov.index])
-                            raise ShardError.at(
-                                shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
-                            ) from exc
-                        cache[(fr.key, i)] = img
-                    frames[row, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
-                if params.hflip or params.vflip:
-                    frames[row] = apply_flips(frames[row], params)
+                rows.append((ov, fr, params))
                 bag.append(b)
                 video.append(ov.code)
                 tracklet.append(fr.tracklet)
                 identity.append(fr.identity)
                 position.append(fr.position)
+        out = self.encode_rows(rows) if p.decode_on == "device" else {"frames": self.decode_rows(rows)}
+        out.update(
+            {
+                "bag": torch.tensor(bag, dtype=torch.int64),
+                "video": torch.tensor(video, dtype=torch.int64),
+                "tracklet": torch.tensor(tracklet, dtype=torch.int64),
+                "identity": torch.tensor(identity, dtype=torch.int64),
+                "position": torch.tensor(position, dtype=torch.float32),
+                "videos_per_batch": torch.tensor(len({ov.index for ov, _ in chosen}), dtype=torch.int64),
+            }
+        )
+        return out
+
+    def decode_rows(self, rows: list[tuple[_OpenVideo, _FragRef, CropParams]]) -> torch.Tensor:
+        """uint8 [B, S, 3, im_size, im_size], each distinct JPEG decoded once, each resized frame
+        written once into its slot of one preallocated batch (no stacking)."""
+        p = self.params
+        cache: dict[tuple[str, int], torch.Tensor] = {}
+        frames = torch.empty((len(rows), p.fragment_length, 3, p.im_size, p.im_size), dtype=torch.uint8)
+        for row, (ov, fr, params) in enumerate(rows):
+            meta = ov.metas[fr.key]
+            for j, i in enumerate(fr.frames):
+                img = cache.get((fr.key, i))
+                if img is None:
+                    try:
+                        img = self.decode(frame_jpeg(ov.samples[fr.key], i))
+                    except (RuntimeError, ValueError) as exc:
+                        shard = self.index.shard_url(self.index.video_shard[ov.index])
+                        raise ShardError.at(
+                            shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
+                        ) from exc
+                    cache[(fr.key, i)] = img
+                frames[row, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
+            if params.hflip or params.vflip:
+                frames[row] = apply_flips(frames[row], params)
+        return frames
+
+    def encode_rows(self, rows: list[tuple[_OpenVideo, _FragRef, CropParams]]) -> dict[str, Any]:
+        """The rows' distinct JPEGs as bytes plus each frame's JPEG index, crop window and the
+        rows' flips (the keys of polyp_ssl.device_decode); the windows come from the stored crop
+        sizes in the sample JSON, so nothing is decoded here."""
+        p = self.params
+        slot: dict[tuple[str, int], int] = {}
+        jpegs: list[bytes] = []
+        names: list[str] = []
+        which: list[list[int]] = []
+        windows: list[list[tuple[int, int, int, int]]] = []
+        for ov, fr, params in rows:
+            meta = ov.metas[fr.key]
+            which.append([])
+            windows.append([])
+            for i in fr.frames:
+                m = slot.get((fr.key, i))
+                if m is None:
+                    m = slot[(fr.key, i)] = len(jpegs)
+                    jpegs.append(frame_jpeg(ov.samples[fr.key], i))
+                    shard = self.index.shard_url(self.index.video_shard[ov.index])
+                    names.append(f"{shard}: sample {fr.key!r}: frame {i}")
+                which[-1].append(m)
+                w, h = meta.crop_sizes[i]
+                windows[-1].append(crop_window(meta.boxes_in_crop[i], params, w, h))
+        data, offsets = pack_jpegs(jpegs)
         return {
-            "frames": frames,
-            "bag": torch.tensor(bag, dtype=torch.int64),
-            "video": torch.tensor(video, dtype=torch.int64),
-            "tracklet": torch.tensor(tracklet, dtype=torch.int64),
-            "identity": torch.tensor(identity, dtype=torch.int64),
-            "position": torch.tensor(position, dtype=torch.float32),
-            "videos_per_batch": torch.tensor(len({ov.index for ov, _ in chosen}), dtype=torch.int64),
+            "jpeg_data": data,
+            "jpeg_offsets": offsets,
+            "jpeg_names": names,
+            "frame_jpeg": torch.tensor(which, dtype=torch.int64).view(len(rows), p.fragment_length),
+            "frame_window": torch.tensor(windows, dtype=torch.int64).view(len(rows), p.fragment_length, 4),
+            "flips": torch.tensor([[pr.hflip, pr.vflip] for _, _, pr in rows], dtype=torch.bool).view(-1, 2),
         }
 
 
@@ -798,6 +845,9 @@ class StreamLoader(DataLoader):
         self.epoch = 0
         self.batches_seen = 0
         self._resume: tuple[int, int] | None = None
+        # decode_on device: where a background thread decodes batches ahead of the step (set by the
+        # data module once the device is known); None leaves batches encoded
+        self.decode_device: torch.device | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -823,7 +873,10 @@ class StreamLoader(DataLoader):
         shared.skip_epoch.value = self.epoch if skip else -1
         shared.skip_batches.value = skip
         self.batches_seen = skip
-        return self._counted(super().__iter__())
+        batches = super().__iter__()
+        if self.decode_device is not None and self.dataset.params.decode_on == "device":
+            batches = iter(DevicePrefetcher(batches, self.decode_device, self.dataset.params.im_size))
+        return self._counted(batches)
 
     def _counted(self, it):
         for batch in it:

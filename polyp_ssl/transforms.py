@@ -56,14 +56,21 @@ def draw_crop_params(
     return CropParams(float(scale), float(sx), float(sy), bool(hflip), bool(vflip))
 
 
+def crop_window(
+    box: Sequence[float], params: CropParams, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """The anchor crop's [x0, y0, x1, y1) in a width x height stored crop whose box is `box`."""
+    x, y, bw, bh = box
+    return enlarge_box(
+        (x + params.shift_x * bw, y + params.shift_y * bh, bw, bh), params.scale, width, height
+    )
+
+
 def crop_resize(img: torch.Tensor, box: Sequence[float], params: CropParams, im_size: int) -> torch.Tensor:
     """The anchor crop of one decoded stored crop [3, H, W] around its box, resized to im_size,
     without the flips (a view of `img` when no resize is needed)."""
     _, h, w = img.shape
-    x, y, bw, bh = box
-    x += params.shift_x * bw
-    y += params.shift_y * bh
-    x0, y0, x1, y1 = enlarge_box((x, y, bw, bh), params.scale, w, h)
+    x0, y0, x1, y1 = crop_window(box, params, w, h)
     return resize_uint8(img[:, y0:y1, x0:x1], im_size)
 
 

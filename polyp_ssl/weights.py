@@ -26,9 +26,12 @@ class WeightsError(ValueError):
 
 
 def looks_like_path(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(
-        weights
-    ).exists()
+    return (
+        os.sep in weights
+        or "/" in weights
+        or weights.endswith((".pth", ".pt", ".bin"))
+        or Path(weights).exists()
+    )
 
 
 def torchvision_weight_file(arch: str, name: str) -> Path:

@@ -1,6 +1,10 @@
 """Fragments/s of the streaming loader (stored crops in shards) vs a map-style loader that reads the
 original frames from images/ and crops them (the reference code's way), same data and transforms.
 
+The streaming loader runs in each --decode_on mode: `workers` (the workers decode and crop on the
+CPU) and `device` (the workers ship JPEG bytes; the main process decodes and crops on --device,
+nvJPEG on a GPU; that time is counted, up to a final synchronisation).
+
 Builds a small REAL-Colon-sized synthetic dataset (1240x1080 JPEG frames) in a temp dir (or in
 --root, reused when it exists), ingests it with `polyp-ssl ingest`, then times both loaders for each
 worker count. Also prints the machine's per-frame ceilings, measured in the same run in the main
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,9 +32,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from polyp_ssl.device_decode import decode_batch_on, pack_jpegs
 from polyp_ssl.fragments import fragment_index_lists
 from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index, iter_tar_samples
-from polyp_ssl.transforms import CropParams, crop_resize, decode_jpeg_bytes, resize_uint8
+from polyp_ssl.transforms import CropParams, crop_resize, crop_window, decode_jpeg_bytes, resize_uint8
 from shards.crops import enlarge_box
 from shards.sample import frame_jpeg, sample_meta
 from tests.shard_factory import make_raw_root
@@ -66,16 +72,21 @@ class FullFrameFragments(Dataset):
         return torch.stack([self.load_frame(name, box) for _, name, box in self.items[i % len(self.items)]])
 
 
-def time_loader(loader, n_batches: int) -> float:
+def time_loader(loader, n_batches: int, finish=None, sync=None) -> float:
     """Fragments/s over n_batches, counted from the loader's start (worker start-up included, the
-    same for both loaders), so prefetching cannot hide work."""
+    same for both loaders), so prefetching cannot hide work. `finish` turns a loader batch into
+    frames (device decoding), `sync` waits for the device before the clock stops."""
     t = time.perf_counter()
     n = 0
     for i, batch in enumerate(loader):
+        if finish is not None:
+            batch = finish(batch)
         frames = batch["frames"] if isinstance(batch, dict) else batch
         n += frames.shape[0]
         if i + 1 == n_batches:
             break
+    if sync is not None:
+        sync()
     return n / (time.perf_counter() - t)
 
 
@@ -91,8 +102,9 @@ def per_frame_ms(fn, items: list, repeats: int = 3) -> float:
     return best * 1000
 
 
-def ceilings(out: Path, full: FullFrameFragments, scale: float, im_size: int) -> dict[str, float]:
-    """Per-frame cost of decode + crop + resize alone: a stored crop vs a full frame."""
+def ceilings(out: Path, full: FullFrameFragments, scale: float, im_size: int, device: str | None) -> dict:
+    """Per-frame cost of decode + crop + resize alone: a stored crop vs a full frame on one CPU
+    thread (as in a loader worker), and (device) a batch of stored crops decoded on the device."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker
     try:
@@ -108,11 +120,48 @@ def ceilings(out: Path, full: FullFrameFragments, scale: float, im_size: int) ->
         full_ms = per_frame_ms(lambda f: full.load_frame(f[1], f[2]), frames, repeats=2)
     finally:
         torch.set_num_threads(threads)
-    return {
+    result = {
         "stored_crop_decode_crop_resize_ms": round(stored_ms, 3),
         "full_frame_decode_crop_resize_ms": round(full_ms, 3),
         "ceiling_ratio": round(full_ms / stored_ms, 1),
     }
+    if device is not None:
+        n = meta.n_frames
+        data, offsets = pack_jpegs([frame_jpeg(sample, i) for i in range(n)])
+        windows = [list(crop_window(meta.boxes_in_crop[i], params, *meta.crop_sizes[i])) for i in range(n)]
+        batch = {
+            "jpeg_data": data,
+            "jpeg_offsets": offsets,
+            "jpeg_names": [str(i) for i in range(n)],
+            "frame_jpeg": torch.arange(n)[None],
+            "frame_window": torch.tensor(windows)[None],
+            "flips": torch.zeros((1, 2), dtype=torch.bool),
+        }
+        # start-up (nvJPEG handles, kernels) not timed; the frames against the workers' own
+        on_device = decode_batch_on(batch, device, im_size)["frames"][0].cpu().int()
+        on_cpu = torch.stack(
+            [
+                crop_resize(decode_jpeg_bytes(frame_jpeg(sample, i)), meta.boxes_in_crop[i], params, im_size)
+                for i in range(n)
+            ]
+        ).int()
+        diff = (on_device - on_cpu).abs().float()
+        result["device_vs_workers_grey_levels"] = {
+            "mean": round(diff.mean().item(), 3),
+            "share_over_2": round((diff > 2).float().mean().item(), 5),
+            "max": int(diff.max().item()),
+        }
+        sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+        sync()
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            decode_batch_on(batch, device, im_size)
+            sync()
+            best = min(best, (time.perf_counter() - t) / n)
+        result["device_stored_crop_decode_crop_resize_ms"] = round(best * 1000, 4)
+        result["device_frames"] = n
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fragment_length", type=int, default=8)
     ap.add_argument("--im_size", type=int, default=232)
     ap.add_argument("--root", type=Path, default=None, help="build the data here (reused if present)")
+    ap.add_argument("--decode_on", nargs="+", default=["workers", "device"], choices=["workers", "device"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     base = a.root or Path(tmp.name)
@@ -140,44 +191,60 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
         )
     ingest_s = time.perf_counter() - t
-    params = StreamParams(
-        batch_size=a.batch_size,
-        n_views=a.n_views,
-        fragment_length=a.fragment_length,
-        fragment_stride=4,
-        fragment_drop_last=True,
-        min_tracklet_length=30,
-        im_size=a.im_size,
-        bbox_scale_factor=5.0,
-        open_videos=4,
-    )
-    index = build_index(out, "train", params)
+    modes = {
+        mode: StreamParams(
+            batch_size=a.batch_size,
+            n_views=a.n_views,
+            fragment_length=a.fragment_length,
+            fragment_stride=4,
+            fragment_drop_last=True,
+            min_tracklet_length=30,
+            im_size=a.im_size,
+            bbox_scale_factor=5.0,
+            open_videos=4,
+            decode_on=mode,
+        )
+        for mode in a.decode_on
+    }
+    index = build_index(out, "train", next(iter(modes.values())))
     full = FullFrameFragments(raw, a.fragment_length, 4, 5.0, a.im_size)
     b = (a.batch_size // a.n_views) * a.n_views
+    device = a.device if "device" in modes else None
     result = {
         "frame_size": [1240, 1080],
         "im_size": a.im_size,
         "fragment_length": a.fragment_length,
         "batch_fragments": b,
         "train_fragments": index.total_fragments,
+        "cpu_count": os.cpu_count(),
+        "device": (torch.cuda.get_device_name() if str(device).startswith("cuda") else device),
         "ingest_s": round(ingest_s, 1),
-        "ceiling_per_frame": ceilings(out, full, 5.0, a.im_size),
+        "ceiling_per_frame": ceilings(out, full, 5.0, a.im_size, device),
         "per_workers": {},
     }
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
     for w in a.workers:
         n_batches = a.batches * max(w, 1)
-        ds = BagStream(index, params, 0, 1, w, batches_per_worker=a.batches)
-        stream_fps = time_loader(StreamLoader(ds), n_batches)
         full.length = n_batches * b
         generator = torch.Generator().manual_seed(0)
         map_loader = DataLoader(full, batch_size=b, shuffle=True, num_workers=w, generator=generator)
         map_fps = time_loader(map_loader, n_batches)
-        result["per_workers"][str(w)] = {
-            "stream_fragments_per_s": round(stream_fps, 2),
-            "map_style_fragments_per_s": round(map_fps, 2),
-            "speedup": round(stream_fps / map_fps, 2),
-            "stream_fragments_per_s_per_worker": round(stream_fps / max(w, 1), 2),
-        }
+        row: dict = {"map_style_fragments_per_s": round(map_fps, 2)}
+        for mode, params in modes.items():
+            ds = BagStream(index, params, 0, 1, w, batches_per_worker=a.batches)
+            if mode == "device":
+                fps = time_loader(
+                    StreamLoader(ds), n_batches, lambda x: decode_batch_on(x, device, a.im_size), sync
+                )
+                # the workers' side alone (shard reading, bags, JPEG bytes): what they could feed
+                ds = BagStream(index, params, 0, 1, w, batches_per_worker=a.batches)
+                raw = time_loader(StreamLoader(ds), n_batches, lambda x: {"frames": x["frame_jpeg"]})
+                row["stream_device_workers_only_fragments_per_s"] = round(raw, 2)
+            else:
+                fps = time_loader(StreamLoader(ds), n_batches)
+            row[f"stream_{mode}_fragments_per_s"] = round(fps, 2)
+            row[f"stream_{mode}_speedup"] = round(fps / map_fps, 2)
+        result["per_workers"][str(w)] = row
     print(json.dumps(result, indent=2))
     return 0
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from polyp_ssl.device_decode import decode_batch_on, is_encoded
 from polyp_ssl.module import NTSSLModule
 from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index
 
@@ -31,6 +32,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="an ingested root (default: generate one in a temp dir)")
     p.add_argument("--workers", type=int, default=12, help="loader workers")
+    p.add_argument(
+        "--decode_on",
+        choices=["workers", "device"],
+        default="workers",
+        help="where the JPEGs are decoded (device: by a thread ahead of the steps, as in training)",
+    )
+    p.add_argument(
+        "--sync_decode",
+        action="store_true",
+        help="with --decode_on device: decode each batch in the step instead of ahead (for comparison)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--batch_size", type=int, default=60)
@@ -98,13 +110,20 @@ def batches_forever(loader: StreamLoader):
         epoch += 1
 
 
-def run_steps(model, opt, batches, n: int, device, bf16: bool) -> float:
-    """Seconds for n training steps (forward, backward, AdamW step)."""
+def to_device(batch: dict, device: torch.device, im_size: int) -> dict:
+    """As the data module does: decode an encoded batch on the device, then move the rest."""
+    if is_encoded(batch):
+        batch = decode_batch_on(batch, device, im_size)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def run_steps(model, opt, batches, n: int, device, bf16: bool, im_size: int) -> float:
+    """Seconds for n training steps (batch to the device, forward, backward, AdamW step)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        batch = to_device(next(batches), device, im_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model.compute_loss(batch)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -129,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "cpu_count": os.cpu_count(),
         "workers": a.workers,
+        "decode_on": a.decode_on + (" (in the step)" if a.decode_on == "device" and a.sync_decode else ""),
         "batch_size": a.batch_size,
         "fragment_length": a.fragment_length,
         "im_size": a.im_size,
@@ -147,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         aug_anchorcrop=True,
         open_videos=4,
         max_epochs=50,
+        decode_on=a.decode_on,
     )
     index = build_index(root, "train", params)
     result["train_fragments"] = index.total_fragments
@@ -154,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     long_epoch = 4 * (a.warmup + a.steps) + 4
     ds = BagStream(index, params, 0, 1, a.workers, batches_per_worker=long_epoch)
     loader = StreamLoader(ds, pin_memory=device.type == "cuda")
+    if a.decode_on == "device" and not a.sync_decode:
+        loader.decode_device = device  # as in training: a thread decodes ahead of the step
     shard_batches = batches_forever(loader)
     # loader alone (includes worker start-up in the first batches, so warm up first)
     for _ in range(a.warmup):
@@ -161,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     n_loader = max(a.steps, 2 * max(a.workers, 1))
     for _ in range(n_loader):
-        next(shard_batches)
+        to_device(next(shard_batches), device, a.im_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     frames_per_batch = (a.batch_size // a.n_views) * a.n_views * a.fragment_length
     result["loader_only_frames_per_s"] = round(n_loader * frames_per_batch / (time.perf_counter() - t), 1)
 
@@ -198,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {}
         for source, batches in (("synthetic", synth_forever()), ("shards", shard_batches)):
             try:
-                run_steps(model, opt, batches, a.warmup, device, bf16)
-                secs = run_steps(model, opt, batches, a.steps, device, bf16)
+                run_steps(model, opt, batches, a.warmup, device, bf16, a.im_size)
+                secs = run_steps(model, opt, batches, a.steps, device, bf16, a.im_size)
             except torch.OutOfMemoryError as exc:
                 row[source] = f"out of memory: {exc}"[:200]
                 break

@@ -130,9 +130,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(root, tmp_pat
     step = int(kept["global_step"])
     assert step in (2, 4, 6)
 
-    rc = subprocess.run(
-        [*cmd, "--resume"], env=env(), capture_output=True, text=True, timeout=300
-    )
+    rc = subprocess.run([*cmd, "--resume"], env=env(), capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-3000:]
     resumed = {s: v for s, v in losses(runs / "cut").items() if s >= step}
     assert sorted(resumed) == list(range(step, 8))
