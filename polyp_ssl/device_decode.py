@@ -158,15 +158,18 @@ class DevicePrefetcher:
     def __init__(
         self, source: Iterator[Any], device: torch.device | str, im_size: int, depth: int = 2
     ) -> None:
-        self.source, self.device, self.im_size, self.depth = source, torch.device(device), im_size, depth
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.source, self.device, self.im_size, self.depth = source, device, im_size, depth
 
     def _work(self, out: queue.Queue, stop: threading.Event) -> None:
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.set_device(self.device)
-        stream = torch.cuda.Stream(self.device) if cuda else None
         item: Any = _END
         try:
+            stream = None
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+                stream = torch.cuda.Stream(self.device)
             for batch in self.source:
                 if stop.is_set():
                     return

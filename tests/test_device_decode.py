@@ -262,3 +262,17 @@ def test_prefetcher_raises_the_sources_error_after_its_batches():
     with pytest.raises(ShardError, match="sample 'x'"):
         next(it)
     assert _decode_threads() == 0
+
+
+def test_prefetcher_reports_a_source_that_fails_at_once():
+    """An error before the first batch (a shard that cannot be opened, say) reaches the consumer;
+    nothing waits forever."""
+    from polyp_ssl.device_decode import DevicePrefetcher
+
+    def source():
+        raise OSError("cannot open s.tar")
+        yield  # a generator
+
+    with pytest.raises(OSError, match="s.tar"):
+        next(iter(DevicePrefetcher(source(), "cpu", 8)))
+    assert _decode_threads() == 0
