@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
-import re
 import tarfile
 import zlib
 from collections import Counter
@@ -44,13 +43,12 @@ from polyp_ssl.transforms import (
     decode_jpeg_bytes,
     draw_crop_params,
 )
-from shards.reader import read_members, safe_member_name
+from shards.reader import is_url, open_shard, read_members, safe_member_name
 from shards.sample import TrackletSample, frame_jpeg, sample_meta
 from shards.schema import TRACKLETS, VIDEOS
 
 log = logging.getLogger(__name__)
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 class DataConfigError(ValueError):
@@ -139,7 +137,7 @@ class StreamIndex:
         return int(self.video_eligible.sum())
 
     def shard_url(self, rel: str) -> str:
-        if _SCHEME.match(rel) and not re.match(r"^[A-Za-z]:[\\/]", rel):
+        if is_url(rel) or rel.startswith("file:"):
             return rel
         if self.shard_base:
             return self.shard_base.rstrip("/") + "/" + rel
@@ -339,7 +337,8 @@ def _wanted_member(name: str) -> bool:
 
 def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (`__key__` plus member suffix -> bytes) of one tar, in order. `url` may be a local
-    path, a `pipe:` command or any URL webdataset.gopen opens.
+    path, a `pipe:` command, a URL webdataset.gopen opens (http, https, gs, ...) or any other URL
+    that fsspec opens (s3://, gcs://, az://, ...; shards.reader.open_shard).
 
     Only `.json` and `.jpg` members are read; any other member (`.pyd`, `.pickle`, ...) and any
     member whose name is absolute or climbs with `..` is left unread and counted in `stats`.
@@ -349,13 +348,8 @@ def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[st
     stats = stats if stats is not None else Counter()
     current: dict[str, Any] | None = None
     try:
-        if _SCHEME.match(url) and not re.match(r"^[A-Za-z]:[\\/]", url) and not url.startswith("file:"):
-            import webdataset  # pipe:, http(s):, ... ; local files need no webdataset
-
-            stream = webdataset.gopen(url, "rb")
-        else:
-            stream = open(url.removeprefix("file:"), "rb")  # noqa: SIM115 (closed below)
-    except OSError as exc:
+        stream = open_shard(url)
+    except (OSError, ValueError, ImportError) as exc:
         raise ShardError.at(url, None, "unreadable_shard", f"cannot open ({exc})") from exc
     try:
         for name, data in read_members(stream, _wanted_member):
@@ -772,7 +766,7 @@ class BagStream(IterableDataset):
         written once into its slot of one preallocated batch (no stacking)."""
         p = self.params
         cache: dict[tuple[str, int], torch.Tensor] = {}
-        frames = torch.empty((len(rows), p.fragment_length, 3, p.im_size, p.im_size), dtype=torch.uint8)
+        frames = batch_buffer((len(rows), p.fragment_length, 3, p.im_size, p.im_size))
         for row, (ov, fr, params) in enumerate(rows):
             meta = ov.metas[fr.key]
             for j, i in enumerate(fr.frames):
@@ -824,6 +818,17 @@ class BagStream(IterableDataset):
             "frame_window": torch.tensor(windows, dtype=torch.int64).view(len(rows), p.fragment_length, 4),
             "flips": torch.tensor([[pr.hflip, pr.vflip] for _, _, pr in rows], dtype=torch.bool).view(-1, 2),
         }
+
+
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a loader worker, made in shared memory from the start (as
+    torch's default_collate does), so that handing the batch to the main process does not copy it
+    into shared memory again (a second full copy of every frame, about as slow as decoding)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    proto = torch.empty(0, dtype=torch.uint8)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).view(shape)
 
 
 class StreamLoader(DataLoader):

@@ -7,10 +7,15 @@ as webdataset groups them: `{"__key__": K, "json": b"...", "0000.jpg": b"...", .
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+# schemes webdataset.gopen opens itself (pipe: commands, curl for http, gsutil, ...); any other
+# scheme (s3://, gcs://, az://, memory://, ...) is opened with fsspec
+WEBDATASET_SCHEMES = ("pipe", "http", "https", "sftp", "ftps", "scp", "gs", "ais", "hf")
 BLOCK = 512
 _ZERO = bytes(BLOCK)
 # magic bytes of the compressions tarfile's "r|*" reads; a plain tar starts with a member name
@@ -67,6 +72,27 @@ def iter_samples(paths: Iterable[PathArg] | PathArg) -> Iterator[dict[str, Any]]
                 current[suffix] = f.read()
             if current is not None:
                 yield current
+
+
+def is_url(path: str) -> bool:
+    """True for `scheme:...` (not a Windows drive letter, not `file:`)."""
+    if path.startswith("file:") or re.match(r"^[A-Za-z]:[\\/]", path):
+        return False
+    return bool(URL_SCHEME.match(path))
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A binary stream of a shard: a local path (or `file:` path) with open(); `pipe:`, http(s) and
+    the other schemes of webdataset.gopen with it; any other URL with fsspec."""
+    if not is_url(url):
+        return open(url.removeprefix("file:"), "rb")
+    if url.split(":", 1)[0].lower() in WEBDATASET_SCHEMES:
+        import webdataset
+
+        return webdataset.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
 
 
 def _number(field: bytes, what: str) -> int:

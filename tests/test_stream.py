@@ -249,3 +249,46 @@ def test_decoded_batch_equals_per_frame_anchor_crops(root):
     plain = crop_resize(img, boxes[0], flip, params.im_size)
     flipped = torch.from_numpy(plain.numpy()[:, ::-1, ::-1].copy())
     assert torch.equal(apply_flips(plain[None], flip)[0], flipped)
+
+
+class _SharedFlag(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        from polyp_ssl.stream import batch_buffer
+
+        t = batch_buffer((2, 3, 4))
+        t.fill_(7)
+        yield {"shared_at_birth": torch.tensor(t.is_shared()), "t": t}
+
+
+def test_worker_batches_are_made_in_shared_memory():
+    """A worker's batch buffer is in shared memory from the start, so the hand-over to the main
+    process does not copy every frame a second time; in the main process it is ordinary memory."""
+    from polyp_ssl.stream import batch_buffer
+
+    (got,) = list(torch.utils.data.DataLoader(_SharedFlag(), batch_size=None, num_workers=1))
+    assert bool(got["shared_at_birth"]) and got["t"].shape == (2, 3, 4) and (got["t"] == 7).all()
+    assert not batch_buffer((2, 3)).is_shared()
+
+
+def test_shards_through_fsspec_urls(root):
+    """A shard base with a scheme webdataset does not open (s3://, gcs://, ... here fsspec's
+    in-memory filesystem) is read through fsspec, in loader workers too, with the same batches; an
+    unknown protocol is a ShardError naming the shard."""
+    import fsspec
+
+    from polyp_ssl.stream import ShardError
+
+    fs = fsspec.filesystem("memory")
+    for path in (root / "shards").rglob("*.tar"):
+        fs.pipe(f"/polyp/root/{path.relative_to(root).as_posix()}", path.read_bytes())
+    local = build_index(root, "train", P)
+    remote = build_index(root, "train", P, shard_base="memory://polyp/root")
+    assert remote.shard_url(remote.video_shard[0]).startswith("memory://polyp/root/shards/")
+    _, a = run_rank(local, P, 0, 1, 1)
+    _, b = run_rank(remote, P, 0, 1, 1)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["frames"], y["frames"]) and torch.equal(x["tracklet"], y["tracklet"])
+    bad = build_index(root, "train", P, shard_base="nosuchprotocol://bucket")
+    with pytest.raises(ShardError, match="nosuchprotocol://bucket/shards/.*cannot open"):
+        run_rank(bad, P, 0, 1, 0)
