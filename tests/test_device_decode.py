@@ -276,3 +276,21 @@ def test_prefetcher_reports_a_source_that_fails_at_once():
     with pytest.raises(OSError, match="s.tar"):
         next(iter(DevicePrefetcher(source(), "cpu", 8)))
     assert _decode_threads() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_batches_match_the_workers_and_prefetch_on_a_stream(root):
+    """On a GPU: nvJPEG + the batched resize against libjpeg-turbo + torchvision's uint8 resize
+    (different IDCTs: a few grey levels at most), through the prefetching loader."""
+    index = build_index(root, "train", P)
+    ref = list(StreamLoader(BagStream(index, P, 0, 1, 1)))
+    loader = StreamLoader(BagStream(index, DEVICE, 0, 1, 1))
+    loader.decode_device = torch.device("cuda")
+    got = list(loader)
+    assert len(got) == len(ref) > 0
+    for b, r in zip(got, ref, strict=True):
+        assert b["frames"].is_cuda and torch.equal(b["bag"], r["bag"])
+        diff = (b["frames"].cpu().int() - r["frames"].int()).abs()
+        assert diff.max() <= 6 and diff.float().mean() < 1.0
+    assert _decode_threads() == 0
