@@ -129,8 +129,8 @@ def test_unknown_decode_on_is_refused(root):
 def test_training_with_decode_on_device(root, tmp_path):
     """Through Lightning with --decode_on device: the data module decodes each encoded batch before
     the transfer (training_step would fail on a batch without frames) into the frames the workers
-    would have made. (Losses are not compared: at initialisation the tiny model's loss moves by
-    10% under one-grey-level noise.)"""
+    would have made, over whole epochs too. (Losses are not compared: at initialisation the tiny
+    model's loss moves by 10% under one-grey-level noise.)"""
     import math
 
     from polyp_ssl.cli import main, resolve_config
@@ -153,6 +153,13 @@ def test_training_with_decode_on_device(root, tmp_path):
     assert sorted(steps) == [0, 1] and all(math.isfinite(v) for v in steps.values())
     assert (runs / "device" / "checkpoints" / "last.ckpt").exists()
     assert main([*base, "--exp_name", "bad", "--decode_on", "gpu"]) == 2
+    # two whole epochs with two persistent workers: a decode thread per epoch, none left after
+    workers = [*base[:4], "--limit_val_batches", "0", *TINY]
+    workers[workers.index("--num_workers") + 1] = "2"
+    assert main([*workers, "--exp_name", "epochs", "--decode_on", "device", "--max_epochs", "2"]) == 0
+    steps = losses(runs / "epochs")
+    assert len(steps) % 2 == 0 and sorted(steps) == list(range(len(steps))) and len(steps) >= 4
+    assert _decode_threads() == 0
 
     batches = {}
     for mode in ("workers", "device"):
