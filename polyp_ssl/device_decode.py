@@ -115,16 +115,14 @@ def crop_resize_all(
     wy = aa_weights(win[:, 1], win[:, 3] - win[:, 1], im_size, h_max)
     wx = aa_weights(win[:, 0], win[:, 2] - win[:, 0], im_size, w_max).transpose(1, 2)
     out = torch.empty((len(which), 3, im_size, im_size), dtype=torch.uint8, device=device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit mantissa would move pixel values
-    try:
-        for a in range(0, len(which), chunk):
-            b = min(a + chunk, len(which))
-            frames = canvas[which[a:b]].float()
-            rows = torch.matmul(wy[a:b, None], frames)
-            out[a:b] = torch.matmul(rows, wx[a:b, None]).round_().clamp_(0, 255).to(torch.uint8)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    # fp32 products (PyTorch's default); where a run turns TF32 matmuls on globally, the weights'
+    # 10-bit mantissa moves pixels by well under a grey level (the flag is global, so it is not
+    # toggled here: this runs in a thread beside the training step)
+    for a in range(0, len(which), chunk):
+        b = min(a + chunk, len(which))
+        frames = canvas[which[a:b]].float()
+        rows = torch.matmul(wy[a:b, None], frames)
+        out[a:b] = torch.matmul(rows, wx[a:b, None]).round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
