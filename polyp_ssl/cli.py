@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     from polyp_ssl.datamodule import read_failure_notes
+    from polyp_ssl.device_decode import FrameDecodeError
     from polyp_ssl.stream import DataConfigError, ShardError
 
     started = time.time()
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(argv)
         ckpt_dir = train(cfg)
-    except ShardError as exc:
+    except (ShardError, FrameDecodeError) as exc:
         print(
             f"polyp-ssl train: error: damaged data: {_last_line(exc)} "
             "(--on_shard_error warn skips such samples and counts them)",

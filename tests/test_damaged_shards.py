@@ -283,3 +283,17 @@ def test_cli_missing_catalog_table_and_old_catalog_version(root, tmp_path, capsy
     assert main(cli_args(root, tmp_path / "runs")) == 2
     assert "polyp-ssl train: error:" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "e" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("decode_on", ["workers", "device"])
+def test_cli_names_a_frame_that_does_not_decode_in_either_decode_mode(root, tmp_path, capsys, decode_on):
+    for shard in sorted((root / "shards" / "train").glob("*.tar")):
+        members = read_members(shard)
+        write_members(
+            shard,
+            [(n, d[:40] + bytes(range(256)) * 2 + d[-20:] if n.endswith(".jpg") else d) for n, d in members],
+        )
+    assert main(cli_args(root, tmp_path / "runs", "--decode_on", decode_on)) == 1
+    err = capsys.readouterr().err
+    assert "polyp-ssl train: error: damaged data:" in err and "does not decode" in err
+    assert "sample '" in err and "frame " in err and "[corrupt_jpeg]" in err
