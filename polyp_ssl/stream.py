@@ -44,11 +44,10 @@ from polyp_ssl.transforms import (
     draw_crop_params,
 )
 from shards.reader import is_url, open_shard, read_members, safe_member_name
-from shards.sample import TrackletSample, frame_jpeg, sample_meta
+from shards.sample import TrackletSample, frame_jpeg, jpeg_size, sample_meta
 from shards.schema import TRACKLETS, VIDEOS
 
 log = logging.getLogger(__name__)
-
 
 
 class DataConfigError(ValueError):
@@ -399,6 +398,10 @@ def check_sample(sample: dict[str, Any], catalog_frames: int | None) -> Tracklet
         raise SampleDamage("json_mismatch", f"JSON key {meta.key!r} differs from the member key")
     if catalog_frames is not None and meta.n_frames != catalog_frames:
         raise SampleDamage("json_mismatch", f"JSON has {meta.n_frames} frames, the catalog {catalog_frames}")
+    if len(meta.crop_sizes) != meta.n_frames or any(len(wh) != 2 for wh in meta.crop_sizes):
+        raise SampleDamage(
+            "json_mismatch", f"JSON has {len(meta.crop_sizes)} crop_sizes for {meta.n_frames} frames"
+        )
     if len(meta.boxes_in_crop) != meta.n_frames:
         raise SampleDamage(
             "json_mismatch", f"JSON has {len(meta.boxes_in_crop)} boxes_in_crop for {meta.n_frames} frames"
@@ -779,6 +782,8 @@ class BagStream(IterableDataset):
                         raise ShardError.at(
                             shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
                         ) from exc
+                    shard = self.index.shard_url(self.index.video_shard[ov.index])
+                    check_size(img.shape[-1], img.shape[-2], meta, i, shard)
                     cache[(fr.key, i)] = img
                 frames[row, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
             if params.hflip or params.vflip:
@@ -803,8 +808,16 @@ class BagStream(IterableDataset):
                 m = slot.get((fr.key, i))
                 if m is None:
                     m = slot[(fr.key, i)] = len(jpegs)
-                    jpegs.append(frame_jpeg(ov.samples[fr.key], i))
+                    data = frame_jpeg(ov.samples[fr.key], i)
                     shard = self.index.shard_url(self.index.video_shard[ov.index])
+                    try:
+                        w, h = jpeg_size(data)
+                    except ValueError as exc:
+                        raise ShardError.at(
+                            shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
+                        ) from exc
+                    check_size(w, h, meta, i, shard)
+                    jpegs.append(data)
                     names.append(f"{shard}: sample {fr.key!r}: frame {i}")
                 which[-1].append(m)
                 w, h = meta.crop_sizes[i]
@@ -818,6 +831,19 @@ class BagStream(IterableDataset):
             "frame_window": torch.tensor(windows, dtype=torch.int64).view(len(rows), p.fragment_length, 4),
             "flips": torch.tensor([[pr.hflip, pr.vflip] for _, _, pr in rows], dtype=torch.bool).view(-1, 2),
         }
+
+
+def check_size(width: int, height: int, meta: TrackletSample, i: int, shard: str) -> None:
+    """A frame's JPEG must have the size its JSON gives (crop_sizes), which the anchor-crop windows
+    are computed from; ShardError (json_mismatch) otherwise."""
+    if [width, height] != list(meta.crop_sizes[i]):
+        raise ShardError.at(
+            shard,
+            meta.key,
+            "json_mismatch",
+            f"frame {i} is a {width}x{height} JPEG, the JSON's crop_sizes say "
+            f"{meta.crop_sizes[i][0]}x{meta.crop_sizes[i][1]}",
+        )
 
 
 def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:

@@ -110,3 +110,28 @@ def frame_jpeg(sample: dict[str, Any], frame_index: int) -> bytes:
     if ext not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} has no member .{ext}")
     return sample[ext]
+
+
+# start-of-frame markers (baseline, extended, progressive, lossless, ...); not DHT (C4), JPG (C8), DAC (CC)
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header, without decoding; ValueError if there is none."""
+    pos = 2
+    n = len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF:
+            if pos + 9 > n:
+                break
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, int.from_bytes(data[pos + 5 : pos + 7], "big")
+        pos += 2 + length
+    raise ValueError("no JPEG frame header")

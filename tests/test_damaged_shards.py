@@ -297,3 +297,35 @@ def test_cli_names_a_frame_that_does_not_decode_in_either_decode_mode(root, tmp_
     err = capsys.readouterr().err
     assert "polyp-ssl train: error: damaged data:" in err and "does not decode" in err
     assert "sample '" in err and "frame " in err and "[corrupt_jpeg]" in err
+
+
+@pytest.mark.parametrize("decode_on", ["workers", "device"])
+def test_a_jpeg_whose_size_disagrees_with_the_json_is_named(root, decode_on):
+    """The anchor-crop windows come from the JSON's crop_sizes; a JPEG of another size is named in
+    both decode modes (json_mismatch), never cropped with wrong windows."""
+    for shard in sorted((root / "shards" / "train").glob("*.tar")):
+        members = read_members(shard)
+        keys = {n.split(".", 1)[0] for n, _ in members}
+        for key in keys:
+            members = edit_json(
+                members, key, lambda o: o.update(crop_sizes=[[w + 1, h] for w, h in o["crop_sizes"]])
+            )
+        write_members(shard, members)
+    params = StreamParams(**PARAMS, decode_on=decode_on)
+    ds = BagStream(build_index(root, "train", params), params)
+    with pytest.raises(ShardError) as info:
+        list(ds)
+    msg = str(info.value)
+    assert "[json_mismatch]" in msg and "crop_sizes" in msg and "sample '" in msg and "JPEG" in msg
+
+
+def test_crop_sizes_of_the_wrong_length_are_a_json_mismatch(root):
+    members = read_members(root / SHARD)
+    key = first_key(root)
+    sample = {"__key__": key}
+    for n, d in edit_json(members, key, lambda o: o.update(crop_sizes=o["crop_sizes"][:-1])):
+        if n.startswith(key + "."):
+            sample[n.split(".", 1)[1]] = d
+    with pytest.raises(SampleDamage, match="crop_sizes") as info:
+        check_sample(sample, None)
+    assert info.value.reason == "json_mismatch"
