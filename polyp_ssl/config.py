@@ -16,6 +16,7 @@ PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 LOGGERS = ("csv", "tensorboard", "wandb")
 LR_SCHEDULES = ("none", "cosine")
 POOLINGS = ("cls", "mean")
+DECODE_ON = ("workers", "device")  # where training JPEGs are decoded (polyp_ssl.device_decode)
 
 
 @dataclass
@@ -143,8 +144,8 @@ class TrainConfig:
                 f"--on_shard_error {self.on_shard_error!r}: choose fail or warn",
             ),
             (
-                self.decode_on in ("workers", "device"),
-                f"--decode_on {self.decode_on!r}: choose workers or device",
+                self.decode_on in DECODE_ON,
+                f"--decode_on {self.decode_on!r}: choose one of {DECODE_ON}",
             ),
             (self.num_workers >= 0, f"--num_workers {self.num_workers}: use >= 0"),
             (self.max_epochs >= 1, f"--max_epochs {self.max_epochs}: use >= 1"),

@@ -26,7 +26,6 @@ import torch
 import torchvision.io
 
 ENCODED_KEYS = ("jpeg_data", "jpeg_offsets", "jpeg_names", "frame_jpeg", "frame_window", "flips")
-DECODE_ON = ("workers", "device")
 
 
 class FrameDecodeError(RuntimeError):

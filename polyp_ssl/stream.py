@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from polyp_ssl.bags import eligible_anchors, epoch_anchors, sample_bags, temporal_temperature
-from polyp_ssl.device_decode import DECODE_ON, DevicePrefetcher, pack_jpegs
+from polyp_ssl.config import DECODE_ON
+from polyp_ssl.device_decode import DevicePrefetcher, pack_jpegs
 from polyp_ssl.fragments import count_fragments, cut_tracklet, even_subsample, fragment_index_lists
 from polyp_ssl.transforms import (
     CropParams,
@@ -772,17 +773,16 @@ class BagStream(IterableDataset):
         frames = batch_buffer((len(rows), p.fragment_length, 3, p.im_size, p.im_size))
         for row, (ov, fr, params) in enumerate(rows):
             meta = ov.metas[fr.key]
+            shard = self.index.shard_url(self.index.video_shard[ov.index])
             for j, i in enumerate(fr.frames):
                 img = cache.get((fr.key, i))
                 if img is None:
                     try:
                         img = self.decode(frame_jpeg(ov.samples[fr.key], i))
                     except (RuntimeError, ValueError) as exc:
-                        shard = self.index.shard_url(self.index.video_shard[ov.index])
                         raise ShardError.at(
                             shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
                         ) from exc
-                    shard = self.index.shard_url(self.index.video_shard[ov.index])
                     check_size(img.shape[-1], img.shape[-2], meta, i, shard)
                     cache[(fr.key, i)] = img
                 frames[row, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
@@ -802,6 +802,7 @@ class BagStream(IterableDataset):
         windows: list[list[tuple[int, int, int, int]]] = []
         for ov, fr, params in rows:
             meta = ov.metas[fr.key]
+            shard = self.index.shard_url(self.index.video_shard[ov.index])
             which.append([])
             windows.append([])
             for i in fr.frames:
@@ -809,7 +810,6 @@ class BagStream(IterableDataset):
                 if m is None:
                     m = slot[(fr.key, i)] = len(jpegs)
                     data = frame_jpeg(ov.samples[fr.key], i)
-                    shard = self.index.shard_url(self.index.video_shard[ov.index])
                     try:
                         w, h = jpeg_size(data)
                     except ValueError as exc:

@@ -102,6 +102,24 @@ def model_config(a: argparse.Namespace, channels_last: bool) -> dict:
     }
 
 
+def stream_params(a: argparse.Namespace, **overrides) -> StreamParams:
+    """The benchmark's loader settings (batch, fragments, im_size from the flags; anchor-crop
+    augmentation on, 4 open videos, fragments at stride 4)."""
+    settings = {
+        "batch_size": a.batch_size,
+        "n_views": a.n_views,
+        "fragment_length": a.fragment_length,
+        "fragment_stride": 4,
+        "fragment_drop_last": True,
+        "min_tracklet_length": 30,
+        "im_size": a.im_size,
+        "aug_anchorcrop": True,
+        "open_videos": 4,
+        "max_epochs": 50,
+    }
+    return StreamParams(**{**settings, **overrides})
+
+
 def batches_forever(loader: StreamLoader):
     epoch = 0
     while True:
@@ -156,19 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "root_build_s": round(time.perf_counter() - t, 1),
         "modes": {},
     }
-    params = StreamParams(
-        batch_size=a.batch_size,
-        n_views=a.n_views,
-        fragment_length=a.fragment_length,
-        fragment_stride=4,
-        fragment_drop_last=True,
-        min_tracklet_length=0 if a.smoke else 30,
-        im_size=a.im_size,
-        aug_anchorcrop=True,
-        open_videos=4,
-        max_epochs=50,
-        decode_on=a.decode_on,
-    )
+    params = stream_params(a, min_tracklet_length=0 if a.smoke else 30, decode_on=a.decode_on)
     index = build_index(root, "train", params)
     result["train_fragments"] = index.total_fragments
     # one long epoch: streams re-pass over their videos with new bags, no per-epoch restart bubbles

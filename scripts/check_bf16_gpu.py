@@ -30,23 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from polyp_ssl.module import NTSSLModule
-from polyp_ssl.stream import BagStream, StreamParams, build_index
-from scripts.bench_train_gpu import model_config
+from polyp_ssl.stream import BagStream, build_index
+from scripts.bench_train_gpu import model_config, stream_params
 
 VARIANTS = ("fp32", "bf16", "bf16_backbone", "bf16_math_attn")
 
 
 def shard_batch(root: str, a: argparse.Namespace) -> dict[str, torch.Tensor]:
-    params = StreamParams(
-        batch_size=a.batch_size,
-        n_views=a.n_views,
-        fragment_length=a.fragment_length,
-        fragment_stride=4,
-        fragment_drop_last=True,
-        min_tracklet_length=0,
-        im_size=a.im_size,
-        open_videos=4,
-    )
+    params = stream_params(a, min_tracklet_length=0, aug_anchorcrop=False)
     ds = BagStream(build_index(root, "train", params), params, batches_per_worker=1)
     return next(iter(ds))
 

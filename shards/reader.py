@@ -49,15 +49,11 @@ def iter_samples(paths: Iterable[PathArg] | PathArg) -> Iterator[dict[str, Any]]
     for path in paths:
         seen: set[str] = set()
         current: dict[str, Any] | None = None
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                if not safe_member_name(member.name):
-                    raise ValueError(
-                        f"{path}: member {member.name!r} is an absolute path or climbs with '..'"
-                    )
-                key, suffix = split_member_name(member.name)
+        with open(path, "rb") as stream:
+            for name, data in read_members(stream):
+                if not safe_member_name(name):
+                    raise ValueError(f"{path}: member {name!r} is an absolute path or climbs with '..'")
+                key, suffix = split_member_name(name)
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         yield current
@@ -66,10 +62,8 @@ def iter_samples(paths: Iterable[PathArg] | PathArg) -> Iterator[dict[str, Any]]
                     seen.add(key)
                     current = {"__key__": key}
                 if suffix in current:
-                    raise ValueError(f"{path}: member {member.name!r} appears twice")
-                f = tar.extractfile(member)
-                assert f is not None
-                current[suffix] = f.read()
+                    raise ValueError(f"{path}: member {name!r} appears twice")
+                current[suffix] = data
             if current is not None:
                 yield current
 
@@ -113,15 +107,13 @@ def _pax_records(data: bytes) -> dict[str, str]:
     pos = 0
     while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.find(b" ", pos)
-        if space < 0:
+        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
+        if length <= space - pos:
             raise tarfile.ReadError("malformed pax header")
-        length = int(data[pos:space])
         record = data[space + 1 : pos + length - 1]
         key, _, value = record.partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
-        if length <= 0:
-            raise tarfile.ReadError("malformed pax header")
     return out
 
 
@@ -218,9 +210,6 @@ class _Prefixed:
             return out
         out, self.head = self.head[:n], self.head[n:]
         return out if len(out) == n else out + self.fileobj.read(n - len(out))
-
-    def seekable(self) -> bool:
-        return False
 
 
 def read_members(

@@ -96,3 +96,12 @@ def test_numbers():
     assert _number(b"\x80" + (5 << 40).to_bytes(11, "big"), "size") == 5 << 40  # GNU base-256
     with pytest.raises(tarfile.ReadError, match="size"):
         _number(b"12x4\0", "size")
+
+
+def test_malformed_pax_header_is_a_read_error():
+    data = bytearray(make_tar(tarfile.PAX_FORMAT))
+    # the first long name is stored in a pax header ("NN path=..."); break its length digits
+    at = data.find(b" path=")
+    data[at - 3 : at] = b"x9z"
+    with pytest.raises(tarfile.ReadError):
+        list(iter_tar_members(io.BytesIO(bytes(data))))
