@@ -122,7 +122,8 @@ def iter_tar_members(
 ) -> Iterator[tuple[str, bytes | None]]:
     """(name, data) of the regular-file members of an uncompressed tar stream, in order.
 
-    The training loader's reader: it parses the 512-byte headers itself (ustar, GNU long names,
+    The reader of every shard reader here (training loader, `iter_samples`): it parses the
+    512-byte headers itself (ustar, GNU long names,
     pax path and size) instead of through `tarfile`, which costs about ten times more per member,
     and most members of a shard are frames no fragment uses. Members `select` rejects come back
     with data None, their bytes skipped. Raises tarfile.ReadError on a bad header checksum or a
