@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from eval.embeddings import (
+from polyp_ssl.eval.embeddings import (
     Embeddings,
     EmbeddingsError,
     infer_root,
@@ -29,6 +28,8 @@ from eval.embeddings import (
     require_identities,
     tracklet_spans,
 )
+from polyp_ssl.eval.task_intervals import CiOptions, add_ci_flags, ci_options
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,13 @@ class CliError(ValueError):
 
 
 def embed_main(argv: list[str] | None = None) -> int:
-    from eval.embed import main
+    from polyp_ssl.eval.embed import main
 
     return main(argv)
 
 
 def report_main(argv: list[str] | None = None) -> int:
-    from eval.report import main
+    from polyp_ssl.eval.report import main
 
     return main(argv)
 
@@ -52,36 +53,91 @@ def report_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------ shared
 
 
-def _add_encoder_flags(p: argparse.ArgumentParser, fragment_length: int) -> None:
+def _add_encoder_flags(p: argparse.ArgumentParser, fragment_length: int, drop_last: bool = True) -> None:
+    from polyp_ssl.eval.embed import DEFAULT_FRAME_BUDGET, DEFAULT_MAX_FRAMES, DEFAULT_MIN_TRACKLET_FRAMES
+    from polyp_ssl.eval.reference_flags import ENCODER_CHOICES, POOLING_CHOICES
+
     g = p.add_argument_group("encoder (when embeddings are computed here)")
     g.add_argument(
         "--encoder_ckpt", help="checkpoint; embeddings are computed once and cached in ROOT/embeddings"
     )
     g.add_argument(
-        "--encoder_type", choices=["sfe", "mve", "hmve"], help="expected type; another is an error"
+        "--encoder",
+        type=_encoder_choice,
+        default=None,
+        help="zoo:NAME: a foundation-model baseline from local --weights instead of --encoder_ckpt "
+        "(docs/zoo.md); descriptor: the synthetic data's hand-made descriptor",
     )
-    g.add_argument("--encoder_pooling", choices=["cls", "mean"], default="cls")
+    g.add_argument("--weights", help="zoo encoders: the locally downloaded weights file or snapshot folder")
+    g.add_argument(
+        "--encoder_type", choices=ENCODER_CHOICES, help="expected type (sfe, mve, hmve); another is an error"
+    )
+    g.add_argument("--encoder_pooling", choices=POOLING_CHOICES, default="cls", help="cls or mean")
     g.add_argument("--encoder_out_dim", type=int, help="expected embedding size; another is an error")
     g.add_argument("--data_fragment_length", type=int, default=fragment_length, help="-1 = whole tracklet")
-    g.add_argument("--data_fragment_stride", type=int, default=4)
-    g.add_argument("--data_fragment_drop_last", action="store_true", default=True)
+    g.add_argument("--data_fragment_stride", type=int, default=4, help="take every N-th frame of a tracklet")
+    g.add_argument(
+        "--data_fragment_drop_last",
+        action="store_true",
+        default=drop_last,
+        help="drop a tracklet's short last fragment (else pad it by repeating its last frame)",
+    )
     g.add_argument("--data_im_size", type=int, default=None, help="default: the checkpoint's")
     g.add_argument("--data_bbox_scale_factor", type=float, default=None, help="default: the checkpoint's")
     g.add_argument(
-        "--data_aug_anchorcrop", action="store_true", help="accepted: evaluation always anchor-crops"
+        "--data_aug_anchorcrop",
+        action="store_true",
+        help="the deterministic anchor crop (the reference's meaning); required when an encoder runs: "
+        "the root stores crops, not whole frames",
     )
     g.add_argument(
         "--data_aug_normalize", action="store_true", help="accepted: the encoder always normalises"
+    )
+    g.add_argument(
+        "--min_tracklet_frames",
+        type=int,
+        default=DEFAULT_MIN_TRACKLET_FRAMES,
+        help="tracklets with fewer frames are left out (default 30, the paper's protocol)",
+    )
+    g.add_argument(
+        "--max_frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        help="cap whole tracklets at this many strided frames (default: no cap, the paper's protocol)",
+    )
+    g.add_argument(
+        "--frame_budget", type=int, default=DEFAULT_FRAME_BUDGET, help="padded frames per embedding batch"
     )
     g.add_argument("--batch_size_embed", type=int, default=32, help="batch size of the embedding run")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (embedding run)")
     g.add_argument("--num_workers", type=int, default=0, help="accepted for compatibility; unused")
 
 
-def _ensure(args: argparse.Namespace, root: str | Path, split: str) -> Path:
-    """The embeddings file of (root, split) for args.encoder_ckpt, computed when missing."""
-    from eval.embed import ensure_embeddings
+def _encoder_choice(text: str) -> str:
+    from polyp_ssl.eval.embed import encoder_choice
 
+    return encoder_choice(text)
+
+
+def _has_encoder(args: argparse.Namespace) -> bool:
+    """An encoder to run: --encoder_ckpt, or --encoder zoo:NAME / descriptor."""
+    return bool(args.encoder_ckpt or getattr(args, "encoder", None) not in (None, "checkpoint"))
+
+
+def _ensure(args: argparse.Namespace, root: str | Path, split: str) -> Path:
+    """The embeddings file of (root, split) for args.encoder_ckpt (or --encoder), computed when missing."""
+    from polyp_ssl.eval.embed import DESCRIPTOR, ensure_embeddings
+
+    encoder = getattr(args, "encoder", None) or "checkpoint"
+    # the hand-made descriptor reads the stored crops' box regions: no anchor crop to choose
+    if not args.data_aug_anchorcrop and DESCRIPTOR not in (str(args.encoder_ckpt), encoder):
+        raise CliError(
+            "--data_aug_anchorcrop not given: without it the reference code embeds whole frames, but an "
+            "ingested root stores only the crop around each box; pass --data_aug_anchorcrop (the "
+            "deterministic anchor crop, as in the paper's commands)"
+        )
+    if args.encoder_type not in (None, "sfe", "mve", "hmve"):
+        raise CliError(f"--encoder_type {args.encoder_type}: an encoder polyp-ssl does not build")
     return ensure_embeddings(
         root,
         args.encoder_ckpt,
@@ -94,7 +150,12 @@ def _ensure(args: argparse.Namespace, root: str | Path, split: str) -> Path:
         batch_size=args.batch_size_embed,
         device=args.device,
         encoder_type=args.encoder_type,
+        encoder=encoder,
+        weights=getattr(args, "weights", None),
         drop_last=args.data_fragment_drop_last,
+        min_tracklet_frames=args.min_tracklet_frames,
+        max_frames=args.max_frames,
+        frame_budget=args.frame_budget,
     )
 
 
@@ -129,9 +190,11 @@ def _default_split(path: str | Path) -> str | None:
 def _out_dir(
     args: argparse.Namespace, root: Path | None, emb_path: str | Path | None, default_name: str
 ) -> Path:
+    """--out as given; else a folder named by what produced the result (eval.outputs.output_name),
+    prefixed by --exp_name: two runs that differ in any input never share a folder."""
     if args.out:
         return Path(args.out)
-    name = args.exp_name or default_name
+    name = f"{args.exp_name}_{default_name}" if args.exp_name else default_name
     if args.runs_dir:
         return Path(args.runs_dir) / "eval" / name
     if root is not None:
@@ -175,9 +238,101 @@ def _run(prog: str, fn: Callable[[], int]) -> int:
         return 2
 
 
+def _protocol(emb: Embeddings) -> str:
+    """The evaluation protocol that produced an embeddings file (older files: from its parameters)."""
+    from polyp_ssl.eval.embed import protocol_string
+
+    if emb.meta.get("protocol"):
+        return str(emb.meta["protocol"])
+    params = emb.meta.get("params") or {}
+    return protocol_string({**params, "min_tracklet_frames": params.get("min_tracklet_frames", 0)})
+
+
 def _check_dim(args: argparse.Namespace, emb: Embeddings) -> None:
     if args.encoder_out_dim is not None and emb.dim != args.encoder_out_dim:
         raise CliError(f"{emb.path}: vectors are {emb.dim}-d but --encoder_out_dim is {args.encoder_out_dim}")
+
+
+_TRAINING: dict[str, dict[str, Any]] = {}
+
+
+def _training_config(emb: Embeddings) -> dict[str, Any]:
+    """The flat training config of the checkpoint that made `emb` ({} for other encoders, or when
+    the checkpoint is no longer where the file says)."""
+    spec = emb.meta.get("checkpoint")
+    if not spec or emb.meta.get("encoder_kind") not in (None, "checkpoint") or not Path(spec).is_file():
+        return {}
+    key = str(Path(spec).resolve())
+    if key not in _TRAINING:
+        from polyp_ssl.eval.embed import flat_config
+
+        from polyp_ssl.checkpoint import read_encoder_state
+
+        try:
+            _TRAINING[key] = flat_config(read_encoder_state(spec)[1])
+        except Exception as e:  # the embeddings are already made: comparing settings is a courtesy
+            log.warning("%s: training settings not readable (%s); not compared", spec, e)
+            _TRAINING[key] = {}
+    return _TRAINING[key]
+
+
+def _provenance(prog: str, side: str, emb: Embeddings, root: Path | None) -> dict[str, Any]:
+    """Where one side's vectors come from (root, split, encoder), its settings that differ from the
+    checkpoint's training settings and whether it is the encoder's own training split; the
+    differences and the overlap are printed as one warning line each."""
+    from polyp_ssl.eval.outputs import setting_mismatches, training_split_overlap
+
+    splits = sorted({str(s) for s in emb.split})
+    training = _training_config(emb)
+    differ = setting_mismatches(emb.meta.get("params") or {}, training)
+    overlap = [o for s in splits if (o := training_split_overlap(root, s, training))]
+    for line in differ:
+        print(f"{prog}: warning: {side}: {line}", file=sys.stderr)
+    for o in overlap:
+        print(
+            f"{prog}: warning: {side} split {o} is the split the encoder was trained on "
+            f"({emb.meta.get('checkpoint')}); its numbers are not held-out results",
+            file=sys.stderr,
+        )
+    return {
+        "dataset_root": str(root.resolve()) if root is not None else emb.meta.get("dataset_root"),
+        "split": splits,
+        "embeddings": str(emb.path),
+        "settings_differ_from_training": differ,
+        "encoder_training_split": bool(overlap),
+    }
+
+
+def _name_inputs(emb: Embeddings) -> dict[str, Any]:
+    """What identifies an embeddings file's vectors in an output name."""
+    key = emb.meta.get("cache_key") or str(Path(emb.path).resolve())
+    return {"key": key, "root": emb.meta.get("dataset_root")}
+
+
+def _with_intervals(
+    metrics: dict[str, Any],
+    stats: dict[str, Any],
+    ci: CiOptions,
+    rows: list[tuple[str, Any]],
+    row_metric: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """`metrics` plus {name_ci: [low, high]} for every statistic, and the interval settings under
+    "ci"; the table row of a metric (named as the metric, or by `row_metric`: row label -> metric)
+    gets its interval appended. Nothing changes when the intervals are disabled."""
+    from polyp_ssl.eval.intervals import interval_entries
+    from polyp_ssl.eval.task_intervals import intervals
+
+    ivs = intervals(stats, ci)
+    if not ivs:
+        return metrics
+    n_units = {iv.n_units for iv in ivs.values()}
+    out = {**metrics, **interval_entries(ivs)}
+    out["ci"] = {**ci.as_dict(), "n_units": max(n_units)}
+    for i, (k, v) in enumerate(rows):
+        key = (row_metric or {}).get(k, k)
+        if key in ivs and isinstance(v, float):
+            rows[i] = (k, f"{v:.4f} [{ivs[key].low:.4f}, {ivs[key].high:.4f}]")
+    return out
 
 
 def _progress(total: int, desc: str):
@@ -192,10 +347,11 @@ def _progress(total: int, desc: str):
 
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl eval",
         description="Retrieval (mAP, HR@1, HR@5) or re-identification (AUROC, AUPR) on tracklet embeddings.",
     )
-    p.add_argument("--task", choices=["retrieval", "reid"], required=True)
+    p.add_argument("--task", choices=["retrieval", "reid"], required=True, help="the evaluation to run")
     p.add_argument("--embeddings", help="an embeddings file (then no encoder is needed)")
     p.add_argument("--dataset_root", help="ingested root (with --encoder_ckpt, or to check --embeddings)")
     p.add_argument("--split", default=None, help="default: test (or the embeddings file's split)")
@@ -205,17 +361,55 @@ def eval_parser() -> argparse.ArgumentParser:
         default="split",
         help="retrieval candidates: every other tracklet of the split (the paper) or of the query's video",
     )
-    p.add_argument("--exp_name", default=None)
+    p.add_argument("--exp_name", default=None, help="name of the output folder (default: from the inputs)")
     p.add_argument("--out", default=None, help="output folder (default {runs_dir or root}/eval/{exp_name})")
-    p.add_argument("--runs_dir", default=None)
+    p.add_argument("--runs_dir", default=None, help="folder of runs, for the default output folder")
     p.add_argument("--block_memory_mb", type=int, default=512, help="memory for one block of similarities")
+    add_ci_flags(p)
     _add_encoder_flags(p, fragment_length=-1)
+    _reference_flags(p, ["reid"])
     return p
 
 
+def _reference_flags(p: argparse.ArgumentParser, clis: list[str]) -> None:
+    from polyp_ssl.eval.reference_flags import TABLES, add_missing_flags, own_flags
+
+    own_flags(p)
+    add_missing_flags(p, [TABLES[c] for c in clis])
+
+
+def _apply_reference(p: argparse.ArgumentParser, args: argparse.Namespace, clis: list[str]) -> None:
+    """The reference flags' notices and refusals (eval.reference_flags), then their meaning here."""
+    from polyp_ssl.eval.reference_flags import TABLES, apply
+
+    stages = getattr(args, "stages", None)
+    apply(p, args, [TABLES[c] for c in clis], p.prog)
+    if stages and "reid" in clis:
+        splits = {"test": "test", "validate": "val"}
+        bad = [s for s in stages if s not in splits]
+        if bad or len(stages) != 1:
+            raise CliError(f"--stages {' '.join(stages)}: give one of test, validate (one run per stage)")
+        if args.split and args.split != splits[stages[0]]:
+            raise CliError(f"--stages {stages[0]} and --split {args.split} disagree")
+        args.split = splits[stages[0]]
+    if getattr(args, "encoder_features_source", None) not in (None, "encoder"):
+        raise CliError("--encoder_features_source projector: not supported (embeddings are the encoder's)")
+    if args.encoder_pooling not in ("cls", "mean"):
+        raise CliError(
+            f"--encoder_pooling {args.encoder_pooling}: a pooling of the reference's other encoders; "
+            "hmve embeds with cls or mean"
+        )
+
+
 def eval_main(argv: list[str] | None = None) -> int:
-    args = eval_parser().parse_args(argv)
-    return _run("polyp-ssl eval", lambda: _eval(args))
+    p = eval_parser()
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        _apply_reference(p, args, ["reid"])
+        return _eval(args)
+
+    return _run("polyp-ssl eval", run)
 
 
 def _eval_source(args: argparse.Namespace) -> tuple[Embeddings, Path | None, Path]:
@@ -224,8 +418,11 @@ def _eval_source(args: argparse.Namespace) -> tuple[Embeddings, Path | None, Pat
         split = args.split or _default_split(args.embeddings)
         emb, root = _load(args.embeddings, split, root)
         return emb, root, Path(args.embeddings)
-    if not (args.dataset_root and args.encoder_ckpt):
-        raise CliError("give --embeddings FILE, or --dataset_root ROOT with --encoder_ckpt CKPT")
+    if not (args.dataset_root and _has_encoder(args)):
+        raise CliError(
+            "give --embeddings FILE, or --dataset_root ROOT with --encoder_ckpt CKPT (or --encoder zoo:NAME "
+            "--weights PATH)"
+        )
     root = _check_root(args.dataset_root)
     split = args.split or "test"
     path = _ensure(args, root, split)
@@ -234,22 +431,33 @@ def _eval_source(args: argparse.Namespace) -> tuple[Embeddings, Path | None, Pat
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from eval.metrics import reid_from_vectors, retrieval_from_vectors, rows_per_block
+    from polyp_ssl.eval.metrics import reid_from_vectors, retrieval_from_vectors, rows_per_block
 
+    ci = ci_options(args)
     emb, root, path = _eval_source(args)
     _check_dim(args, emb)
+    from polyp_ssl.eval.outputs import encoder_label, output_name
+
     trk = emb.tracklet_level()
     require_identities(trk)
-    out = _out_dir(args, root, path, f"{args.task}_{path.stem}")
+    source = _provenance("polyp-ssl eval", "evaluation", emb, root)
+    protocol = _protocol(emb)
+    name_inputs = {**_name_inputs(emb), "scope": args.scope if args.task == "retrieval" else None}
+    name = output_name(args.task, encoder_label(emb.meta, path), source["split"], protocol, name_inputs)
+    out = _out_dir(args, root, path, name)
     n = len(trk)
     base = {
         "task": args.task,
         "embeddings": str(path),
+        "dataset_root": source["dataset_root"],
+        "settings_differ_from_training": source["settings_differ_from_training"],
+        "encoder_training_split": source["encoder_training_split"],
         "split": sorted({str(s) for s in trk.split}),
         "n_tracklets": n,
         "n_identities": int(np.unique(trk.identity_id.astype(str)).size),
         "n_videos": int(np.unique(trk.video_id.astype(str)).size),
         "embedding_meta": {k: emb.meta.get(k) for k in ("checkpoint_sha256", "manifest_sha256", "params")},
+        "protocol": protocol,
     }
     if args.task == "retrieval":
         memory = args.block_memory_mb * 2**20
@@ -272,8 +480,13 @@ def _eval(args: argparse.Namespace) -> int:
             ("queries", res.n_queries),
             ("excluded (no positive)", res.n_excluded),
         ]
+        if ci.enabled:
+            from polyp_ssl.eval.task_intervals import retrieval_stats
+
+            stats = retrieval_stats(res.ap, res.hits, res.valid, trk.identity_id, trk.video_id, ci.unit)
+            metrics = _with_intervals(metrics, stats, ci, rows)
     else:
-        from eval.plots import pr_png, roc_png
+        from polyp_ssl.eval.plots import pr_png, roc_png
 
         nb = -(-n // 1024)
         bar = _progress(nb * (nb + 1) // 2, "re-id pair blocks")
@@ -288,7 +501,12 @@ def _eval(args: argparse.Namespace) -> int:
             ("pairs", res.n_pairs),
             ("same-polyp pairs", res.n_positive),
         ]
-    rows = [("tracklets", n), ("identities", base["n_identities"]), *rows]
+        if ci.enabled:
+            from polyp_ssl.eval.task_intervals import reid_stats
+
+            stats = reid_stats(trk.vectors, trk.identity_id, trk.video_id, ci.unit)
+            metrics = _with_intervals(metrics, stats, ci, rows)
+    rows = [("protocol", base["protocol"]), ("tracklets", n), ("identities", base["n_identities"]), *rows]
     mpath = _write_json(out / f"metrics_{args.task}.json", metrics)
     print(f"{args.task} on {path.name}:")
     print(_table(rows))
@@ -301,10 +519,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 def probe_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl probe",
         description="Size or histology probe on frozen fragment embeddings (MLP or linear, trained on CPU).",
     )
-    p.add_argument("--task", choices=["size", "histology"], required=True)
+    p.add_argument(
+        "--task",
+        choices=["size", "histology"],
+        default=None,
+        help="default: inferred as the seed's modules imply: --class_mapping (or --gradient_clip_*) means "
+        "histology, --n_classes or --dataset_type means size",
+    )
     src = p.add_argument_group("data (ingested roots or embeddings files)")
     src.add_argument("--train_embeddings", help="embeddings file of the training side")
     src.add_argument("--val_embeddings", help="embeddings file of the validation side")
@@ -316,33 +541,75 @@ def probe_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--train_images", help="seed flag: accepted when it lies in an ingested root")
     src.add_argument("--train_annotations", help="seed flag: ROOT/annotations/instances_{split}.json")
-    src.add_argument("--val_images")
-    src.add_argument("--val_annotations")
+    src.add_argument("--val_images", help="seed flag: as --train_images, for the validation side")
+    src.add_argument("--val_annotations", help="seed flag: as --train_annotations, for the validation side")
     src.add_argument("--dataset_type", default="coco", help="accepted for compatibility (coco)")
-    src.add_argument("--train_fraction", type=float, default=0.7)
+    src.add_argument(
+        "--train_fraction", type=float, default=0.7, help="share of polyps on the training side (one split)"
+    )
     cls = p.add_argument_group("probe")
-    cls.add_argument("--seed", type=int, default=42)
-    cls.add_argument("--max_epochs", type=int, default=20)
-    cls.add_argument("--opt_type", choices=["adamw", "sgd"], default="adamw")
-    cls.add_argument("--opt_lr", type=float, default=1e-4)
-    cls.add_argument("--opt_weight_decay", type=float, default=0.0)
-    cls.add_argument("--lr_sched_type", choices=["onecycle", "none"], default="onecycle")
-    cls.add_argument("--batch_size", type=int, default=64)
-    cls.add_argument("--n_classes", type=int, default=2)
+    cls.add_argument("--seed", type=int, default=42, help="random seed (split, probe init, data order)")
+    cls.add_argument("--max_epochs", type=int, default=20, help="probe training epochs")
+    cls.add_argument("--opt_type", choices=["adamw", "sgd"], default="adamw", help="probe optimizer")
+    cls.add_argument("--opt_lr", type=float, default=1e-4, help="probe learning rate")
+    cls.add_argument("--opt_weight_decay", type=float, default=0.0, help="probe weight decay")
+    cls.add_argument(
+        "--lr_sched_type", choices=["onecycle", "none"], default="onecycle", help="learning-rate schedule"
+    )
+    cls.add_argument("--batch_size", type=int, default=64, help="probe training batch size")
+    cls.add_argument("--n_classes", type=int, default=2, help="classes of the probe")
     cls.add_argument("--class_mapping", default="ad_vs_hp", help="histology mapping (shards.labels.MAPPINGS)")
-    cls.add_argument("--cls_type", choices=["mlp", "linear"], default="mlp")
-    cls.add_argument("--cls_init", choices=["default", "xavier", "zeros"], default="default")
-    cls.add_argument("--cls_hidden_dim", type=int, default=256)
-    p.add_argument("--exp_name", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--runs_dir", default=None)
-    _add_encoder_flags(p, fragment_length=8)
+    cls.add_argument("--cls_type", choices=["mlp", "linear"], default="mlp", help="probe head")
+    cls.add_argument(
+        "--cls_init",
+        choices=["default", "normal", "xavier", "zeros"],
+        default="default",
+        help="probe weight init (default: torch's)",
+    )
+    cls.add_argument("--cls_hidden_dim", type=int, default=256, help="hidden width of the mlp probe")
+    cls.add_argument("--cls_use_layer_norm", action="store_true", help="LayerNorm before the linear probe")
+    cls.add_argument("--pos_weight", type=float, default=None, help="BCE weight of the positive class")
+    cls.add_argument("--gradient_clip_val", type=float, default=None, help="clip gradients at this value")
+    cls.add_argument(
+        "--gradient_clip_algorithm",
+        choices=["norm", "value"],
+        default="norm",
+        help="with --gradient_clip_val",
+    )
+    cls.add_argument(
+        "--data_fragment_padding_mode",
+        choices=["repeat"],
+        default=None,
+        help="pad the short last fragment by repeating its last frame (also without it, unless "
+        "--data_fragment_drop_last)",
+    )
+    p.add_argument("--exp_name", default=None, help="name of the output folder (default: from the inputs)")
+    p.add_argument("--out", default=None, help="output folder (default {runs_dir or root}/eval/{exp_name})")
+    p.add_argument("--runs_dir", default=None, help="folder of runs, for the default output folder")
+    add_ci_flags(p)
+    _add_encoder_flags(p, fragment_length=8, drop_last=False)
+    _reference_flags(p, ["size", "histology"])
     return p
 
 
 def probe_main(argv: list[str] | None = None) -> int:
-    args = probe_parser().parse_args(argv)
-    return _run("polyp-ssl probe", lambda: _probe(args))
+    p = probe_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        if args.task is None:
+            from polyp_ssl.eval.outputs import infer_probe_task
+
+            args.task, why = infer_probe_task(argv)
+            print(f"probe task: {args.task} ({why}; --task overrides)")
+        _apply_reference(p, args, ["size", "histology"])
+        if args.data_fragment_drop_last and args.data_fragment_padding_mode:
+            raise CliError("--data_fragment_padding_mode with --data_fragment_drop_last: a dropped fragment "
+                           "is not padded (the reference refuses this pair too)")
+        return _probe(args)
+
+    return _run("polyp-ssl probe", run)
 
 
 def _raw_to_ingested(images: str | None, annotations: str | None, flag: str) -> tuple[Path, str] | None:
@@ -373,7 +640,7 @@ def _side(args: argparse.Namespace, path: str | None, root: Path | None, split: 
         return _load(path, _default_split(path), root)
     if root is None or split is None:
         return None, None
-    if not args.encoder_ckpt:
+    if not _has_encoder(args):
         raise CliError(
             f"embedding split {split!r} of {root} needs --encoder_ckpt (or pass *_embeddings files)"
         )
@@ -382,8 +649,18 @@ def _side(args: argparse.Namespace, path: str | None, root: Path | None, split: 
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from eval.probe import ProbeConfig, ProbeData, run_probe, split_by_identity, task_labels
+    from collections import Counter
 
+    from polyp_ssl.eval.probe import (
+        ProbeConfig,
+        ProbeData,
+        count_by_vocabulary,
+        run_probe,
+        split_by_identity,
+        task_labels,
+    )
+
+    ci = ci_options(args)
     train_raw = _raw_to_ingested(args.train_images, args.train_annotations, "train")
     val_raw = _raw_to_ingested(args.val_images, args.val_annotations, "val")
     root = _check_root(args.dataset_root) if args.dataset_root else None
@@ -414,8 +691,14 @@ def _probe(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs,
         batch_size=args.batch_size,
         seed=args.seed,
+        cls_use_layer_norm=args.cls_use_layer_norm,
+        pos_weight=args.pos_weight,
+        gradient_clip_val=args.gradient_clip_val,
+        gradient_clip_algorithm=args.gradient_clip_algorithm,
     )
     cfg.validate()
+
+    vocab_counts: dict[str, Counter] = {}
 
     def labelled(emb: Embeddings, r: Path | None) -> tuple[Embeddings, np.ndarray, dict]:
         if r is None:
@@ -429,6 +712,10 @@ def _probe(args: argparse.Namespace) -> int:
             labels.dataset_id,
             args.class_mapping,
         )
+        if args.task == "histology":  # polyps per dataset vocabulary and class, printed below
+            ids = [str(i) for i in emb.identity_id]
+            for vocab, c in count_by_vocabulary(ids, y, labels.dataset_id).items():
+                vocab_counts.setdefault(vocab, Counter()).update(c)
         keep = y >= 0
         if not keep.any():
             raise CliError(
@@ -442,25 +729,67 @@ def _probe(args: argparse.Namespace) -> int:
         mtr, mva = split_by_identity(tr.identity_id, ytr, args.train_fraction, args.seed)
         train = ProbeData(tr.vectors[mtr], ytr[mtr], tr.identity_id[mtr])
         val = ProbeData(tr.vectors[mva], ytr[mva], tr.identity_id[mva])
+        val_video = tr.video_id[mva]
         skipped = {"train+val": skipped_tr}
         how = f"{round(args.train_fraction * 100)}/{round((1 - args.train_fraction) * 100)} split by polyp"
     else:
         va, yva, skipped_va = labelled(val_emb, val_root)
         train = ProbeData(tr.vectors, ytr, tr.identity_id)
         val = ProbeData(va.vectors, yva, va.identity_id)
+        val_video = va.video_id
         skipped = {"train": skipped_tr, "val": skipped_va}
         how = "train and val as given"
+    from dataclasses import asdict
+
+    from polyp_ssl.eval.outputs import encoder_label, output_name
+
+    prog = "polyp-ssl probe"
+    train_src = _provenance(prog, "probe train side", train_emb, train_root)
+    val_src = _provenance(prog, "probe val side", val_emb, val_root) if val_emb is not None else None
+    trains_on = f"{train_src['dataset_root']} split {'+'.join(train_src['split'])}"
+    if val_src is None:
+        evaluates_on = f"the other {round((1 - args.train_fraction) * 100)}% of its polyps"
+        trains_on += f" ({round(args.train_fraction * 100)}% of its polyps)"
+    else:
+        evaluates_on = f"{val_src['dataset_root']} split {'+'.join(val_src['split'])}"
+    print(f"{args.task} probe trains on {trains_on} and evaluates on {evaluates_on}")
     res = run_probe(train, val, cfg)
-    out = _out_dir(args, train_root, train_emb.path, f"probe_{args.task}_{Path(train_emb.path).stem}")
+    val_part = val_src["split"] if val_src else [f"{round(args.train_fraction * 100)}pct"]
+    splits = [*train_src["split"], *val_part]
+    name_inputs = {
+        "train": _name_inputs(train_emb),
+        "val": _name_inputs(val_emb) if val_emb is not None else None,
+        "probe": asdict(cfg),
+        "train_fraction": args.train_fraction if val_emb is None else None,
+        "class_mapping": args.class_mapping if args.task == "histology" else None,
+    }
+    out = _out_dir(
+        args,
+        train_root,
+        train_emb.path,
+        output_name(
+            args.task,
+            encoder_label(train_emb.meta, train_emb.path),
+            splits,
+            _protocol(train_emb),
+            name_inputs,
+            prefix="probe",
+        ),
+    )
     result = {
         "task": args.task,
         "split_rule": how,
+        "trains_on": trains_on,
+        "evaluates_on": evaluates_on,
+        "train_side": train_src,
+        "val_side": val_src,
         "train_embeddings": str(train_emb.path),
         "val_embeddings": str(val_emb.path) if val_emb is not None else None,
         "left_out": skipped,
+        "polyps_by_vocabulary": {v: dict(sorted(c.items())) for v, c in sorted(vocab_counts.items())},
+        "protocol": _protocol(train_emb),
         **res.as_dict(),
     }
-    mpath = _write_json(out / f"probe_{args.task}.json", result)
     m = res.metrics
     rows = [
         ("train rows / polyps", f"{res.n_train} / {res.n_train_polyps}"),
@@ -470,7 +799,22 @@ def _probe(args: argparse.Namespace) -> int:
         ("macro F1", m["macro_f1"]),
         ("identity-weighted macro F1", m["identity_weighted_macro_f1"]),
     ]
+    if ci.enabled:
+        from polyp_ssl.eval.task_intervals import probe_stats
+
+        stats = probe_stats(res.y_true, res.y_pred, val.identity, val_video, ci.unit)
+        names = {
+            "balanced accuracy": "balanced_accuracy",
+            "macro F1": "macro_f1",
+            "identity-weighted macro F1": "identity_weighted_macro_f1",
+        }
+        with_ci = _with_intervals(result["metrics"], stats, ci, rows, names)
+        result["ci"] = with_ci.pop("ci")
+        result["metrics"] = with_ci
+    mpath = _write_json(out / f"probe_{args.task}.json", result)
     left = sum(sum(c.values()) for c in skipped.values())
+    for vocab, c in sorted(vocab_counts.items()):
+        rows.append((f"polyps, {vocab} vocabulary", ", ".join(f"{k} {n}" for k, n in sorted(c.items()))))
     if left:
         rows.append(("rows left out (no label)", f"{left} {skipped}"))
     print(f"{args.task} probe ({how}):")
@@ -484,29 +828,33 @@ def _probe(args: argparse.Namespace) -> int:
 
 def count_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl count",
         description="Polyp counting: cluster each video's tracklets; operating point chosen on val at "
         "pooled pairwise FPR <= --max_fpr; fragmentation rate and FPR reported on test.",
     )
-    p.add_argument("--val_embeddings")
-    p.add_argument("--test_embeddings")
+    p.add_argument("--val_embeddings", help="embeddings file of the val split (chooses the operating point)")
+    p.add_argument("--test_embeddings", help="embeddings file of the test split (reported)")
     p.add_argument(
         "--dataset_root", help="ingested root (with --encoder_ckpt, or for the tracklets' time spans)"
     )
-    p.add_argument("--val_split", default="val")
-    p.add_argument("--test_split", default="test")
-    p.add_argument("--method", choices=["agglomerative", "affinity"], default="agglomerative")
+    p.add_argument("--val_split", default="val", help="split choosing the operating point")
+    p.add_argument("--test_split", default="test", help="split reported")
+    p.add_argument(
+        "--method", choices=["agglomerative", "affinity"], default="agglomerative", help="clustering method"
+    )
     p.add_argument(
         "--temporal_constraint", action="store_true", help="tracklets overlapping in time: not linked"
     )
-    p.add_argument("--max_fpr", type=float, default=0.05)
+    p.add_argument("--max_fpr", type=float, default=0.05, help="pooled pairwise FPR allowed on val")
     p.add_argument(
         "--grid", type=float, nargs="+", help="thresholds (agglomerative) or preferences (affinity)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exp_name", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--runs_dir", default=None)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the clustering")
+    p.add_argument("--exp_name", default=None, help="name of the output folder (default: from the inputs)")
+    p.add_argument("--out", default=None, help="output folder (default {runs_dir or root}/eval/{exp_name})")
+    p.add_argument("--runs_dir", default=None, help="folder of runs, for the default output folder")
+    add_ci_flags(p)
     _add_encoder_flags(p, fragment_length=-1)
     return p
 
@@ -517,7 +865,7 @@ def count_main(argv: list[str] | None = None) -> int:
 
 
 def _videos(emb: Embeddings, root: Path | None, temporal: bool):
-    from eval.count import group_videos
+    from polyp_ssl.eval.count import group_videos
 
     trk = emb.tracklet_level()
     require_identities(trk)
@@ -538,8 +886,9 @@ def _videos(emb: Embeddings, root: Path | None, temporal: bool):
 
 
 def _count(args: argparse.Namespace) -> int:
-    from eval.count import evaluate_counting
+    from polyp_ssl.eval.count import evaluate_counting
 
+    ci = ci_options(args)
     if not 0 <= args.max_fpr <= 1:
         raise CliError(f"--max_fpr must be in [0, 1], got {args.max_fpr}")
     root = _check_root(args.dataset_root) if args.dataset_root else None
@@ -550,7 +899,7 @@ def _count(args: argparse.Namespace) -> int:
     ):
         if path:
             sides[side] = _load(path, _default_split(path), root)
-        elif root is not None and args.encoder_ckpt:
+        elif root is not None and _has_encoder(args):
             sides[side] = _load(_ensure(args, root, split), split, root)
         else:
             raise CliError(f"give --{side}_embeddings FILE, or --dataset_root ROOT with --encoder_ckpt CKPT")
@@ -562,31 +911,64 @@ def _count(args: argparse.Namespace) -> int:
     res = evaluate_counting(
         val, test, args.method, args.temporal_constraint, args.max_fpr, args.grid, args.seed
     )
-    out = _out_dir(args, test_root, test_emb.path, f"count_{args.method}_{Path(test_emb.path).stem}")
+    from polyp_ssl.eval.outputs import encoder_label, output_name
+
+    val_src = _provenance("polyp-ssl count", "val side", val_emb, val_root)
+    test_src = _provenance("polyp-ssl count", "test side", test_emb, test_root)
+    name_inputs = {
+        "val": _name_inputs(val_emb),
+        "test": _name_inputs(test_emb),
+        "method": args.method,
+        "temporal_constraint": args.temporal_constraint,
+        "max_fpr": args.max_fpr,
+        "grid": args.grid,
+        "seed": args.seed,
+    }
+    out = _out_dir(
+        args,
+        test_root,
+        test_emb.path,
+        output_name(
+            f"count-{args.method}",
+            encoder_label(test_emb.meta, test_emb.path),
+            [*val_src["split"], *test_src["split"]],
+            _protocol(test_emb),
+            name_inputs,
+        ),
+    )
     sw = res.val_sweep
+    summary = res.summary()
+    label = "threshold" if args.method == "agglomerative" else "preference"
+    rows = [
+        (f"{label} (val FPR <= {args.max_fpr})", res.value),
+        ("FPR target met on val", res.fpr_target_met),
+        ("val FPR / fragmentation", f"{res.val_fpr:.4f} / {res.val_fragmentation:.4f}"),
+        ("test FPR", res.test_fpr),
+        ("test fragmentation rate", res.test_fragmentation),
+    ]
+    if ci.enabled:  # counting clusters within a video: the unit is the video whatever --ci_unit says
+        from dataclasses import replace
+
+        from polyp_ssl.eval.task_intervals import count_stats
+
+        stats = {f"test_{k.lower()}": v for k, v in count_stats(res.per_video).items()}
+        names = {"test FPR": "test_fpr", "test fragmentation rate": "test_fragmentation_rate"}
+        summary = _with_intervals(summary, stats, replace(ci, unit="video"), rows, names)
     result = {
-        **res.summary(),
+        **summary,
+        "val_side": val_src,
+        "test_side": test_src,
         "val_embeddings": str(val_emb.path),
         "test_embeddings": str(test_emb.path),
+        "protocol": _protocol(test_emb),
         "per_video": res.per_video,
         "val_sweep": {"values": sw.values, "fpr": sw.fpr, "fragmentation": sw.fragmentation},
     }
     mpath = _write_json(out / "count.json", result)
-    label = "threshold" if args.method == "agglomerative" else "preference"
     print(
         f"polyp counting ({args.method}, temporal constraint {'on' if args.temporal_constraint else 'off'}):"
     )
-    print(
-        _table(
-            [
-                (f"{label} (val FPR <= {args.max_fpr})", res.value),
-                ("FPR target met on val", res.fpr_target_met),
-                ("val FPR / fragmentation", f"{res.val_fpr:.4f} / {res.val_fragmentation:.4f}"),
-                ("test FPR", res.test_fpr),
-                ("test fragmentation rate", res.test_fragmentation),
-            ]
-        )
-    )
+    print(_table(rows))
     print("  video             tracklets  polyps  clusters  fragmentation")
     for r in res.per_video:
         print(

@@ -63,6 +63,11 @@ def demo_settings(quick: bool) -> DemoSettings:
         "sampler": "temporaltemperaturebag",
         "seed": 42,
         "aug_anchorcrop": True,
+        "eval_aug_anchorcrop": True,
+        "aug_random_scale": True,
+        "aug_jitter": True,
+        "aug_hflip": True,
+        "aug_vflip": True,
         "monitor": "none",
         "val_every_n_epochs": 3,
     }
@@ -70,7 +75,9 @@ def demo_settings(quick: bool) -> DemoSettings:
     ingest = {"store-size": 96, "crop-scale": 5.0}
     report = {"probe_fragment_length": 4, "batch_size": 16, "projection": "tsne"}
     if quick:
-        synth = {"videos": 6, "frames-per-video": 160, "width": 128, "height": 112, "seed": 0}
+        # 320 frames per video: enough tracklets of the evaluation protocol's 30 frames for
+        # polyps seen twice in the test split (retrieval and re-identification need them)
+        synth = {"videos": 6, "frames-per-video": 320, "width": 128, "height": 112, "seed": 0}
         ingest = {"store-size": 48, "crop-scale": 5.0}
         train.update(
             {
@@ -82,7 +89,10 @@ def demo_settings(quick: bool) -> DemoSettings:
                 "hmve_d_model": 32,
                 "hmve_d_feedforward": 64,
                 "d_proj": 16,
-                "aug_anchorcrop": False,
+                "aug_random_scale": False,
+                "aug_jitter": False,
+                "aug_hflip": False,
+                "aug_vflip": False,
             }
         )
         report.update({"batch_size": 16, "projection": "pca"})
@@ -277,8 +287,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu") -> int:
 
 def print_summary(out: Path, total: float, timings: dict[str, float]) -> None:
     import pyarrow.parquet as pq
-
-    from eval.report import COLUMNS, TASKS, format_value
+    from polyp_ssl.eval.report import COLUMNS, TASKS, format_value
 
     results = out / "report" / "results.parquet"
     rows = pq.read_table(results).to_pylist()

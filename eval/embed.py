@@ -6,12 +6,20 @@ Three kinds of encoder share one path:
   checkpoint, the run's `config.yaml`, or an architecture `hmve-resnet18`; random weights drawn
   with `--init_seed`, never downloaded);
 - the synthetic generator's hand-made descriptor (`--encoder descriptor`), a colour/texture
-  vector of the box regions of the stored crops (ingest.synth.descriptor).
+  vector of the box regions of the stored crops (ingest.synth.descriptor);
+- a foundation-model baseline from local weights (`--encoder zoo:NAME --weights PATH`, or the one
+  string `zoo:NAME=PATH`; eval/zoo.py, docs/zoo.md), with its own preprocessing; its cache identity
+  is the weights' sha256, the preprocessing and the zoo version.
 
-Whole tracklets (`--data_fragment_length -1`) are the strided frames of the tracklet as one
-sequence. To keep memory bounded a tracklet longer than `--max_frames` strided frames (default
-64) is subsampled to `max_frames` evenly spaced frames (first and last kept); the number of
-tracklets so capped is logged and stored in the file metadata.
+The evaluation protocol is the paper's by default: only tracklets of at least
+`--min_tracklet_frames` frames (30, before striding) are embedded, and a whole tracklet
+(`--data_fragment_length -1`) is every `--data_fragment_stride`-th frame (4) as one sequence, with
+no cap. Batches are filled by frame count (`--frame_budget` padded frames), so memory stays bounded
+whatever the tracklet lengths; a tracklet longer than the budget is embedded alone, its backbone
+run over chunks of `frame_budget` frames (exact: the backbone is per frame, in eval mode). An
+explicit `--max_frames N` subsamples longer tracklets to N evenly spaced frames (first and last
+kept). The file metadata names the protocol (`protocol`) and counts the tracklets left out or
+capped.
 
 A file is reused when it was made from the same inputs: the cache key is the sha256 of the
 checkpoint's sha256 (or the init config / descriptor version), the embedding parameters and the
@@ -26,8 +34,11 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import sys
+import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,23 +46,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from polyp_ssl.eval import embeddings as emb_io
+from polyp_ssl.eval.embeddings import read_metadata, write_embeddings
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.ids import UnsafeIdError, path_component
+from polyp_ssl.shards.locations import UnsafeLocation, check_shard_value, shard_location
+from polyp_ssl.shards.sample import (
+    JpegSizeError,
+    SampleError,
+    TrackletSample,
+    check_jpeg,
+    frame_ext,
+    sample_meta,
+)
 
-from eval import embeddings as emb_io
-from eval.embeddings import read_metadata, write_embeddings
-from polyp_ssl.checkpoint import sha256_file
 from polyp_ssl.fragments import even_subsample, fragment_index_lists
-from shards.sample import TrackletSample, frame_ext, sample_meta
 
 log = logging.getLogger(__name__)
 
 DESCRIPTOR = "descriptor"
 INIT_PREFIX = "init:"
+ZOO_PREFIX = "zoo:"  # eval.zoo.ZOO_PREFIX
 DEFAULT_IM_SIZE = 232
 DEFAULT_BBOX_SCALE = 5.0
 DEFAULT_STRIDE = 4
-DEFAULT_MAX_FRAMES = 64
+DEFAULT_MAX_FRAMES: int | None = None  # the paper: every strided frame of a tracklet
+DEFAULT_MIN_TRACKLET_FRAMES = 30  # the paper's evaluation keeps tracklets of at least 30 frames
+DEFAULT_FRAME_BUDGET = 1024  # padded frames per embedding batch
 DEFAULT_INIT_SEED = 0
-EMBED_VERSION = 2  # 2: metadata counts tracklets shorter than one fragment
+EMBED_VERSION = 3  # 3: the paper's protocol (min 30 frames, no cap), protocol in the metadata
 _NAME_OK = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -74,8 +97,32 @@ class EmbedParams:
     im_size: int = DEFAULT_IM_SIZE
     bbox_scale_factor: float = DEFAULT_BBOX_SCALE
     pooling: str = "cls"
-    max_frames: int = DEFAULT_MAX_FRAMES
+    max_frames: int | None = DEFAULT_MAX_FRAMES  # None: no cap
     fragment_drop_last: bool = True
+    min_tracklet_frames: int = DEFAULT_MIN_TRACKLET_FRAMES
+
+
+
+def sha256_file(path: str | Path) -> str:
+    """polyp_ssl.checkpoint.sha256_file, imported when used: that module imports torch, and
+    `polyp-ssl embed --help` should not wait for it."""
+    from polyp_ssl.checkpoint import sha256_file as _sha256_file
+
+    return _sha256_file(path)
+
+def protocol_string(params: EmbedParams | dict[str, Any]) -> str:
+    """A one-line name of the evaluation protocol, e.g. `paper: min 30 frames, stride 4, all frames`."""
+    p = asdict(params) if isinstance(params, EmbedParams) else dict(params)
+    min_n = int(p.get("min_tracklet_frames") or 0)
+    stride = p.get("fragment_stride", DEFAULT_STRIDE)
+    length = p.get("fragment_length", -1)
+    cap = p.get("max_frames")
+    if length is not None and length > 0:
+        what = f"fragments of {length} frames"
+    else:
+        what = "all frames" if not cap else f"at most {cap} frames"
+    paper = min_n == DEFAULT_MIN_TRACKLET_FRAMES and stride == DEFAULT_STRIDE and not cap
+    return f"{'paper' if paper else 'custom'}: min {min_n} frames, stride {stride}, {what}"
 
 
 @dataclass
@@ -122,7 +169,7 @@ def sanitize_name(name: str) -> str:
 
 
 def frame_plan(
-    n_frames: int, fragment_length: int, stride: int, max_frames: int, drop_last: bool = True
+    n_frames: int, fragment_length: int, stride: int, max_frames: int | None, drop_last: bool = True
 ) -> list[tuple[int, list[int]]]:
     """(fragment_index, frame indices) of the items cut from a tracklet of n_frames frames
     (polyp_ssl.fragments); a whole tracklet (-1) is evenly subsampled to max_frames when longer."""
@@ -131,14 +178,52 @@ def frame_plan(
     except ValueError as e:
         raise EmbedError(str(e)) from e
     if fragment_length == -1:
-        return [(-1, even_subsample(idx, max_frames)) for idx in lists]
+        return [(-1, even_subsample(idx, max_frames) if max_frames else list(idx)) for idx in lists]
     return list(enumerate(lists))
 
 
-def decode_rgb(jpeg: bytes) -> np.ndarray:
+def decode_rgb(jpeg: bytes, expected: Sequence[int] | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] of a stored JPEG with PIL, its size checked from the header first
+    (shards.sample.check_jpeg; PIL's own MAX_IMAGE_PIXELS guard is 179 M pixels) and again from
+    what PIL reads before it decodes (JpegSizeError, a ValueError)."""
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.uint8)
+    w, h = check_jpeg(jpeg, expected)
+    with Image.open(io.BytesIO(jpeg)) as img:
+        if img.size != (w, h):
+            got = f"{img.size[0]}x{img.size[1]}"
+            raise JpegSizeError(f"a JPEG PIL reads as {got}, its header says {w}x{h}", "mismatch")
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+SHARD_KEY = "__shard__"  # the shard a sample was read from, set by _checked_samples
+
+
+def checked_meta(sample: dict[str, Any], seen: dict[str, str]) -> TrackletSample:
+    """The validated TrackletSample of a sample (shards.sample.parse_sample), with every frame's
+    JPEG header checked against the JSON's crop_sizes before anything is decoded, and its key not
+    seen before in the split (`seen`: key -> shard). EmbedError names the shard, the key and the
+    field."""
+    shard, key = sample.get(SHARD_KEY, "?"), sample.get("__key__")
+    where = f"{shard}: sample {key!r}"
+    try:
+        meta = sample_meta(sample)
+    except SampleError as e:
+        raise EmbedError(f"{where}: {e}") from None
+    if meta.key != key:
+        raise EmbedError(f"{where}: field 'key': {meta.key!r} differs from the member key")
+    if key in seen:
+        raise EmbedError(f"{where}: appears twice in the split (also in {seen[key]})")
+    seen[key] = shard
+    for i in range(meta.n_frames):
+        data = sample.get(frame_ext(i))
+        if data is None:
+            raise EmbedError(f"{where}: has no member .{frame_ext(i)}")
+        try:
+            check_jpeg(data, meta.crop_sizes[i])
+        except JpegSizeError as e:
+            raise EmbedError(f"{where}: field 'crop_sizes[{i}]': frame {i} is {e}") from None
+    return meta
 
 
 def anchor_frames(
@@ -155,7 +240,8 @@ def anchor_frames(
         if ext not in sample:
             raise EmbedError(f"sample {meta.key!r} ({meta.tracklet_id}) has no member .{ext}")
         jpegs.append(sample[ext])
-    frames = load_frames(jpegs, [meta.boxes_in_crop[i] for i in uniq], im_size, scale).numpy()
+    boxes, sizes = [meta.boxes_in_crop[i] for i in uniq], [meta.crop_sizes[i] for i in uniq]
+    frames = load_frames(jpegs, boxes, im_size, scale, sizes=sizes).numpy()
     pos = {i: k for k, i in enumerate(uniq)}
     return frames[[pos[i] for i in indices]]
 
@@ -167,6 +253,7 @@ class Item:
     indices: list[int]
     frames: np.ndarray | None = None  # uint8 [S, 3, H, W] for encoders
     raw: dict[int, bytes] | None = None  # frame index -> stored JPEG, for the descriptor
+    sample: dict[str, Any] | None = None  # kept (not decoded) for a tracklet longer than the frame budget
 
 
 # ----------------------------------------------------------------------------- split reading
@@ -180,17 +267,31 @@ def split_shards(root: str | Path, split: str) -> list[Path]:
     table_path = root / "catalog" / "shards.parquet"
     if not table_path.is_file():
         raise EmbedError(f"{table_path}: missing; {root} is not an ingested root (run `polyp-ssl ingest`)")
-    rows = pq.read_table(table_path, columns=["path", "split", "n_samples"]).to_pylist()
+    rows = pq.read_table(table_path, columns=["path", "split", "n_samples", "n_bytes"]).to_pylist()
     known = sorted({r["split"] for r in rows})
     rows = [r for r in rows if r["split"] == split]
     if not rows or sum(int(r["n_samples"]) for r in rows) == 0:
         raise EmbedError(
             f"{table_path}: split {split!r} has no tracklets (splits with data: {', '.join(known) or 'none'})"
         )
-    paths = [root / r["path"] for r in sorted(rows, key=lambda r: r["path"])]
+    rows = sorted(rows, key=lambda r: str(r["path"]))
+    try:
+        paths = []
+        for r in rows:
+            rel = check_shard_value(r["path"], table_path, f"shard {r['path']!r}", "path")
+            paths.append(Path(shard_location(rel, root)))
+    except UnsafeLocation as exc:
+        raise EmbedError(str(exc)) from None
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise EmbedError(f"shards named in {table_path} are missing: {missing[:3]}")
+    for r, p in zip(rows, paths, strict=True):
+        size = p.stat().st_size
+        if r["n_bytes"] is not None and size != r["n_bytes"]:
+            raise EmbedError(
+                f"{p}: {size} bytes, {table_path} says {r['n_bytes']}: not the shard the catalog describes "
+                "(changed or replaced since ingest; `polyp-ssl verify` checks every shard)"
+            )
     return paths
 
 
@@ -204,17 +305,56 @@ def split_tracklet_count(root: str | Path, split: str) -> int:
     return sum(1 for s in t if s == split)
 
 
+def _checked_samples(root: str | Path, paths: list[Path]) -> Iterator[dict[str, Any]]:
+    """The samples of `paths` in order; each shard's sha256 is compared with the catalog's before
+    any of its samples is used (a changed or replaced shard is refused, naming it)."""
+    import pyarrow.parquet as pq
+    from polyp_ssl.shards.reader import iter_samples
+    from polyp_ssl.shards.verify import file_sha256
+
+    root = Path(root)
+    table_path = root / "catalog" / "shards.parquet"
+    t = pq.read_table(table_path, columns=["path", "sha256"]).to_pydict()
+    recorded = {str(root / p): h for p, h in zip(t["path"], t["sha256"], strict=True) if h}
+    for path in paths:
+        want = recorded.get(str(path))
+        if want is not None:
+            got, _ = file_sha256(path)
+            if got != want:
+                raise EmbedError(
+                    f"{path}: sha256 {got}, {table_path} says {want}: not the shard the catalog describes "
+                    "(changed or replaced since ingest; `polyp-ssl verify` checks every shard)"
+                )
+        try:
+            for sample in iter_samples(path):
+                sample[SHARD_KEY] = str(path)
+                yield sample
+        except (ValueError, tarfile.TarError, OSError) as e:  # a damaged tar, a repeated key
+            text = str(e)
+            raise EmbedError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+
+
 def iter_items(
-    root: str | Path, params: EmbedParams, decode: bool, too_short: list[str] | None = None
+    root: str | Path,
+    params: EmbedParams,
+    decode: bool,
+    too_short: list[str] | None = None,
+    below_min: list[str] | None = None,
+    decode_max: int | None = None,
 ) -> Iterator[Item]:
     """Items of the split in shard order; ids of tracklets too short for one fragment are
-    appended to `too_short` (they are counted and reported, never dropped silently)."""
-    from shards.reader import iter_samples
-
-    for sample in iter_samples(split_shards(root, params.split)):
-        meta = sample_meta(sample)
+    appended to `too_short`, those under `params.min_tracklet_frames` to `below_min` (counted and
+    reported, never dropped silently). An item of more than `decode_max` frames is not decoded here
+    (its `sample` is kept, to be decoded in chunks)."""
+    seen: dict[str, str] = {}
+    for sample in _checked_samples(root, split_shards(root, params.split)):
+        meta = checked_meta(sample, seen)
         if meta.split != params.split:
             raise EmbedError(f"sample {meta.key!r} says split {meta.split!r}, read as {params.split!r}")
+        if meta.n_frames < params.min_tracklet_frames:
+            if below_min is not None:
+                below_min.append(meta.tracklet_id)
+            continue
         plan = frame_plan(
             meta.n_frames,
             params.fragment_length,
@@ -226,7 +366,9 @@ def iter_items(
             too_short.append(meta.tracklet_id)
         for frag, indices in plan:
             item = Item(meta, frag, indices)
-            if decode:
+            if decode and decode_max is not None and len(indices) > decode_max:
+                item.sample = sample
+            elif decode:
                 item.frames = anchor_frames(sample, meta, indices, params.bbox_scale_factor, params.im_size)
             else:
                 item.frames = None
@@ -243,6 +385,42 @@ def batched(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
             batch = []
     if batch:
         yield batch
+
+
+def batched_by_frames(items: Iterator[Item], batch_size: int, frame_budget: int) -> Iterator[list[Item]]:
+    """Batches of at most `batch_size` items whose padded size (items x longest) stays within
+    `frame_budget` frames; an item longer than the budget is a batch of its own."""
+    batch: list[Item] = []
+    longest = 0
+    for it in items:
+        n = len(it.indices)
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * max(longest, n) > frame_budget):
+            yield batch
+            batch, longest = [], 0
+        batch.append(it)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def encode_long_item(encoder, item: Item, params: EmbedParams, chunk: int, device: str) -> np.ndarray:
+    """[1, D]: one tracklet longer than the frame budget, its backbone features computed over chunks
+    of `chunk` frames (decoded chunk by chunk), then the encoder head over the whole sequence."""
+    import torch
+
+    if item.sample is None:
+        raise EmbedError(f"sample {item.meta.key!r}: no frames kept to embed")
+    feats = []
+    cuda = device.startswith("cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        for c in range(0, len(item.indices), chunk):
+            frames = anchor_frames(
+                item.sample, item.meta, item.indices[c : c + chunk], params.bbox_scale_factor, params.im_size
+            )
+            feats.append(encoder.frame_features(torch.from_numpy(frames)[None].to(device)).float())
+        out = encoder.embed_features(torch.cat(feats, dim=1), pooling=params.pooling)
+    item.sample = None
+    return out.float().cpu().numpy().astype(np.float32)
 
 
 def pad_batch(frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -287,10 +465,18 @@ def flat_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return flat
 
 
-def resolve_source(encoder_ckpt: str | Path | None, encoder: str = "checkpoint") -> EncoderSource:
+def resolve_source(
+    encoder_ckpt: str | Path | None, encoder: str = "checkpoint", weights: str | Path | None = None
+) -> EncoderSource:
     """Identify the encoder without loading weights (the checkpoint is hashed, not unpickled)."""
+    if str(encoder).startswith(ZOO_PREFIX) or str(encoder_ckpt).startswith(ZOO_PREFIX):
+        return _zoo_source(encoder_ckpt, encoder, weights)
+    if weights is not None:
+        raise EmbedError("--weights is for zoo encoders (--encoder zoo:NAME); a checkpoint holds its weights")
+    if encoder not in ("checkpoint", DESCRIPTOR):
+        raise EmbedError(f"--encoder {encoder!r}: choose checkpoint, descriptor or zoo:NAME")
     if encoder == DESCRIPTOR or str(encoder_ckpt) == DESCRIPTOR:
-        from ingest.synth import descriptor as desc
+        from polyp_ssl.ingest.synth import descriptor as desc
 
         version = str(getattr(desc, "DESCRIPTOR_VERSION", "1"))
         return EncoderSource(DESCRIPTOR, DESCRIPTOR, f"descriptor-v{version}", DESCRIPTOR)
@@ -309,6 +495,24 @@ def resolve_source(encoder_ckpt: str | Path | None, encoder: str = "checkpoint")
     if not path.is_file():
         raise EmbedError(f"--encoder_ckpt {path}: no such file")
     return EncoderSource("checkpoint", str(path), sha256_file(path), sanitize_name(_ckpt_label(path)))
+
+
+def _zoo_source(encoder_ckpt, encoder: str, weights) -> EncoderSource:
+    """A zoo encoder: `--encoder zoo:NAME --weights PATH` or `zoo:NAME=PATH` (eval.zoo)."""
+    from polyp_ssl.eval.zoo import ZooError, resolve_zoo, show_notice
+
+    text = str(encoder) if str(encoder).startswith(ZOO_PREFIX) else str(encoder_ckpt)
+    if str(encoder).startswith(ZOO_PREFIX) and encoder_ckpt is not None:
+        raise EmbedError(f"--encoder {encoder} and --encoder_ckpt {encoder_ckpt}: give one encoder")
+    try:
+        src = resolve_zoo(text, weights)
+    except ZooError as e:
+        raise EmbedError(str(e)) from None
+    spec = src.spec
+    show_notice(spec)  # once per process, also when the vectors come from the cache
+    config = {"im_size": spec.input_size, "zoo": src.metadata()}
+    label = sanitize_name(f"zoo_{spec.name}")
+    return EncoderSource("zoo", f"{ZOO_PREFIX}{spec.name}={src.weights}", src.identity, label, config)
 
 
 def _ckpt_label(path: Path) -> str:
@@ -375,8 +579,21 @@ def build_init_encoder(config: dict[str, Any], seed: int):
         raise EmbedError(f"cannot build the encoder at initialisation: {e}") from e
 
 
-def load_source_encoder(source: EncoderSource, init_seed: int, expect_type: str | None):
-    """(encoder module, config dict) of a checkpoint or init source."""
+def load_source_encoder(
+    source: EncoderSource, init_seed: int, expect_type: str | None, pooling: str = "cls"
+):
+    """(encoder module, config dict) of a checkpoint, init or zoo source."""
+    if source.kind == "zoo":
+        from polyp_ssl.eval.zoo import ZooError, get_spec, make_zoo_encoder
+
+        if expect_type:
+            raise EmbedError(f"--encoder_type {expect_type} is for checkpoints; {source.spec} is a zoo model")
+        meta = source.config["zoo"]
+        try:
+            encoder = make_zoo_encoder(get_spec(meta["name"]), Path(meta["weights"]), token_pooling=pooling)
+        except ZooError as e:
+            raise EmbedError(str(e)) from None
+        return encoder, {"im_size": source.config["im_size"]}
     if source.kind == "checkpoint":
         from polyp_ssl.checkpoint import load_encoder
 
@@ -433,10 +650,10 @@ def encode_batch(encoder, frames: np.ndarray, mask: np.ndarray, pooling: str, de
 
 
 def describe_item(item: Item) -> np.ndarray:
-    from ingest.synth.descriptor import describe_tracklet
+    from polyp_ssl.ingest.synth.descriptor import describe_tracklet
 
     raw = item.raw or {}
-    images = {i: decode_rgb(raw[i]) for i in raw}
+    images = {i: decode_rgb(raw[i], item.meta.crop_sizes[i]) for i in raw}
     boxes = [item.meta.boxes_in_crop[i] for i in item.indices]
     vec = describe_tracklet([images[i] for i in item.indices], boxes)
     return np.asarray(vec, dtype=np.float32).reshape(-1)
@@ -475,25 +692,41 @@ def ensure_embeddings(
     name: str | None = None,
     encoder: str = "checkpoint",
     encoder_type: str | None = None,
+    weights: str | Path | None = None,
     init_seed: int = DEFAULT_INIT_SEED,
-    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_frames: int | None = DEFAULT_MAX_FRAMES,
     drop_last: bool = True,
     progress: bool = True,
+    min_tracklet_frames: int = DEFAULT_MIN_TRACKLET_FRAMES,
+    frame_budget: int = DEFAULT_FRAME_BUDGET,
 ) -> Path:
     """ROOT/embeddings/{name}.parquet for these inputs, computed only when not already there.
 
-    `ckpt`: a checkpoint path, `init:SPEC`, or "descriptor" (same as encoder="descriptor").
+    `ckpt`: a checkpoint path, `init:SPEC`, "descriptor" (same as encoder="descriptor") or
+    `zoo:NAME=PATH` (same as encoder="zoo:NAME", weights=PATH).
     """
     root = Path(root)
+    check_catalog_version(root)  # a root of an older catalog version: refused, with the re-ingest command
     mhash = manifest_sha256(root)
     split_shards(root, split)  # an unknown or empty split fails before any model is built
-    source = resolve_source(ckpt, encoder)
+    if name is not None:
+        try:
+            path_component(name, "--name")
+        except UnsafeIdError as exc:
+            raise EmbedError(str(exc)) from None
+    source = resolve_source(ckpt, encoder, weights)
     if fragment_length == 0 or fragment_length < -1:
         raise EmbedError(f"--data_fragment_length must be -1 or >= 1, got {fragment_length}")
     if batch_size < 1:
         raise EmbedError(f"--batch_size must be >= 1, got {batch_size}")
     if pooling not in ("cls", "mean"):
         raise EmbedError(f"--encoder_pooling must be cls or mean, got {pooling!r}")
+    if min_tracklet_frames < 1:
+        raise EmbedError(f"--min_tracklet_frames must be >= 1, got {min_tracklet_frames}")
+    if max_frames is not None and max_frames < 1:
+        raise EmbedError(f"--max_frames must be >= 1 (or not given: no cap), got {max_frames}")
+    if frame_budget < 1:
+        raise EmbedError(f"--frame_budget must be >= 1, got {frame_budget}")
     params = EmbedParams(
         split,
         fragment_length,
@@ -503,15 +736,24 @@ def ensure_embeddings(
         pooling,
         max_frames,
         drop_last,
+        min_tracklet_frames,
     )
 
     model = None
     config: dict[str, Any] = {}
     if source.kind == DESCRIPTOR:
         params = EmbedParams(**{**asdict(params), "im_size": 0, "bbox_scale_factor": 0.0, "pooling": "none"})
+    elif source.kind == "zoo":  # parameters known without the weights: a cached file is reused unloaded
+        if encoder_type:
+            raise EmbedError(f"--encoder_type {encoder_type} is for checkpoints, not {source.spec}")
+        params = resolve_params(params, {"im_size": source.config["im_size"]}, im_size, bbox_scale_factor)
+        if source.config["zoo"]["frame_pooling"] != "token":  # CNNs: the global average pool
+            params = EmbedParams(**{**asdict(params), "pooling": source.config["zoo"]["frame_pooling"]})
+        check_crop_scale(root, params.bbox_scale_factor)
     else:
-        model, config = load_source_encoder(source, init_seed, encoder_type)
+        model, config = load_source_encoder(source, init_seed, encoder_type, pooling)
         params = resolve_params(params, config, im_size, bbox_scale_factor)
+        check_crop_scale(root, params.bbox_scale_factor)
     identity = source.identity if source.kind != "init" else f"{source.identity}-seed{init_seed}"
     key = cache_key(identity, params, mhash)
     out_name = sanitize_name(name) if name else default_name(source, params, key)
@@ -526,51 +768,63 @@ def ensure_embeddings(
             return path
         log.info("%s was made from other inputs; recomputing", path)
 
+    if source.kind == "zoo":
+        model, _ = load_source_encoder(source, init_seed, None, params.pooling)
     expected = split_tracklet_count(root, split)
     t0 = time.perf_counter()
-    columns, vectors, n_capped, too_short = _compute(
-        root, params, source, model, batch_size, device, expected, progress
+    columns, vectors, n_capped, too_short, below_min = _compute(
+        root, params, source, model, batch_size, device, expected, progress, frame_budget
     )
     elapsed = time.perf_counter() - t0
     if not vectors:
         raise NoItemsError(
-            f"{root}: split {split!r} gave no items to embed (fragment_length {fragment_length} "
-            f"at stride {fragment_stride} is longer than every tracklet?)"
+            f"{root}: split {split!r} gave no items to embed ({len(below_min)} tracklets have fewer "
+            f"than --min_tracklet_frames {min_tracklet_frames} frames; fragment_length {fragment_length} "
+            f"at stride {fragment_stride} is longer than every other tracklet?)"
         )
     mat = np.concatenate(vectors, axis=0).astype(np.float32)
     if not np.isfinite(mat).all():
         raise EmbedError(f"{source.spec}: the encoder produced non-finite values on split {split!r}")
+    zoo_meta = source.config.get("zoo") if source.kind == "zoo" else None
     metadata = {
         "cache_key": key,
         "checkpoint": source.spec,
         "checkpoint_sha256": source.identity if source.kind == "checkpoint" else None,
         "encoder_kind": source.kind,
         "encoder_identity": identity,
-        "encoder_config": encoder_fields(config) if config else None,
+        "encoder_config": encoder_fields(config) if config and source.kind != "zoo" else None,
+        "encoder_zoo": zoo_meta,
+        "license_notice": (zoo_meta or {}).get("license_notice"),
         "init_seed": init_seed if source.kind == "init" else None,
         "params": asdict(params),
+        "protocol": protocol_string(params),
         "manifest_sha256": mhash,
         "dataset_root": str(root.resolve()),
         "n_rows": int(mat.shape[0]),
         "dim": int(mat.shape[1]),
         "n_tracklets_capped": n_capped,
         "n_tracklets_too_short": len(too_short),
+        "n_tracklets_below_min": len(below_min),
         "elapsed_s": round(elapsed, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "version": EMBED_VERSION,
     }
     write_embeddings(path, columns, mat, metadata)
-    print(f"wrote {mat.shape[0]} x {mat.shape[1]} embeddings to {path} ({elapsed:.1f} s)")
+    print(
+        f"wrote {mat.shape[0]} x {mat.shape[1]} embeddings to {path} ({elapsed:.1f} s; protocol "
+        f"{protocol_string(params)}; {len(below_min)} tracklets under {min_tracklet_frames} frames left out)"
+    )
     return path
 
 
-def _compute(root, params, source, model, batch_size, device, expected, progress):
+def _compute(root, params, source, model, batch_size, device, expected, progress, frame_budget):
     from tqdm import tqdm
 
     columns: dict[str, list] = {}
     vectors: list[np.ndarray] = []
     n_capped = 0
     too_short: list[str] = []
+    below_min: list[str] = []
     seen_tracklets: set[str] = set()
     bar = tqdm(
         total=expected or None,
@@ -594,7 +848,8 @@ def _compute(root, params, source, model, batch_size, device, expected, progress
             columns.setdefault(k, []).extend(v)
 
     if source.kind == DESCRIPTOR:
-        for batch in batched(iter_items(root, params, decode=False, too_short=too_short), batch_size):
+        items = iter_items(root, params, decode=False, too_short=too_short, below_min=below_min)
+        for batch in batched(items, batch_size):
             vectors.append(np.stack([describe_item(it) for it in batch]))
             account(batch)
     else:
@@ -604,9 +859,15 @@ def _compute(root, params, source, model, batch_size, device, expected, progress
         model = model.to(dev)
         if dev.startswith("cuda"):
             model = model.to(memory_format=torch.channels_last)
-        for batch in batched(iter_items(root, params, decode=True, too_short=too_short), batch_size):
-            frames, mask = pad_batch([it.frames for it in batch])
-            vectors.append(encode_batch(model, frames, mask, params.pooling, dev))
+        items = iter_items(
+            root, params, decode=True, too_short=too_short, below_min=below_min, decode_max=frame_budget
+        )
+        for batch in batched_by_frames(items, batch_size, frame_budget):
+            if batch[0].sample is not None:  # one tracklet longer than the budget
+                vectors.append(encode_long_item(model, batch[0], params, frame_budget, dev))
+            else:
+                frames, mask = pad_batch([it.frames for it in batch])
+                vectors.append(encode_batch(model, frames, mask, params.pooling, dev))
             account(batch)
     bar.close()
     if n_capped:
@@ -615,6 +876,15 @@ def _compute(root, params, source, model, batch_size, device, expected, progress
             n_capped,
             params.max_frames,
             params.max_frames,
+        )
+    if below_min:
+        log.info(
+            "%d tracklets of split %s have fewer than %d frames and are left out (the paper's protocol; "
+            "--min_tracklet_frames changes it), e.g. %s",
+            len(below_min),
+            params.split,
+            params.min_tracklet_frames,
+            below_min[0],
         )
     if too_short:
         log.warning(
@@ -626,14 +896,52 @@ def _compute(root, params, source, model, batch_size, device, expected, progress
             params.fragment_stride,
             too_short[0],
         )
-    return columns, vectors, n_capped, too_short
+    return columns, vectors, n_capped, too_short, below_min
+
+
+def check_catalog_version(root: str | Path) -> None:
+    """EmbedError when the root has no catalog or one of another version (shards.catalog.read_manifest:
+    the message names the manifest and the re-ingest command). Positions and sample layout change
+    between versions, so an old root is never embedded as if it were current."""
+    from polyp_ssl.shards.catalog import CatalogError, read_manifest
+
+    try:
+        read_manifest(root)
+    except CatalogError as e:
+        raise EmbedError(str(e)) from None
+
+
+def check_crop_scale(root: str | Path, bbox_scale_factor: float) -> None:
+    """EmbedError when the anchor crop is wider than the root's stored crops (it would be clamped
+    to the stored window without a word)."""
+    from polyp_ssl.cli import check_crop_scale as check
+
+    try:
+        check(bbox_scale_factor, root, "--data_bbox_scale_factor")
+    except ValueError as e:
+        raise EmbedError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
+def encoder_choice(text: str) -> str:
+    """argparse type of --encoder: checkpoint, descriptor or zoo:NAME (a known zoo entry)."""
+    from polyp_ssl.eval.zoo import zoo_names
+
+    if text in ("checkpoint", DESCRIPTOR):
+        return text
+    if text.startswith(ZOO_PREFIX) and text[len(ZOO_PREFIX) :].partition("=")[0] in zoo_names():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: choose checkpoint, descriptor or zoo:NAME with NAME one of {', '.join(zoo_names())}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="polyp-ssl embed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="polyp-ssl embed", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     p.add_argument(
         "--encoder_ckpt",
         help="checkpoint file, or init:SPEC (SPEC = checkpoint, config.yaml or "
@@ -641,19 +949,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--encoder",
-        choices=["checkpoint", DESCRIPTOR],
+        type=encoder_choice,
         default="checkpoint",
-        help="descriptor: the synthetic generator's hand-made descriptor instead of a network",
+        help="checkpoint (--encoder_ckpt), descriptor (the synthetic generator's hand-made descriptor) or "
+        "zoo:NAME, a foundation model from local --weights (docs/zoo.md)",
     )
+    p.add_argument("--weights", help="zoo encoders: the locally downloaded weights file or snapshot folder")
     p.add_argument(
         "--encoder_type",
         choices=["sfe", "mve", "hmve"],
         help="expected encoder type; a checkpoint of another type is an error",
     )
     p.add_argument("--dataset_root", required=True, help="an ingested root (shards/ and catalog/)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="catalog split to embed")
     p.add_argument("--data_fragment_length", type=int, default=-1, help="-1 = whole tracklet")
-    p.add_argument("--data_fragment_stride", type=int, default=DEFAULT_STRIDE)
+    p.add_argument(
+        "--data_fragment_stride", type=int, default=DEFAULT_STRIDE, help="take every N-th frame of a tracklet"
+    )
     p.add_argument(
         "--data_fragment_pad_last",
         action="store_true",
@@ -666,25 +978,71 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: the checkpoint's bbox_scale_factor",
     )
-    p.add_argument("--encoder_pooling", choices=["cls", "mean"], default="cls")
+    p.add_argument(
+        "--encoder_pooling",
+        choices=["cls", "mean"],
+        default="cls",
+        help="tracklet embedding: CLS output or mean",
+    )
     p.add_argument(
         "--max_frames",
         type=int,
         default=DEFAULT_MAX_FRAMES,
-        help="whole tracklets longer than this (after striding) are evenly subsampled",
+        help="cap: whole tracklets longer than this (after striding) are evenly subsampled (default: no cap, "
+        "the paper's protocol)",
     )
-    p.add_argument("--init_seed", type=int, default=DEFAULT_INIT_SEED)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument(
+        "--min_tracklet_frames",
+        type=int,
+        default=DEFAULT_MIN_TRACKLET_FRAMES,
+        help="tracklets with fewer frames (before striding) are left out (default 30, the paper's protocol)",
+    )
+    p.add_argument(
+        "--frame_budget",
+        type=int,
+        default=DEFAULT_FRAME_BUDGET,
+        help="padded frames per embedding batch (memory bound; longer tracklets run in chunks)",
+    )
+    p.add_argument(
+        "--init_seed",
+        type=int,
+        default=DEFAULT_INIT_SEED,
+        help="seed of an init:SPEC encoder's random weights",
+    )
+    p.add_argument("--batch_size", type=int, default=32, help="tracklets per embedding batch")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--name", help="output: ROOT/embeddings/{name}.parquet (default: derived from the inputs)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="also write the embeddings to FILE (a copy of the cached ROOT/embeddings file, written "
+        "whole under a temporary name, then renamed)",
+    )
     return p
+
+
+def copy_out(src: Path, dst: str | Path) -> Path:
+    """Copy an embeddings file to `dst` atomically (a reader never sees half a file)."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise EmbedError(f"--out {dst} is a folder; give a file name, e.g. {dst / src.name}")
+    if dst.resolve() == src.resolve():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        ensure_embeddings(
+        path = ensure_embeddings(
             args.dataset_root,
             args.encoder_ckpt,
             split=args.split,
@@ -698,10 +1056,15 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             encoder=args.encoder,
             encoder_type=args.encoder_type,
+            weights=args.weights,
             init_seed=args.init_seed,
             max_frames=args.max_frames,
             drop_last=not args.data_fragment_pad_last,
+            min_tracklet_frames=args.min_tracklet_frames,
+            frame_budget=args.frame_budget,
         )
+        if args.out:
+            print(f"wrote {copy_out(path, args.out)}")
     except EmbedError as e:
         print(f"polyp-ssl embed: error: {e}", file=sys.stderr)
         return 2

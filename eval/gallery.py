@@ -15,10 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from eval.plots import save_figure
-from shards.crops import enlarge_box
-from shards.sample import JSON_EXT, TrackletSample, frame_ext
+from polyp_ssl.eval.plots import save_figure
+from polyp_ssl.shards.crops import enlarge_box
+from polyp_ssl.shards.locations import shard_location
+from polyp_ssl.shards.reader import read_members, safe_member_name
+from polyp_ssl.shards.sample import (
+    JSON_EXT,
+    JpegSizeError,
+    SampleError,
+    TrackletSample,
+    check_jpeg,
+    frame_ext,
+    parse_sample,
+)
 
 RIGHT = (0.10, 0.65, 0.20)  # green
 WRONG = (0.85, 0.10, 0.10)  # red
@@ -67,7 +76,12 @@ def anchor_crop(meta: TrackletSample, jpeg: bytes, frame_index: int, scale: floa
     """The eval anchor crop (shards.crops rule) of one stored frame as uint8 [size, size, 3]."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    w, h = check_jpeg(jpeg, meta.crop_sizes[frame_index])  # before PIL allocates anything
+    with Image.open(io.BytesIO(jpeg)) as raw:
+        if raw.size != (w, h):
+            got = f"{raw.size[0]}x{raw.size[1]}"
+            raise ValueError(f"sample {meta.key!r}: frame {frame_index}: PIL reads {got}, its header {w}x{h}")
+        img = raw.convert("RGB")
     box = enlarge_box(meta.boxes_in_crop[frame_index], scale, img.width, img.height)
     img = img.crop(box).resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -83,20 +97,40 @@ def read_middle_crops(
         by_shard[shard].append(key)
     crops: dict[tuple[str, str], np.ndarray] = {}
     for shard, keys in by_shard.items():
-        path = root / shard
+        path = Path(shard_location(shard, root))  # a plain relative path inside the root, or an error
         if not path.is_file():
             raise FileNotFoundError(f"{path}: shard named by the catalog is missing")
-        with tarfile.open(path) as tar:
-            for key in dict.fromkeys(keys):
-                member = tar.extractfile(f"{key}.{JSON_EXT}")
-                if member is None:
-                    raise ValueError(f"{path}: sample {key!r} has no .json member")
-                meta = TrackletSample.from_json(member.read())
-                mid = meta.n_frames // 2
-                jpeg = tar.extractfile(f"{key}.{frame_ext(mid)}")
-                if jpeg is None:
-                    raise ValueError(f"{path}: sample {key!r} has no member .{frame_ext(mid)}")
-                crops[(shard, key)] = anchor_crop(meta, jpeg.read(), mid, scale, size)
+        wanted = set(keys)
+        members: dict[str, dict[str, bytes]] = defaultdict(dict)
+
+        def select(name: str, wanted: set[str] = wanted) -> bool:
+            return name.split(".", 1)[0] in wanted and safe_member_name(name)
+
+        try:
+            with open(path, "rb") as f:  # the shard reader: sizes bounded by the file, never extracted
+                for name, data in read_members(f, select):
+                    if data is not None:
+                        key, _, ext = name.partition(".")
+                        members[key][ext] = data
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"{path}: cannot read the shard ({e})") from e
+        for key in dict.fromkeys(keys):
+            sample = members.get(key, {})
+            if JSON_EXT not in sample:
+                raise ValueError(f"{path}: sample {key!r} has no .json member")
+            try:
+                meta = parse_sample(sample[JSON_EXT])
+            except SampleError as e:
+                raise ValueError(f"{path}: sample {key!r}: {e}") from e
+            mid = meta.n_frames // 2
+            jpeg = sample.get(frame_ext(mid))
+            if jpeg is None:
+                raise ValueError(f"{path}: sample {key!r} has no member .{frame_ext(mid)}")
+            try:
+                crops[(shard, key)] = anchor_crop(meta, jpeg, mid, scale, size)
+            except JpegSizeError as e:
+                field = f"crop_sizes[{mid}]"
+                raise ValueError(f"{path}: sample {key!r}: field {field!r}: frame {mid} is {e}") from e
     return [crops[(s, k)] for s, k in shard_and_keys]
 
 

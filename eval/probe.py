@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
-from shards.labels import DEFAULT_MAPPING, histology_binary, size_binary
+from polyp_ssl.shards.labels import DEFAULT_MAPPING, histology_binary, size_binary
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,11 @@ class ProbeConfig:
     n_classes: int = 2
     cls_type: str = "mlp"  # mlp | linear
     cls_hidden_dim: int = 256
-    cls_init: str = "default"  # default (PyTorch's) | xavier | zeros
+    cls_init: str = "default"  # default (PyTorch's) | normal (linear: N(0, 0.01)) | xavier | zeros
+    cls_use_layer_norm: bool = False  # linear probe: LayerNorm before the Linear (the reference's flag)
+    pos_weight: float | None = None  # BCE weight of the positive class (two classes)
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"  # norm | value
     dropout: float = 0.1
     opt_type: str = "adamw"  # adamw | sgd
     opt_lr: float = 1e-4
@@ -51,8 +54,16 @@ class ProbeConfig:
         checks = [
             (self.cls_type in ("mlp", "linear"), f"cls_type must be mlp or linear, got {self.cls_type!r}"),
             (
-                self.cls_init in ("default", "xavier", "zeros"),
-                f"cls_init must be default, xavier or zeros, got {self.cls_init!r}",
+                self.cls_init in ("default", "normal", "xavier", "zeros"),
+                f"cls_init must be default, normal, xavier or zeros, got {self.cls_init!r}",
+            ),
+            (
+                self.gradient_clip_algorithm in ("norm", "value"),
+                f"gradient_clip_algorithm must be norm or value, got {self.gradient_clip_algorithm!r}",
+            ),
+            (
+                self.pos_weight is None or self.pos_weight > 0,
+                f"pos_weight must be > 0, got {self.pos_weight}",
             ),
             (self.opt_type in ("adamw", "sgd"), f"opt_type must be adamw or sgd, got {self.opt_type!r}"),
             (
@@ -106,6 +117,24 @@ def task_labels(
                 continue
         y[i] = label
     return y, skipped
+
+
+def count_by_vocabulary(
+    identity_ids: Sequence[str], y: np.ndarray, dataset_id: dict[str, str | None] | None = None
+) -> dict[str, dict[str, int]]:
+    """Polyps per histology vocabulary (`shards.labels.vocabulary_name` of their dataset) and class:
+    {"sun": {"adenoma": 3, "non-adenoma": 2, "left out": 1}, ...}; one polyp counted once."""
+    from polyp_ssl.shards.labels import vocabulary_name
+
+    seen: dict[str, int] = {}
+    for ident, label in zip(identity_ids, y, strict=True):
+        seen.setdefault(str(ident), int(label))
+    out: dict[str, Counter] = {}
+    names = {1: "adenoma", 0: "non-adenoma"}
+    for ident, label in seen.items():
+        vocab = vocabulary_name((dataset_id or {}).get(ident))
+        out.setdefault(vocab, Counter())[names.get(label, "left out")] += 1
+    return {v: dict(sorted(c.items())) for v, c in sorted(out.items())}
 
 
 def split_by_identity(
@@ -181,8 +210,14 @@ def build_probe(dim: int, cfg: ProbeConfig):
             nn.Linear(cfg.cls_hidden_dim, out),
         )
     else:
-        model = nn.Sequential(nn.Linear(dim, out))
-    if cfg.cls_init != "default":
+        layers = [nn.LayerNorm(dim)] if cfg.cls_use_layer_norm else []
+        model = nn.Sequential(*layers, nn.Linear(dim, out))
+    if cfg.cls_init == "normal":
+        # the reference: only its linear probe honours cls_init (normal std 0.01, zero bias)
+        if cfg.cls_type == "linear":
+            nn.init.normal_(model[-1].weight, mean=0.0, std=0.01)
+            nn.init.zeros_(model[-1].bias)
+    elif cfg.cls_init != "default":
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 if cfg.cls_init == "xavier":
@@ -233,7 +268,11 @@ def _train(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig):
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.opt_lr, total_steps=steps * cfg.max_epochs
         )
-    loss_fn = nn.BCEWithLogitsLoss() if cfg.n_classes == 2 else nn.CrossEntropyLoss()
+    if cfg.n_classes == 2:
+        pw = None if cfg.pos_weight is None else torch.tensor(float(cfg.pos_weight))
+        loss_fn: nn.Module = nn.BCEWithLogitsLoss(pos_weight=pw)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
     history = []
     model.train()
     for _ in range(cfg.max_epochs):
@@ -248,6 +287,11 @@ def _train(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig):
                 loss = loss_fn(logits, yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.gradient_clip_val is not None:
+                if cfg.gradient_clip_algorithm == "value":
+                    nn.utils.clip_grad_value_(model.parameters(), cfg.gradient_clip_val)
+                else:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip_val)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -291,9 +335,15 @@ class ProbeResult:
     val_class_counts: dict[int, int]
     loss_history: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    # the val rows' labels and predictions (for bootstrap intervals); not part of the JSON
+    y_true: np.ndarray | None = field(default=None, repr=False)
+    y_pred: np.ndarray | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("y_true")
+        out.pop("y_pred")
+        return out
 
 
 def run_probe(train: ProbeData, val: ProbeData, cfg: ProbeConfig) -> ProbeResult:
@@ -320,4 +370,6 @@ def run_probe(train: ProbeData, val: ProbeData, cfg: ProbeConfig) -> ProbeResult
         val_class_counts={int(k): int(v) for k, v in zip(*np.unique(val.y, return_counts=True), strict=True)},
         loss_history=history,
         config=asdict(cfg),
+        y_true=np.asarray(val.y),
+        y_pred=np.asarray(pred),
     )

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from eval.plots import save_figure
+from polyp_ssl.eval.plots import save_figure
 
 METHODS = ("pca", "tsne")
 

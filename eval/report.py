@@ -15,16 +15,18 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from eval import embed as embed_mod
-from eval.embed import DESCRIPTOR, INIT_PREFIX, EmbedError, NoItemsError
-from eval.embeddings import Embeddings, EmbeddingsError, read_embeddings
-from eval.plots import save_figure
+from polyp_ssl.eval import embed as embed_mod
+from polyp_ssl.eval.embed import DESCRIPTOR, INIT_PREFIX, EmbedError, NoItemsError
+from polyp_ssl.eval.embeddings import Embeddings, EmbeddingsError, read_embeddings
+from polyp_ssl.eval.intervals import Interval, UnitStatistic
+from polyp_ssl.eval.plots import intervals_png, save_figure
+from polyp_ssl.eval.task_intervals import DEFAULT_CI_RESAMPLES, CiOptions, add_ci_flags, intervals
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ class Subject:
     """One row of the table: a checkpoint, a baseline, or a given embeddings file."""
 
     label: str
-    kind: str  # "checkpoint" | "init" | "descriptor" | "embeddings"
-    spec: str  # what ensure_embeddings takes (checkpoint path, init:..., descriptor) or the file
+    kind: str  # "checkpoint" | "init" | "descriptor" | "zoo" | "embeddings"
+    spec: str  # what ensure_embeddings takes (checkpoint, init:..., descriptor, zoo:NAME=PATH) or the file
     sha256: str | None = None
 
 
@@ -108,8 +110,10 @@ def build_subjects(
         seen.add(digest)
         subjects.append(Subject(checkpoint_label(c), "checkpoint", str(c), digest))
     for b in baselines:
-        if b not in BASELINES:
-            raise ReportError(f"--baselines: unknown baseline {b!r} (choose from {', '.join(BASELINES)})")
+        if b not in BASELINES and not b.startswith(embed_mod.ZOO_PREFIX):
+            raise ReportError(
+                f"--baselines: unknown baseline {b!r} (choose from {', '.join(BASELINES)}, zoo:NAME=PATH)"
+            )
     if "init" in baselines:
         inits: dict[str, Subject] = {}
         for s in [s for s in subjects if s.kind == "checkpoint"]:
@@ -123,6 +127,16 @@ def build_subjects(
         subjects.extend(inits.values())
     if DESCRIPTOR in baselines:
         subjects.append(Subject("hand-made descriptor", DESCRIPTOR, DESCRIPTOR, None))
+    for b in baselines:  # foundation models from local weights (eval.zoo), in the order given
+        if b.startswith(embed_mod.ZOO_PREFIX):
+            if "=" not in b:
+                raise ReportError(f"--baselines {b}: write zoo:NAME=PATH (the local weights file or folder)")
+            src = embed_mod.resolve_source(b)
+            zoo = src.config["zoo"]
+            label = zoo["name"]
+            if any(s.label == label for s in subjects):  # two weights of one entry: name them apart
+                label = f"{label} ({Path(zoo['weights']).stem})"
+            subjects.append(Subject(label, "zoo", src.spec, zoo["weights_sha256"]))
     for e in embeddings:
         subjects.append(Subject(Path(e).stem, "embeddings", str(e), None))
     return subjects
@@ -144,6 +158,8 @@ class ReportOptions:
     fragment_stride: int = 4
     pooling: str = "cls"
     encoder_type: str | None = None
+    min_tracklet_frames: int = embed_mod.DEFAULT_MIN_TRACKLET_FRAMES  # the paper's protocol
+    max_frames: int | None = embed_mod.DEFAULT_MAX_FRAMES  # None: every strided frame
     probe_fragment_length: int = 8
     probe_splits: tuple[str, ...] = ("val", "test")
     projection: str = "auto"
@@ -151,6 +167,14 @@ class ReportOptions:
     seed: int = 42
     count_fpr: float = 0.05
     progress: bool = True
+    ci_unit: str = "polyp"  # bootstrap unit of the intervals (eval.task_intervals); count: always video
+    ci_resamples: int = DEFAULT_CI_RESAMPLES  # 0: no intervals
+    ci_seed: int = 0
+    baseline: str | None = None  # row the paired differences are taken against (None: the first)
+
+    @property
+    def ci(self) -> CiOptions:
+        return CiOptions(unit=self.ci_unit, resamples=self.ci_resamples, seed=self.ci_seed)
 
 
 @dataclass
@@ -160,6 +184,8 @@ class TaskOutcome:
     time_s: float
     note: str = ""
     extra: Any = None
+    stats: dict[str, UnitStatistic] = field(default_factory=dict, repr=False)  # metric -> bootstrap statistic
+    ci: dict[str, Interval] = field(default_factory=dict)  # metric -> its interval (empty: disabled)
 
 
 @dataclass
@@ -200,6 +226,8 @@ class EmbeddingSource:
                 device=o.device,
                 encoder_type=o.encoder_type if self.subject.kind == "checkpoint" else None,
                 progress=o.progress,
+                min_tracklet_frames=o.min_tracklet_frames,
+                max_frames=o.max_frames,
             )
             emb = read_embeddings(path, split=split, root=o.root)
         if str(path) not in self.result.files:
@@ -228,23 +256,29 @@ def _identities(emb: Embeddings) -> np.ndarray:
 
 
 def task_retrieval(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
-    from eval.metrics import retrieval_from_vectors
+    from polyp_ssl.eval.metrics import retrieval_from_vectors
 
     emb = src.get("test").tracklet_level()
     ident = _identities(emb)
     if len(set(ident)) == len(ident):
         raise TaskSkipped("no two test tracklets share a polyp: no query has a positive")
     res = retrieval_from_vectors(emb.vectors, ident)
+    stats = {}
+    if opts.ci.enabled:
+        from polyp_ssl.eval.task_intervals import retrieval_stats
+
+        stats = retrieval_stats(res.ap, res.hits, res.valid, ident, emb.video_id, opts.ci_unit)
     return TaskOutcome(
         "retrieval",
         {"mAP": res.mAP, "HR@1": res.hr[1], "HR@5": res.hr[5]},
         0.0,
         note=f"{res.n_queries} queries, {res.n_excluded} without a positive excluded",
+        stats=stats,
     )
 
 
 def task_reid(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
-    from eval.metrics import reid_from_vectors
+    from polyp_ssl.eval.metrics import reid_from_vectors
 
     emb = src.get("test").tracklet_level()
     ident = _identities(emb)
@@ -253,12 +287,18 @@ def task_reid(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
     if len(set(ident)) < 2:
         raise TaskSkipped("every test tracklet is the same polyp: no negative pair")
     res = reid_from_vectors(emb.vectors, ident)
+    stats = {}
+    if opts.ci.enabled:
+        from polyp_ssl.eval.task_intervals import reid_stats
+
+        stats = reid_stats(emb.vectors, ident, emb.video_id, opts.ci_unit)
     return TaskOutcome(
         "reid",
         {"AUROC": res.auroc, "AUPR": res.aupr},
         0.0,
         note=f"{res.n_pairs} pairs, {res.n_positive} same-polyp",
         extra=res,
+        stats=stats,
     )
 
 
@@ -274,8 +314,8 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
     """MLP probe on frozen fragment embeddings of the polyps the encoder never trained on
     (`probe_splits`, default val + test, as the paper probes on held-out videos), 70/30 split by
     polyp (stratified, seeded); rows of polyps without a usable label are left out and counted."""
-    from eval import probe
-    from eval.embeddings import polyp_labels
+    from polyp_ssl.eval import probe
+    from polyp_ssl.eval.embeddings import polyp_labels
 
     parts = []
     for split in opts.probe_splits:
@@ -287,6 +327,7 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
             raise TaskSkipped(f"{e}; set --probe_fragment_length shorter or -1") from e
     where = "+".join(opts.probe_splits)
     ids = np.concatenate([e.identity_id for e in parts]).astype(str)
+    vids = np.concatenate([e.video_id for e in parts]).astype(str)
     vectors = np.concatenate([e.vectors for e in parts])
     labels = polyp_labels(opts.root)
     y, left_out = probe.task_labels(ids, task, labels.size_mm, labels.histology, labels.dataset_id)
@@ -294,7 +335,7 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
     if not keep.any():
         reasons = ", ".join(f"{n} {why}" for why, n in left_out.most_common()) or "no rows"
         raise TaskSkipped(f"no {where} polyp has a {task} label ({reasons})")
-    ids, y, x = ids[keep], y[keep], vectors[keep]
+    ids, y, x, vids = ids[keep], y[keep], vectors[keep], vids[keep]
     if np.unique(y).size < 2:
         raise TaskSkipped(f"every labelled {where} polyp has the same {task} class ({int(y[0])})")
     train, val = probe.split_by_identity(ids, y, 0.7, seed=opts.seed)
@@ -315,6 +356,13 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
         if task == "size"
         else {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
     )
+    stats = {}
+    if opts.ci.enabled:
+        from polyp_ssl.eval.task_intervals import probe_stats
+
+        all_stats = probe_stats(res.y_true, res.y_pred, ids[val], vids[val], opts.ci_unit)
+        names = {"F1": "identity_weighted_macro_f1"}
+        stats = {k: all_stats[names.get(k, k)] for k in metrics}
     left = sum(left_out.values())
     note = (
         f"{res.n_train} train / {res.n_val} val fragments, {res.n_train_polyps} / {res.n_val_polyps} "
@@ -322,13 +370,13 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
         f"{sum(int(e.meta.get('n_tracklets_too_short') or 0) for e in parts)} tracklets shorter than one "
         "fragment"
     )
-    return TaskOutcome(task, metrics, 0.0, note=note)
+    return TaskOutcome(task, metrics, 0.0, note=note, stats=stats)
 
 
 def task_count(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
     """Agglomerative clustering per video; threshold chosen on val at pairwise FPR <= count_fpr."""
-    from eval import count
-    from eval.embeddings import tracklet_spans
+    from polyp_ssl.eval import count
+    from polyp_ssl.eval.embeddings import tracklet_spans
 
     if not src.has_split("val"):
         raise TaskSkipped("counting chooses its threshold on the val split, which has no tracklets")
@@ -364,8 +412,15 @@ def task_count(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
         f"agglomerative, threshold {res.value:.2f} chosen on val (val FPR {res.val_fpr:.3f}, target "
         f"{met}); {len(res.per_video)} test videos"
     )
+    from polyp_ssl.eval.task_intervals import count_stats
+
+    stats = count_stats(res.per_video) if opts.ci.enabled else {}
     return TaskOutcome(
-        "count", {"fragmentation_rate": res.test_fragmentation, "FPR": res.test_fpr}, 0.0, note=note
+        "count",
+        {"fragmentation_rate": res.test_fragmentation, "FPR": res.test_fpr},
+        0.0,
+        note=note,
+        stats=stats,
     )
 
 
@@ -391,6 +446,9 @@ def evaluate_subject(subject: Subject, opts: ReportOptions) -> SubjectResult:
             result.skipped[task] = str(e)
             log.warning("%s: %s skipped: %s", subject.label, task, e)
             continue
+        if outcome.stats:  # counting clusters within a video: its unit is the video
+            ci = replace(opts.ci, unit="video") if task == "count" else opts.ci
+            outcome.ci = intervals(outcome.stats, ci)
         outcome.time_s = time.perf_counter() - t0
         result.outcomes.append(outcome)
     if "test" in {k[0] for k in src._cache}:
@@ -401,10 +459,52 @@ def evaluate_subject(subject: Subject, opts: ReportOptions) -> SubjectResult:
 # ----------------------------------------------------------------------------- results table
 
 
-def result_rows(res: SubjectResult, created: str) -> list[dict[str, Any]]:
+def task_split(task: str, opts: ReportOptions) -> str:
+    """The split(s) a task's numbers come from: test (retrieval, re-id), the probe splits (70/30
+    by polyp inside them), val+test for counting (threshold on val, measured on test)."""
+    if task in ("size", "histology"):
+        return "+".join(opts.probe_splits)
+    return "val+test" if task == "count" else "test"
+
+
+def task_settings(task: str, opts: ReportOptions) -> str:
+    """The settings behind a task's numbers, as sorted JSON (one string column of results)."""
+    import json
+
+    settings: dict[str, Any] = {
+        "im_size": opts.im_size,  # None: each checkpoint's own
+        "bbox_scale_factor": opts.bbox_scale_factor,
+        "fragment_stride": opts.fragment_stride,
+        "pooling": opts.pooling,
+        "min_tracklet_frames": opts.min_tracklet_frames,
+        "max_frames": opts.max_frames,
+        "seed": opts.seed,
+    }
+    if task in ("size", "histology"):
+        settings["fragment_length"] = opts.probe_fragment_length
+    if task == "count":
+        settings["max_fpr"] = opts.count_fpr
+    return json.dumps(settings, sort_keys=True)
+
+
+def result_rows(
+    res: SubjectResult,
+    created: str,
+    protocol: str | None = None,
+    opts: ReportOptions | None = None,
+    diffs: dict[tuple[str, str], Interval] | None = None,
+    baseline: str | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (task, metric): the value, its interval (value_ci_low/high, null without one) and,
+    for a row other than the baseline, the paired difference to `baseline` with its interval."""
     rows = []
     for o in res.outcomes:
         for metric, value in o.metrics.items():
+            iv = o.ci.get(metric)
+            d = (diffs or {}).get((o.task, metric))
+            ci_unit = None
+            if iv is not None and opts is not None:
+                ci_unit = "video" if o.task == "count" else opts.ci_unit
             rows.append(
                 {
                     "checkpoint": res.subject.label,
@@ -415,6 +515,21 @@ def result_rows(res: SubjectResult, created: str) -> list[dict[str, Any]]:
                     "value": float(value),
                     "time_s": round(o.time_s, 4),
                     "created": created,
+                    "protocol": protocol,
+                    "dataset_root": str(Path(opts.root).resolve()) if opts else None,
+                    "split": task_split(o.task, opts) if opts else None,
+                    "settings": task_settings(o.task, opts) if opts else None,
+                    "value_ci_low": iv.low if iv is not None else None,
+                    "value_ci_high": iv.high if iv is not None else None,
+                    "ci_level": iv.level if iv is not None else None,
+                    "ci_unit": ci_unit,
+                    "ci_n_units": iv.n_units if iv is not None else None,
+                    "ci_resamples": iv.n_resamples if iv is not None else None,
+                    "ci_seed": opts.ci_seed if iv is not None and opts is not None else None,
+                    "baseline": baseline if d is not None else None,
+                    "diff_vs_baseline": d.estimate if d is not None else None,
+                    "diff_ci_low": d.low if d is not None else None,
+                    "diff_ci_high": d.high if d is not None else None,
                 }
             )
     return rows
@@ -433,6 +548,23 @@ def results_schema():
             ("value", pa.float64()),
             ("time_s", pa.float64()),
             ("created", pa.string()),
+            ("protocol", pa.string()),  # the evaluation protocol (eval.embed.protocol_string)
+            ("dataset_root", pa.string()),  # the ingested root, resolved
+            ("split", pa.string()),  # the split(s) the numbers come from (task_split)
+            ("settings", pa.string()),  # JSON of the embedding and task settings (task_settings)
+            # bootstrap interval of value (null: disabled, or a file from before the intervals)
+            ("value_ci_low", pa.float64()),
+            ("value_ci_high", pa.float64()),
+            ("ci_level", pa.float64()),
+            ("ci_unit", pa.string()),  # polyp | video (what a resample draws)
+            ("ci_n_units", pa.int64()),
+            ("ci_resamples", pa.int64()),
+            ("ci_seed", pa.int64()),
+            # paired difference value - baseline's value, same resamples (null on the baseline row)
+            ("baseline", pa.string()),
+            ("diff_vs_baseline", pa.float64()),
+            ("diff_ci_low", pa.float64()),
+            ("diff_ci_high", pa.float64()),
         ]
     )
 
@@ -447,6 +579,9 @@ def append_results(path: Path, rows: list[dict[str, Any]]) -> Path:
     if path.is_file():
         try:
             old = pq.read_table(path)
+            for name in schema.names:  # a file from before a column: null there
+                if name not in old.schema.names:
+                    old = old.append_column(name, pa.nulls(len(old), schema.field(name).type))
             old = old.select(schema.names).cast(schema)
         except Exception as e:
             raise ReportError(f"{path}: existing results file is not a results table ({e})") from e
@@ -466,18 +601,114 @@ def format_value(metric: str, value: float | None) -> str:
     return f"{100 * value:.1f}"
 
 
-def markdown_table(results: Sequence[SubjectResult]) -> str:
-    """One row per subject, one column per (task, metric) that any subject has."""
+def format_interval(metric: str, value: float | None, iv: Interval | None, signed: bool = False) -> str:
+    """`47.0 [41.2, 52.9]` (percent; the fragmentation rate as it is); without an interval, the value."""
+    def one(x: float | None) -> str:
+        text = format_value(metric, x)
+        return f"+{text}" if signed and x is not None and np.isfinite(x) and x > 0 else text
+
+    if iv is None or not (np.isfinite(iv.low) and np.isfinite(iv.high)):
+        return one(value)
+    return f"{one(value)} [{one(iv.low)}, {one(iv.high)}]"
+
+
+def _columns(results: Sequence[SubjectResult]) -> list[tuple[str, str]]:
     have = {(o.task, m) for r in results for o in r.outcomes for m in o.metrics}
-    cols = [c for c in COLUMNS if c in have] + sorted(have - set(COLUMNS))
+    return [c for c in COLUMNS if c in have] + sorted(have - set(COLUMNS))
+
+
+def markdown_table(results: Sequence[SubjectResult]) -> str:
+    """One row per subject, one column per (task, metric) that any subject has; with intervals,
+    each cell is `value [low, high]`."""
+    cols = _columns(results)
     head = "| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
     sep = "|---|" + "|".join("---:" for _ in cols) + "|"
     lines = [head, sep]
     for r in results:
-        vals = {(o.task, m): v for o in r.outcomes for m, v in o.metrics.items()}
-        cells = " | ".join(format_value(m, vals.get((t, m))) for t, m in cols)
+        vals = {(o.task, m): (v, o.ci.get(m)) for o in r.outcomes for m, v in o.metrics.items()}
+        cells = " | ".join(format_interval(m, *vals.get((t, m), (None, None))) for t, m in cols)
         lines.append(f"| {r.subject.label} | {cells} |")
     return "\n".join(lines)
+
+
+def choose_baseline(results: Sequence[SubjectResult], name: str | None) -> SubjectResult:
+    """The row named `name` (default: the first row)."""
+    if name is None:
+        return results[0]
+    for r in results:
+        if r.subject.label == name:
+            return r
+    labels = ", ".join(repr(r.subject.label) for r in results)
+    raise ReportError(f"--baseline {name!r}: no such row (rows: {labels})")
+
+
+def paired_differences(
+    results: Sequence[SubjectResult], baseline: SubjectResult, opts: ReportOptions
+) -> dict[str, dict[tuple[str, str], Interval]]:
+    """Per row other than the baseline: (task, metric) -> interval of row - baseline, both on the
+    same resamples (eval.intervals.paired_interval)."""
+    from polyp_ssl.eval.task_intervals import paired
+
+    base = {o.task: o for o in baseline.outcomes}
+    out: dict[str, dict[tuple[str, str], Interval]] = {}
+    for r in results:
+        if r is baseline:
+            continue
+        diffs: dict[tuple[str, str], Interval] = {}
+        for o in r.outcomes:
+            b = base.get(o.task)
+            if b is None or not o.stats or not b.stats:
+                continue
+            ci = replace(opts.ci, unit="video") if o.task == "count" else opts.ci
+            for metric, iv in paired(o.stats, b.stats, ci).items():
+                diffs[(o.task, metric)] = iv
+        out[r.subject.label] = diffs
+    return out
+
+
+def difference_table(
+    results: Sequence[SubjectResult],
+    baseline: SubjectResult,
+    diffs: dict[str, dict[tuple[str, str], Interval]],
+) -> str:
+    """Row - baseline per metric, `+3.1 [0.5, 5.8]` (percentage points; an interval excluding 0 is a
+    difference the resampled units support)."""
+    cols = _columns(results)
+    head = "| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
+    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    lines = [head, sep]
+    for r in results:
+        if r is baseline:
+            continue
+        d = diffs.get(r.subject.label, {})
+        cells = " | ".join(
+            format_interval(m, d[(t, m)].estimate, d[(t, m)], signed=True) if (t, m) in d else "-"
+            for t, m in cols
+        )
+        lines.append(f"| {r.subject.label} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_intervals(results: Sequence[SubjectResult], out_dir: Path) -> list[Path]:
+    """One panel per (task, metric): every row's value with its interval as a horizontal bar."""
+    panels = []
+    for t, m in _columns(results):
+        labels, vals, lows, highs = [], [], [], []
+        for r in results:
+            for o in r.outcomes:
+                if o.task == t and m in o.metrics and m in o.ci:
+                    iv = o.ci[m]
+                    labels.append(r.subject.label)
+                    vals.append(o.metrics[m])
+                    lows.append(iv.low)
+                    highs.append(iv.high)
+        if labels:
+            scale = 1.0 if m == "fragmentation_rate" else 100.0
+            arrays = [scale * np.asarray(a, dtype=np.float64) for a in (vals, lows, highs)]
+            panels.append((f"{t} {m}", labels, *arrays))
+    if not panels:
+        return []
+    return [intervals_png(out_dir / "intervals.png", panels)]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -525,12 +756,31 @@ def plot_reid_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Pa
 
 
 
+def training_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Path]:
+    """The training curves (eval.curves) of every run whose checkpoint is evaluated, one PNG per
+    run folder with CSV logs; a log that cannot be read is a warning, not a failed report."""
+    from polyp_ssl.eval.curves import CurvesError, curves_for, run_of_checkpoint
+
+    runs: list[Path] = []
+    for r in results:
+        run = run_of_checkpoint(r.subject.spec) if r.subject.kind == "checkpoint" else None
+        if run is not None and run.resolve() not in [x.resolve() for x in runs]:
+            runs.append(run)
+    paths = []
+    for run in runs:
+        try:
+            paths.append(curves_for(run, out_dir)[0])
+        except CurvesError as e:
+            log.warning("training curves of %s not drawn: %s", run, e)
+    return paths
+
+
 def _slug(text: str) -> str:
     return embed_mod.sanitize_name(text.replace("/", "_").replace(" ", "_").replace("(", "").replace(")", ""))
 
 
 def gallery_for(res: SubjectResult, opts: ReportOptions, crop_scale: float) -> Path | None:
-    from eval.gallery import pick_gallery_rows, plot_gallery, read_middle_crops
+    from polyp_ssl.eval.gallery import pick_gallery_rows, plot_gallery, read_middle_crops
 
     emb = res.test
     if emb is None or len(emb) < 2:
@@ -554,13 +804,20 @@ def gallery_for(res: SubjectResult, opts: ReportOptions, crop_scale: float) -> P
 
 def _shard_of(root: Path) -> dict[str, str]:
     import pyarrow.parquet as pq
+    from polyp_ssl.shards.locations import UnsafeLocation, check_shard_value
 
-    t = pq.read_table(root / "catalog" / "tracklets.parquet", columns=["tracklet_id", "shard"]).to_pydict()
+    path = root / "catalog" / "tracklets.parquet"
+    t = pq.read_table(path, columns=["tracklet_id", "shard"]).to_pydict()
+    try:
+        for tid, rel in zip(t["tracklet_id"], t["shard"], strict=True):
+            check_shard_value(rel, path, f"tracklet {tid!r}")
+    except UnsafeLocation as exc:
+        raise ReportError(str(exc)) from None
     return dict(zip(t["tracklet_id"], t["shard"], strict=True))
 
 
 def projection_for(res: SubjectResult, opts: ReportOptions) -> Path | None:
-    from eval.projection import plot_projection, project_2d
+    from polyp_ssl.eval.projection import plot_projection, project_2d
 
     emb = res.test
     if emb is None or len(emb) < 3:
@@ -581,6 +838,19 @@ def projection_for(res: SubjectResult, opts: ReportOptions) -> Path | None:
 # ----------------------------------------------------------------------------- report.md
 
 
+def report_protocol(opts: ReportOptions) -> str:
+    """The evaluation protocol of the whole-tracklet tasks, e.g. `paper: min 30 frames, stride 4,
+    all frames` (eval.embed.protocol_string)."""
+    return embed_mod.protocol_string(
+        {
+            "min_tracklet_frames": opts.min_tracklet_frames,
+            "fragment_stride": opts.fragment_stride,
+            "fragment_length": -1,
+            "max_frames": opts.max_frames,
+        }
+    )
+
+
 def write_report_md(
     path: Path,
     results: Sequence[SubjectResult],
@@ -588,8 +858,10 @@ def write_report_md(
     opts: ReportOptions,
     created: str,
     command: str,
+    baseline: SubjectResult | None = None,
+    diffs: dict[str, dict[tuple[str, str], Interval]] | None = None,
 ) -> Path:
-    from eval.embeddings import manifest_sha256
+    from polyp_ssl.eval.embeddings import manifest_sha256
 
     lines = [
         "# Evaluation report",
@@ -597,6 +869,8 @@ def write_report_md(
         f"- dataset root: `{opts.root}` (catalog manifest sha256 `{manifest_sha256(opts.root)[:16]}`)",
         f"- created: {created}",
         f"- command: `{command}`",
+        f"- protocol: {report_protocol(opts)} (retrieval, re-identification, counting; probes: "
+        f"fragments of {opts.probe_fragment_length} frames of the same tracklets)",
         "",
         "## Results",
         "",
@@ -609,6 +883,24 @@ def write_report_md(
         markdown_table(results),
         "",
     ]
+    if any(o.ci for r in results for o in r.outcomes):
+        c = opts.ci
+        lines += [
+            f"In brackets: {round(100 * c.level)}% bootstrap interval ({c.resamples} resamples of the "
+            f"test {c.unit}s, seed {c.seed}; counting resamples videos).",
+            "",
+        ]
+    if baseline is not None and diffs and any(diffs.values()):
+        lines += [
+            f"## Difference vs {baseline.subject.label}",
+            "",
+            f"Row minus {baseline.subject.label}, in percentage points (fragmentation rate: as it is), "
+            "with the 95% interval of the paired bootstrap (both encoders on the same resamples). An "
+            "interval that excludes 0 is a difference the data supports.",
+            "",
+            difference_table(results, baseline, diffs),
+            "",
+        ]
     notes = []
     for r in results:
         for o in r.outcomes:
@@ -667,20 +959,30 @@ def run_report(
             f"{o.task} {m} {format_value(m, v)}" for o in res.outcomes for m, v in o.metrics.items()
         )
         print(f"    {summary or 'no task ran'} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    rows = [row for r in results for row in result_rows(r, created)]
+    baseline = choose_baseline(results, opts.baseline)
+    diffs = paired_differences(results, baseline, opts) if len(results) > 1 and opts.ci.enabled else {}
+    rows = [
+        row
+        for r in results
+        for row in result_rows(
+            r, created, report_protocol(opts), opts, diffs.get(r.subject.label), baseline.subject.label
+        )
+    ]
     append_results(opts.out / RESULTS_FILE, rows)
-    figures: dict[str, list[Path]] = {"re-identification curves": plot_reid_curves(results, opts.out)}
+    figures: dict[str, list[Path]] = {"intervals": plot_intervals(results, opts.out)}
+    figures["re-identification curves"] = plot_reid_curves(results, opts.out)
     scale = _crop_scale(opts, results)
     figures["retrieval gallery"] = [p for r in results if (p := gallery_for(r, opts, scale))]
     figures["2-D projection"] = [p for r in results if (p := projection_for(r, opts))]
-    write_report_md(opts.out / REPORT_FILE, results, figures, opts, created, command)
+    figures["training curves"] = training_curves(results, opts.out)
+    write_report_md(opts.out / REPORT_FILE, results, figures, opts, created, command, baseline, diffs)
     return results
 
 
 def _crop_scale(opts: ReportOptions, results: Sequence[SubjectResult]) -> float:
     if opts.bbox_scale_factor:
         return opts.bbox_scale_factor
-    from eval.embeddings import read_metadata
+    from polyp_ssl.eval.embeddings import read_metadata
 
     for r in results:
         for f in r.files:
@@ -691,7 +993,9 @@ def _crop_scale(opts: ReportOptions, results: Sequence[SubjectResult]) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="polyp-ssl report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="polyp-ssl report", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     p.add_argument(
         "checkpoints",
         nargs="*",
@@ -699,11 +1003,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint files or run folders (a run folder = its checkpoints/*.ckpt)",
     )
     p.add_argument("--dataset_root", required=True, help="an ingested root (shards/ and catalog/)")
-    p.add_argument("--out", default="report", help="output folder for report.md, results.parquet, figures")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder for report.md, results.parquet, figures (default: report/{root}_{tasks}_"
+        "{protocol}_{hash of the inputs}, so reports of other inputs never share a folder)",
+    )
     p.add_argument(
         "--baselines",
         default="init,descriptor",
-        help="comma-separated: init (same encoder, random weights), descriptor; 'none' for none",
+        help="comma-separated: init (same encoder, random weights), descriptor, zoo:NAME=PATH (a "
+        "foundation model from local weights, docs/zoo.md); 'none' for none",
     )
     p.add_argument("--embeddings", nargs="*", default=[], help="also evaluate these embeddings files")
     p.add_argument(
@@ -714,22 +1024,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--encoder_type", choices=["sfe", "mve", "hmve"], help="expected type of every checkpoint")
     p.add_argument("--data_im_size", type=int, default=None, help="default: each checkpoint's im_size")
-    p.add_argument("--data_bbox_scale_factor", type=float, default=None)
-    p.add_argument("--data_fragment_stride", type=int, default=4)
+    p.add_argument(
+        "--data_bbox_scale_factor",
+        type=float,
+        default=None,
+        help="default: each checkpoint's bbox_scale_factor",
+    )
+    p.add_argument("--data_fragment_stride", type=int, default=4, help="take every N-th frame of a tracklet")
     p.add_argument("--probe_fragment_length", type=int, default=8, help="fragment length for the probes")
+    p.add_argument(
+        "--min_tracklet_frames",
+        type=int,
+        default=embed_mod.DEFAULT_MIN_TRACKLET_FRAMES,
+        help="tracklets with fewer frames are left out of every task (default 30, the paper's protocol)",
+    )
+    p.add_argument(
+        "--max_frames",
+        type=int,
+        default=embed_mod.DEFAULT_MAX_FRAMES,
+        help="cap whole tracklets at this many strided frames (default: no cap, the paper's protocol)",
+    )
     p.add_argument(
         "--probe_splits",
         default="val,test",
         help="splits whose polyps the probes use (70/30 by polyp); default the held-out val,test",
     )
-    p.add_argument("--encoder_pooling", choices=["cls", "mean"], default="cls")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--projection", choices=["auto", "pca", "tsne"], default="auto")
-    p.add_argument("--gallery_queries", type=int, default=4)
-    p.add_argument("--count_fpr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--encoder_pooling",
+        choices=["cls", "mean"],
+        default="cls",
+        help="tracklet embedding: CLS output or mean",
+    )
+    p.add_argument("--batch_size", type=int, default=32, help="tracklets per embedding batch")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--projection",
+        choices=["auto", "pca", "tsne"],
+        default="auto",
+        help="2-D map of the embeddings figure",
+    )
+    p.add_argument(
+        "--gallery_queries",
+        type=int,
+        default=4,
+        help="query tracklets shown in the gallery figure",
+    )
+    p.add_argument(
+        "--count_fpr",
+        type=float,
+        default=0.05,
+        help="counting: pooled pairwise FPR allowed on val",
+    )
+    p.add_argument("--seed", type=int, default=42, help="random seed (probes, projection, gallery)")
+    add_ci_flags(p)
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="ROW_NAME",
+        help="row (encoder label) the paired differences are taken against (default: the first row)",
+    )
     return p
+
+
+def default_out(
+    opts: ReportOptions, checkpoints: Sequence[str], baselines: Sequence[str], embeddings: Sequence[str]
+) -> Path:
+    """report/{root name}_{tasks}_{protocol tag}_{hash}: the hash covers the root, the evaluated
+    checkpoints, baselines and embeddings files (resolved paths) and every option, so the same
+    command reuses its folder (results.parquet appended) and any other gets its own."""
+    from dataclasses import asdict
+
+    from polyp_ssl.eval.outputs import protocol_tag, short_hash, slug
+
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("out", "progress")}
+    inputs = {
+        "settings": settings,
+        "root": str(Path(opts.root).resolve()),
+        "checkpoints": sorted(str(Path(c).resolve()) for c in checkpoints),
+        "baselines": sorted(baselines),
+        "embeddings": sorted(str(Path(e).resolve()) for e in embeddings),
+    }
+    tasks = "all" if set(opts.tasks) == set(TASKS) else "+".join(opts.tasks)
+    tag = protocol_tag(report_protocol(opts))
+    name = f"{Path(opts.root).resolve().name}_{tasks}_{tag}_{short_hash(inputs)}"
+    return Path("report") / slug(name)
 
 
 def parse_tasks(text: str) -> tuple[tuple[str, ...], bool]:
@@ -755,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         opts = ReportOptions(
             root=Path(args.dataset_root),
-            out=Path(args.out),
+            out=Path(args.out) if args.out else Path("report"),
             tasks=tasks,
             strict_tasks=strict,
             device=args.device,
@@ -766,11 +1144,23 @@ def main(argv: list[str] | None = None) -> int:
             pooling=args.encoder_pooling,
             encoder_type=args.encoder_type,
             probe_fragment_length=args.probe_fragment_length,
+            min_tracklet_frames=args.min_tracklet_frames,
+            max_frames=args.max_frames,
             projection=args.projection,
             gallery_queries=args.gallery_queries,
             seed=args.seed,
             count_fpr=args.count_fpr,
+            ci_unit=args.ci_unit,
+            ci_resamples=args.ci_resamples,
+            ci_seed=args.ci_seed,
+            baseline=args.baseline,
         )
+        try:
+            opts.ci.validate()
+        except ValueError as e:
+            raise ReportError(str(e)) from None
+        if not args.out:
+            opts.out = default_out(opts, args.checkpoints, baselines, args.embeddings)
         results = run_report(
             args.checkpoints, opts, baselines, args.embeddings, command="polyp-ssl report " + " ".join(argv)
         )

@@ -14,10 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from ingest.faults import crash_point
-from shards.schema import CATALOG_VERSION, TABLES
-from shards.writer import TMP_SUFFIX, write_atomic
+from polyp_ssl.ingest.faults import crash_point
+from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
+from polyp_ssl.shards.writer import TMP_SUFFIX, write_atomic
 
 MANIFEST = "manifest.json"
 

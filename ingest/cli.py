@@ -12,9 +12,12 @@ import re
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
-from ingest.errors import ON_ERROR, IngestError
-from ingest.plan import IngestParams
-from ingest.run import IngestConfig, IngestRefused, Part, run_ingest
+from polyp_ssl.ingest.errors import ON_ERROR, IngestError
+from polyp_ssl.ingest.plan import IngestParams
+from polyp_ssl.ingest.run import IngestConfig, IngestRefused, Part, run_ingest
+from polyp_ssl.ingest.sources import link_targets
+from polyp_ssl.shards.cli_errors import debug_enabled
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 
 
 def parse_part(text: str) -> Part:
@@ -37,6 +40,7 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl ingest",
         description="Build WebDataset shards (one sample per tracklet) and the Parquet catalog from a "
         "dataset root with images/ and annotations/instances_{split}.json.",
@@ -82,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail: stop at the first bad input; skip: record it in the errors table and go on",
     )
     p.add_argument("--part", type=parse_part, help="I/N: ingest every N-th video starting at I (scale out)")
+    p.add_argument(
+        "--follow-symlinks",
+        nargs="*",
+        metavar="DIR",
+        default=None,
+        help="read frames (and --videos-dir videos) through symbolic links whose target stays inside "
+        "the dataset root (or --videos-dir), or inside a DIR named here (e.g. the RAW folder of "
+        "`convert --link symlink`); default: a linked file or folder is refused, and a link leading "
+        "elsewhere is never followed",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print debug-level log messages")
     return p
 
 
@@ -113,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         on_error=args.on_error,
         part=args.part,
         progress=not args.no_progress,
+        follow_symlinks=link_targets(args.follow_symlinks),
     )
     try:
         summary = run_ingest(cfg)
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        again = "--overwrite" if args.overwrite else "--resume"
+        print(
+            f"polyp-ssl ingest: interrupted; finished shards are kept: rerun with {again}", file=sys.stderr
+        )
+        return 130
     except IngestError as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 1
@@ -123,15 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {e}", file=sys.stderr)
         return 2
     except BrokenProcessPool as e:
+        if debug_enabled():
+            raise
         print(
             f"ingest: a worker process died ({e}); finished shards are kept: re-run with --resume",
             file=sys.stderr,
         )
         return 1
     except OSError as e:
+        if debug_enabled():
+            raise
+        again = "--resume"
+        if args.overwrite:
+            again = "--overwrite (the earlier output is kept until the new one is complete)"
         print(
             f"ingest: cannot read or write {e.filename or cfg.out or cfg.root}: {e.strerror or e}; "
-            "finished shards are kept: fix the cause and re-run with --resume",
+            f"finished shards are kept: fix the cause and re-run with {again}",
             file=sys.stderr,
         )
         return 1

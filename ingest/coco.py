@@ -17,7 +17,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.errors import ErrorRow, ErrorSink, IngestError
+from polyp_ssl.ingest.errors import ErrorRow, ErrorSink, IngestError
+from polyp_ssl.shards.ids import id_problem, path_component
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,14 @@ class VideoPlan:
 
 
 def video_id_of(sequence_id: str, dataset_id: str | None) -> str:
-    return f"{dataset_id}/{sequence_id}" if dataset_id else sequence_id
+    """`{dataset_id}/{sequence_id}`, or `sequence_id` without a dataset id. Both parts are single
+    path components (shards.ids: no `/`, not empty, ...), so the `/` is only ever the separator and
+    distinct (dataset_id, sequence_id) pairs never give one video id; UnsafeIdError otherwise."""
+    path_component(sequence_id, "sequence_id")
+    if dataset_id:
+        path_component(dataset_id, "dataset_id")
+        return f"{dataset_id}/{sequence_id}"
+    return sequence_id
 
 
 INT64_LIMIT = 2**63  # ids and frame ids are int64 columns of the catalog
@@ -147,6 +155,13 @@ def _image_problem(img: Any) -> tuple[str, str, str] | None:
     ds = img.get("dataset_id")
     if ds is not None and (not isinstance(ds, str | int) or isinstance(ds, bool)):
         return "dataset_id", "bad_type", f"dataset_id {ds!r} is not a string"
+    # ids that become the video id `{dataset_id}/{sequence_id}` and the file `{sequence_id}.mp4`
+    for key, value in (("sequence_id", img["sequence_id"]), ("dataset_id", ds)):
+        if key == "dataset_id" and value in (None, ""):
+            continue
+        problem = id_problem(str(value))
+        if problem is not None:
+            return key, "unsafe_id", f"{key} {str(value)!r} {problem}; it must be one plain name"
     return None
 
 

@@ -7,6 +7,10 @@ time this process reaches POINT) or `POINT:N` (the N-th time). Points:
     shard_done       a shard and its stats file are complete (between shards)
     catalog_table    a catalog table file was renamed into place (before the manifest)
     before_manifest  every table is written, the manifest is not
+    swap_moved       `--overwrite`: a file of the complete new output was renamed into place
+                     (the old output is partly replaced; the next ingest finishes the swap)
+    convert_image_placed        a converter placed one frame in OUT/images
+    convert_annotation_written  a converter renamed one annotation file into place
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ import signal
 from collections import Counter
 
 CRASH_ENV = "POLYP_SSL_TEST_CRASH_AT"
-POINTS = ("sample_written", "shard_done", "catalog_table", "before_manifest")
+POINTS = (
+    "sample_written",
+    "shard_done",
+    "catalog_table",
+    "before_manifest",
+    "swap_moved",
+    "convert_image_placed",
+    "convert_annotation_written",
+)
 _reached: Counter[str] = Counter()
 
 

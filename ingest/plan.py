@@ -7,8 +7,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from ingest.coco import VideoPlan
-from ingest.crop import crop_geometry
+from polyp_ssl.ingest.coco import VideoPlan
+from polyp_ssl.ingest.crop import crop_geometry
 
 # Estimated bytes of one stored crop: JPEG at quality ~90 of a textured frame is about
 # 0.3 bytes per pixel, plus a tar header and padding per member.
@@ -47,6 +47,7 @@ class ShardTask:
     on_error: str
     fingerprint: str = ""
     n_boxes: int = field(default=0)
+    follow_symlinks: bool | tuple[str, ...] = False  # links inside the root (True), or also these folders
 
 
 def part_of(index: int, n_parts: int) -> int:

@@ -9,6 +9,7 @@ reader is created inside the worker that uses it. A frame that cannot be had is 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,11 +33,65 @@ class FrameProblem:
     detail: str
 
 
+LinkPolicy = bool | tuple[str, ...]
+
+
+def link_targets(dirs: list[str] | None) -> LinkPolicy:
+    """The link policy of a `--follow-symlinks [DIR ...]` flag: False when absent, True (inside the
+    root only) when given alone, else the named folders (absolute), where links may lead too."""
+    if dirs is None:
+        return False
+    return tuple(os.path.abspath(d) for d in dirs) or True
+
+
+def link_problem(root: str, rel: str, follow_symlinks: LinkPolicy = False) -> str | None:
+    """Why the raw input file root/rel may not be read, or None.
+
+    Raw input is read from regular files and folders only: a symbolic link anywhere below `root`
+    on the way to the file (a linked frame, a linked `images/` folder) is refused, so a dataset
+    cannot make ingest copy a host file (`/etc/shadow`) into its shards. With `follow_symlinks`
+    a link is followed when its target (every link resolved) stays inside `root`, or inside one
+    of the folders `follow_symlinks` names (folders the user typed, never a value from data).
+    A missing path is not a problem here (the caller reports it as missing).
+    """
+    path = root
+    for part in rel.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISLNK(st.st_mode):
+            continue
+        if not follow_symlinks:
+            return (
+                f"is a symbolic link (to {os.readlink(path)}): raw input is read from regular files "
+                f"only (--follow-symlinks follows links that stay inside {root})"
+            )
+        extra = follow_symlinks if isinstance(follow_symlinks, tuple) else ()
+        bases = [os.path.realpath(b) for b in (root, *extra)]
+        real = os.path.realpath(path)
+        if not any(os.path.commonpath([base, real]) == base for base in bases):
+            where = " or ".join([root, *extra])
+            return f"is a symbolic link to {real}, outside {where}: never followed"
+    return None
+
+
 def iter_jpeg_folder(
-    images_dir: str, requests: Sequence[FrameRequest]
+    images_dir: str, requests: Sequence[FrameRequest], follow_symlinks: LinkPolicy = False
 ) -> Iterator[tuple[FrameRequest, Image.Image | FrameProblem]]:
+    """Frames `images_dir/{file_name}`; the dataset root (the folder above `images_dir`) bounds
+    where symbolic links may lead (`link_problem`)."""
+    root, sub = os.path.split(os.path.normpath(images_dir))
     for req in requests:
         path = os.path.join(images_dir, req.file_name)
+        problem = link_problem(root, os.path.join(sub, req.file_name), follow_symlinks)
+        if problem is not None:
+            detail = f"frame file of frame_id {req.frame_id} {problem}"
+            yield req, FrameProblem(path, "file_name", "symlink", detail)
+            continue
         if not os.path.isfile(path):
             yield (
                 req,
@@ -64,9 +119,19 @@ def iter_jpeg_folder(
 
 
 def iter_decord_video(
-    video_path: str, requests: Sequence[FrameRequest], chunk: int = DECORD_CHUNK
+    video_path: str,
+    requests: Sequence[FrameRequest],
+    chunk: int = DECORD_CHUNK,
+    follow_symlinks: LinkPolicy = False,
 ) -> Iterator[tuple[FrameRequest, Image.Image | FrameProblem]]:
-    """Requests must be sorted by frame_id (decoding forward is what a video reader does fast)."""
+    """Requests must be sorted by frame_id (decoding forward is what a video reader does fast).
+    The video's folder (--videos-dir) bounds where a symbolic link may lead (`link_problem`)."""
+    folder, name = os.path.split(video_path)
+    problem = link_problem(folder, name, follow_symlinks)
+    if problem is not None:
+        for req in requests:
+            yield req, FrameProblem(video_path, "sequence_id", "symlink", f"video file {problem}")
+        return
     if not os.path.isfile(video_path):
         for req in requests:
             yield req, FrameProblem(video_path, "sequence_id", "missing_video", "video file not found")

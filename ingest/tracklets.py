@@ -1,4 +1,4 @@
-"""Tracklets as METHOD.md defines them: maximal runs of one identity's boxes in near-consecutive
+"""Tracklets as docs/method.md defines them: maximal runs of one identity's boxes in near-consecutive
 frames whose consecutive boxes overlap."""
 
 from __future__ import annotations

@@ -16,15 +16,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.coco import Annotation, VideoPlan
-from ingest.crop import StoredCrop, draft_reduce, stored_crop
-from ingest.errors import ErrorSink
-from ingest.faults import crash_point
-from ingest.plan import ShardTask
-from ingest.sources import FrameProblem, FrameRequest, iter_decord_video, iter_jpeg_folder
-from ingest.tracklets import Box, build_tracklets
-from shards.sample import TrackletSample, encode_sample, safe_key
-from shards.writer import ShardWriter, write_atomic
+from polyp_ssl.ingest.coco import Annotation, VideoPlan
+from polyp_ssl.ingest.crop import StoredCrop, draft_reduce, stored_crop
+from polyp_ssl.ingest.errors import ErrorSink
+from polyp_ssl.ingest.faults import crash_point
+from polyp_ssl.ingest.plan import ShardTask
+from polyp_ssl.ingest.sources import FrameProblem, FrameRequest, iter_decord_video, iter_jpeg_folder
+from polyp_ssl.ingest.tracklets import Box, build_tracklets
+from polyp_ssl.shards.sample import TrackletSample, encode_sample, safe_key
+from polyp_ssl.shards.writer import ShardWriter, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ STATS_VERSION = 1
 # Test hook: a worker process sleeps for an hour after finishing this many shards, so that a
 # test can kill the run part way (SIGKILL) and check --resume.
 PAUSE_ENV = "POLYP_SSL_INGEST_PAUSE_AFTER_SHARDS"
+PAUSE_SECONDS_ENV = "POLYP_SSL_INGEST_PAUSE_SECONDS"  # how long that pause lasts (default an hour)
 _shards_done_here = 0
 
 
@@ -50,8 +51,9 @@ class VideoResult:
 
 def _frame_source(task: ShardTask, video: VideoPlan, requests: list[FrameRequest]):
     if task.videos_dir is not None:
-        return iter_decord_video(os.path.join(task.videos_dir, f"{video.sequence_id}.mp4"), requests)
-    return iter_jpeg_folder(task.images_dir, requests)
+        path = os.path.join(task.videos_dir, f"{video.sequence_id}.mp4")
+        return iter_decord_video(path, requests, follow_symlinks=task.follow_symlinks)
+    return iter_jpeg_folder(task.images_dir, requests, task.follow_symlinks)
 
 
 def crop_video(task: ShardTask, video: VideoPlan, sink: ErrorSink) -> tuple[dict[int, StoredCrop], int]:
@@ -105,6 +107,13 @@ def _expected_size(full: tuple[int, int], reduce: int) -> tuple[int, int]:
     return (-(-full[0] // reduce), -(-full[1] // reduce))
 
 
+def annotated_span(video: VideoPlan) -> tuple[int, int]:
+    """(first, last) frame_id over the video's valid annotations (every identity, kept or not), the
+    span positions are normalised over; the image span when the video has no annotation."""
+    ids = [a.frame_id for a in video.annotations]
+    return (min(ids), max(ids)) if ids else (video.first_frame, video.last_frame)
+
+
 def build_video(task: ShardTask, video: VideoPlan, sink: ErrorSink) -> VideoResult:
     crops, n_decoded = crop_video(task, video, sink)
     kept = [a for a in video.annotations if a.annotation_id in crops]
@@ -118,7 +127,10 @@ def build_video(task: ShardTask, video: VideoPlan, sink: ErrorSink) -> VideoResu
             tracklets.append((tr[0].frame_id, identity, k, tr))
     tracklets.sort(key=lambda t: (t[0], t[1], t[2]))
 
-    span = video.last_frame - video.first_frame
+    # a fragment's position in its video is normalised over the video's annotated frames (the
+    # reference code's meaning), not over every image of the video
+    first, last = annotated_span(video)
+    span = last - first
     params = task.params.sample_params()
     out = VideoResult(n_frames_decoded=n_decoded)
     for start, identity, k, boxes in tracklets:
@@ -128,7 +140,7 @@ def build_video(task: ShardTask, video: VideoPlan, sink: ErrorSink) -> VideoResu
         key = safe_key(tid)
         size_mm = next((a.size_mm for a in anns if a.size_mm is not None), None)
         histology = next((a.histology for a in anns if a.histology is not None), None)
-        position = (start - video.first_frame) / span if span > 0 else 0.0
+        position = (start - first) / span if span > 0 else 0.0
         extra_keys = sorted({k2 for a in anns for k2 in a.extra})
         meta = TrackletSample(
             key=key,
@@ -141,8 +153,8 @@ def build_video(task: ShardTask, video: VideoPlan, sink: ErrorSink) -> VideoResu
             size_mm=size_mm,
             histology=histology,
             position_in_video=position,
-            video_first_frame=video.first_frame,
-            video_last_frame=video.last_frame,
+            video_first_frame=first,
+            video_last_frame=last,
             frame_ids=[a.frame_id for a in anns],
             image_ids=[a.image_id for a in anns],
             annotation_ids=[a.annotation_id for a in anns],
@@ -256,7 +268,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     _shards_done_here += 1
     pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
     if pause_after and _shards_done_here >= pause_after:
-        time.sleep(3600)
+        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV, "3600") or 3600))
     return summary_of(stats)
 
 

@@ -1,4 +1,4 @@
-"""Bag samplers over the fragments of one video (METHOD.md): pure numpy, a Generator in, no I/O.
+"""Bag samplers over the fragments of one video (docs/method.md): pure numpy, a Generator in, no I/O.
 
 A bag is `n_views` fragment indices, the anchor first. All samplers take the same arrays (one
 entry per fragment of the video) and return the bags plus counts of anchors that got none.
@@ -103,5 +103,6 @@ def sample_bags(
 
 def epoch_anchors(eligible: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The anchors of one pass over a video: every eligible fragment exactly once, shuffled
-    (METHOD.md: "for every fragment (the anchor) ... the bag is the anchor plus K others")."""
+    (docs/method.md: "for each fragment, taken as the anchor ... a bag is the anchor and K more
+    fragments")."""
     return rng.permutation(np.flatnonzero(np.asarray(eligible, dtype=bool)))

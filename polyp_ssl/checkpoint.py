@@ -1,10 +1,19 @@
 """Loading the tracklet encoder alone, from a Lightning checkpoint or from an exported encoder file.
 
-Both are read with ``torch.load(weights_only=True)``: a file that needs pickled Python objects is
-refused. An exported file is a dict of plain values::
+Accepted files, recognised by their contents (never by their names):
 
-    {"format": "polyp-ssl-encoder", "version": 1,
-     "config_json": "<the run's config as JSON>", "state_dict": {name: tensor}}
+- a Lightning checkpoint of `polyp-ssl train` (`state_dict` with `encoder.*` keys,
+  `hyper_parameters.config`);
+- a Lightning checkpoint of the NT-SSL reference training (the paper's released model;
+  `polyp_ssl.reference_ckpt` maps its hyper-parameters and key names);
+- an exported encoder (`export_encoder`, version 2): a safetensors file whose metadata holds
+  ``format = "polyp-ssl-encoder"``, ``version = "2"``, ``config_json`` (the run config as JSON) and
+  ``source_sha256``, and whose tensors are the encoder's state dict;
+- the older exported encoder (version 1): a ``torch.save`` dict of plain values
+  ``{"format": "polyp-ssl-encoder", "version": 1, "config_json": ..., "state_dict": {name: tensor}}``.
+
+Torch files are read with ``torch.load(weights_only=True)``: a file that needs pickled Python
+objects is refused. Safetensors files hold no code at all.
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ from typing import Any
 
 import torch
 
-from polyp_ssl.encoders import EncoderConfig, TrackletEncoder, build_encoder
+from polyp_ssl.encoders import ENCODER_TYPES, EncoderConfig, TrackletEncoder, build_encoder
+from polyp_ssl.reference_ckpt import ReferenceCheckpointError, is_reference_checkpoint, read_reference
 
 EXPORT_FORMAT = "polyp-ssl-encoder"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 1  # the torch.save format, still read
+EXPORT_SAFETENSORS_VERSION = "2"  # what export_encoder writes
 ENCODER_PREFIX = "encoder."
 
 
@@ -42,9 +53,161 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint file read whole (a ResNet-50 run with its optimizer: ~0.3 GB)
+MAX_ZIP_RECORDS = 100_000  # records of a torch zip file (one per tensor storage, plus a few)
+MAX_ENCODER_PARAMS = 1_000_000_000  # what a config may ask for (the paper's encoder: ~27 M)
+MIN_BYTES_PER_PARAM = 2  # every weight is stored in the file (bfloat16 at the least)
+# torchvision backbones an encoder may name, with their parameter count (without `fc`) and feature size
+BACKBONES = {
+    "resnet18": (11_176_512, 512),
+    "resnet34": (21_284_672, 512),
+    "resnet50": (23_508_032, 2048),
+    "resnet101": (42_500_160, 2048),
+    "resnet152": (58_143_808, 2048),
+    "resnext50_32x4d": (22_979_904, 2048),
+    "resnext101_32x8d": (86_742_336, 2048),
+    "resnext101_64x4d": (81_406_272, 2048),
+    "wide_resnet50_2": (66_834_240, 2048),
+    "wide_resnet101_2": (124_837_696, 2048),
+}
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Refuse, before torch.load reads anything, a file larger than MAX_CHECKPOINT_BYTES and a
+    torch zip file whose records could make it allocate more than the file holds: more than
+    MAX_ZIP_RECORDS records, a record whose declared size exceeds the file, or records whose
+    sizes add up to more than the file (records that overlap). The zip central directory is read
+    with `zipfile`, nothing is extracted. CheckpointError names the file and the record."""
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(
+            f"{path}: {size} bytes, more than the {MAX_CHECKPOINT_BYTES} a checkpoint may have"
+        )
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # not a zip: torch.load's own reading (legacy format) or its error
+    n_records = _zip_record_count(path, size)
+    if n_records > MAX_ZIP_RECORDS:
+        raise CheckpointError(f"{path}: a zip of {n_records} records, more than {MAX_ZIP_RECORDS}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable zip checkpoint ({e})") from e
+    total = 0
+    for info in infos:
+        if info.file_size > size or info.compress_size > size:
+            raise CheckpointError(
+                f"{path}: record {info.filename[:200]!r} declares {info.file_size} bytes, "
+                f"more than the whole {size} byte file"
+            )
+        total += info.file_size
+    if total > size:
+        raise CheckpointError(
+            f"{path}: its {len(infos)} records declare {total} bytes, more than the {size} byte file "
+            "(records that overlap)"
+        )
+
+
+def _zip_record_count(path: Path, size: int) -> int:
+    """The record count of a zip's end-of-central-directory record (zip64 when it says 0xFFFF),
+    read before `zipfile` builds one object per record; 0 when there is none to read."""
+    tail_len = min(size, 22 + 65535)
+    with open(path, "rb") as f:
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + 22 > len(tail):
+            return 0
+        count = int.from_bytes(tail[at + 10 : at + 12], "little")
+        if count != 0xFFFF or at < 20 or tail[at - 20 : at - 16] != b"PK\x06\x07":
+            return count
+        offset = int.from_bytes(tail[at - 12 : at - 4], "little")  # of the zip64 end record
+        if offset + 40 > size:
+            return 0
+        f.seek(offset)
+        record = f.read(40)
+    if record[:4] != b"PK\x06\x06":
+        return 0
+    return int.from_bytes(record[32:40], "little")
+
+
+def estimate_encoder_params(cfg: EncoderConfig) -> int:
+    """Parameters of the encoder `cfg` describes, computed from its settings without building it;
+    CheckpointError (naming the field) for an unknown backbone or an encoder type, width, depth or
+    head count that is not a positive integer."""
+    if cfg.encoder_type not in ENCODER_TYPES:
+        raise CheckpointError(
+            f"config field 'encoder_type' = {str(cfg.encoder_type)[:60]!r}: one of {ENCODER_TYPES}"
+        )
+    if cfg.sfe_backbone_arch not in BACKBONES:
+        raise CheckpointError(
+            f"config field 'sfe_backbone_arch' = {str(cfg.sfe_backbone_arch)[:60]!r}: "
+            f"one of {sorted(BACKBONES)}"
+        )
+    backbone, feat = BACKBONES[cfg.sfe_backbone_arch]
+    if cfg.encoder_type == "sfe":
+        return backbone
+    dims = {}
+    for name in ("hmve_d_model", "hmve_n_layers", "hmve_n_heads", "hmve_d_feedforward"):
+        v = getattr(cfg, name)
+        if type(v) is not int or not 1 <= v <= 1 << 20:
+            raise CheckpointError(
+                f"config field {name!r} = {str(v)[:40]!r}: an integer in [1, {1 << 20}] is needed"
+            )
+        dims[name] = v
+    d, ff, layers = dims["hmve_d_model"], dims["hmve_d_feedforward"], dims["hmve_n_layers"]
+    # attention in/out projections 4 d^2 + 4 d, feed-forward 2 d ff + d + ff, two layer norms 4 d
+    per_layer = 4 * d * d + 4 * d + 2 * d * ff + d + ff + 4 * d
+    return backbone + feat * d + d + layers * per_layer + (d if cfg.encoder_type == "hmve" else 0)
+
+
+def check_encoder_fits(path: Path, cfg: EncoderConfig, state: dict[str, Any]) -> None:
+    """Before the encoder is built: its estimated size bounded (MAX_ENCODER_PARAMS, and never more
+    weights than the file can hold at MIN_BYTES_PER_PARAM bytes each), then every tensor of `state`
+    compared with the shapes of the same encoder built on the meta device (no memory), naming the
+    first key that is missing, unexpected or of another shape."""
+    try:
+        n = estimate_encoder_params(cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    size = path.stat().st_size if path.is_file() else None
+    if n > MAX_ENCODER_PARAMS or (size is not None and n * MIN_BYTES_PER_PARAM > size):
+        raise CheckpointError(
+            f"{path}: its config asks for an encoder of about {n} parameters ({cfg.encoder_type}, "
+            f"{cfg.sfe_backbone_arch}, hmve_d_model {cfg.hmve_d_model}, hmve_n_layers {cfg.hmve_n_layers}, "
+            f"hmve_d_feedforward {cfg.hmve_d_feedforward}); the file ({size} bytes) cannot hold them"
+            + (f" and the limit is {MAX_ENCODER_PARAMS}" if n > MAX_ENCODER_PARAMS else "")
+        )
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_encoder(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config does not describe an encoder ({e})") from e
+    for key, shape in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: state dict lacks {key!r} (shape {list(shape)}) for its config")
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            kind = type(value).__name__
+            raise CheckpointError(f"{path}: state dict entry {key!r} is a {kind}, not a tensor")
+        if tuple(value.shape) != shape:
+            raise CheckpointError(
+                f"{path}: state dict entry {key!r} has shape {list(value.shape)}, the config's encoder "
+                f"needs {list(shape)}"
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise CheckpointError(
+            f"{path}: state dict has {len(extra)} key(s) the encoder lacks, e.g. {str(extra[0])[:100]!r}"
+        )
+
+
 def _read(path: Path, map_location: Any) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    check_checkpoint_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for pickled objects, RuntimeError for other formats
@@ -54,15 +217,29 @@ def _read(path: Path, map_location: Any) -> Any:
         ) from e
 
 
-def check_loadable(path: str | os.PathLike[str]) -> None:
+def check_loadable(path: str | os.PathLike[str], training_state: bool = False) -> None:
     """Raise CheckpointError unless `path` loads with ``torch.load(weights_only=True)`` (run before
-    handing a checkpoint to anything that might unpickle it)."""
-    _read(Path(path), "cpu")
+    handing a checkpoint to anything that might unpickle it). With `training_state`, it must also be
+    a Lightning checkpoint a run can continue from (weights, optimizer and loop states)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes; a write that never finished)")
+    obj = _read(path, "cpu")
+    if training_state:
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: not a training checkpoint (top level is {type(obj).__name__})")
+        missing = [k for k in ("state_dict", "global_step", "loops", "optimizer_states") if k not in obj]
+        if missing:
+            raise CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
 
 
 def read_encoder_state(path: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[dict, dict]:
-    """``(encoder state dict, run config)`` from a Lightning checkpoint or an exported file."""
+    """``(encoder state dict, run config)`` from any file of the module docstring's list."""
     path = Path(path)
+    if is_safetensors(path):
+        return _read_safetensors(path)
     obj = _read(path, map_location)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (top level is {type(obj).__name__}, not a dict)")
@@ -75,6 +252,11 @@ def read_encoder_state(path: str | os.PathLike[str], map_location: Any = "cpu") 
         except (KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: exported encoder file is incomplete ({e})") from e
         return state, config
+    if is_reference_checkpoint(obj):
+        try:
+            return read_reference(obj)
+        except ReferenceCheckpointError as e:
+            raise CheckpointError(f"{path}: NT-SSL reference checkpoint: {e}") from e
     if "state_dict" in obj:
         config = (obj.get("hyper_parameters") or {}).get("config")
         if not isinstance(config, dict):
@@ -100,6 +282,7 @@ def load_encoder(
     not resolved again: the checkpoint holds every weight."""
     state, config = read_encoder_state(path, map_location)
     cfg = replace(encoder_config_from(config), sfe_backbone_weights=None)
+    check_encoder_fits(Path(path), cfg, state)
     try:
         encoder = build_encoder(cfg)
         encoder.load_state_dict(state, strict=True)
@@ -110,20 +293,132 @@ def load_encoder(
     return encoder, config
 
 
-def export_encoder(ckpt: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
-    """Write the encoder of checkpoint `ckpt` (weights + run config) to a small file `out_path`."""
+def is_safetensors(path: Path) -> bool:
+    """True when `path` starts like a safetensors file: an 8-byte little-endian header length that
+    fits the file, then a JSON object (a torch zip starts with ``PK``, a pickle with ``0x80``)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """An exported encoder (version 2): metadata checked first, tensors read only after."""
+    from safetensors import safe_open
+
+    check_checkpoint_file(path)  # the size bound of every checkpoint (a safetensors file is no zip)
+
+    def opened():
+        return safe_open(str(path), framework="pt", device="cpu")
+
+    try:
+        with opened() as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # SafetensorError for a malformed header or truncated data
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{path}: safetensors file without metadata format={EXPORT_FORMAT!r} (found "
+            f"{str(meta.get('format'))[:60]!r}): not an encoder written by `polyp-ssl export`"
+        )
+    if meta.get("version") != EXPORT_SAFETENSORS_VERSION:
+        version = str(meta.get("version"))[:20]
+        raise CheckpointError(f"{path}: exported encoder version {version!r} is not supported")
+    try:
+        config = json.loads(meta["config_json"])
+    except (KeyError, ValueError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path}: exported encoder metadata field 'config_json' is missing or not JSON ({e})"
+        ) from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: exported encoder metadata field 'config_json' is not a JSON object")
+    try:
+        with opened() as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return state, config
+
+
+def export_encoder(
+    ckpt: str | os.PathLike[str], out_path: str | os.PathLike[str], overwrite: bool = False
+) -> Path:
+    """Write the encoder of `ckpt` (any accepted file) to `out_path`: a safetensors file, the run
+    config as JSON in its metadata, loadable without Lightning. The file appears complete or not at
+    all (temporary file, fsync, rename); an existing `out_path` is an error unless `overwrite`."""
+    ckpt, out = Path(ckpt), Path(out_path)
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a folder; give the output file name (e.g. encoder.safetensors)")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    from safetensors.torch import save
+
+    source_sha256 = sha256_file(ckpt) if ckpt.is_file() else ""
     encoder, config = load_encoder(ckpt, "cpu")  # validates that the weights fit the config
-    state = encoder.state_dict()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
+    metadata = {
         "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
+        "version": EXPORT_SAFETENSORS_VERSION,
         "config_json": json.dumps(config, sort_keys=True),
-        "source_sha256": sha256_file(ckpt),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        "source_sha256": source_sha256,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
+    data = _canonical_safetensors(save(tensors, metadata=metadata))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            _link_new(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written with sorted keys: the library's
+    header order varies between runs, and the same encoder should give the same bytes (the same
+    sha256, so embeddings computed from it are found again). Tensor data and offsets are unchanged."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+def _link_new(tmp: Path, out: Path) -> None:
+    """Give `tmp` the name `out` unless `out` exists, atomically where hard links work."""
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)") from None
+    except OSError:  # a file system without hard links
+        if out.exists():
+            raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)") from None
+        os.replace(tmp, out)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

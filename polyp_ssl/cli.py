@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -20,15 +22,21 @@ from polyp_ssl.config import (
     LR_SCHEDULES,
     POOLINGS,
     PRECISIONS,
+    RUN_OUTPUT_KEYS,
     SAMPLERS,
     TrainConfig,
+    check_setting_types,
+    unknown_setting_message,
 )
+from polyp_ssl.reference_flags import TRAIN_FLAGS, add_flag, apply_reference_values, flag_help
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger(__name__)
 
 HELP: dict[str, str] = {
     "dataset_root": "ingested root (OUT of `polyp-ssl ingest`: shards/ and catalog/)",
-    "num_workers": "DataLoader worker processes per rank (each one a data stream)",
+    "num_workers": "DataLoader worker processes per rank (each one a data stream); by default 8 (the "
+    "paper's), at most the CPUs this process may use",
     "max_epochs": "training epochs (also the length of the bag temperature schedule)",
     "batch_size": "fragments per batch and rank; a batch holds batch_size / n_views bags",
     "fragment_length": "frames per fragment (at fragment_stride)",
@@ -37,13 +45,29 @@ HELP: dict[str, str] = {
     "bbox_scale_factor": "anchor crop = box enlarged this much about its centre",
     "min_tracklet_length": "tracklets with fewer frames (before striding) are not used for training",
     "im_size": "anchor crops are resized to im_size x im_size",
-    "aug_anchorcrop": "random anchor crop (scale 0.8-1.2x, centre jitter) and flips in training",
+    "aug_anchorcrop": "the anchor crop, as in the reference: the box enlarged bbox_scale_factor times about "
+    "its centre, clamped, resized to im_size; deterministic. Required: the root stores crops, not frames",
     "eval_n_views": "views per validation bag (the reference code's validation loss; kept for compatibility)",
     "eval_batch_size": "whole tracklets per validation batch",
     "eval_fragment_length": "fragment length of the reference code's validation loss (kept for "
     "compatibility; "
     "validation here embeds whole tracklets)",
-    "eval_aug_anchorcrop": "random (seeded, hence repeatable) anchor crop in validation",
+    "eval_aug_anchorcrop": "the same deterministic anchor crop in validation; required, as --aug_anchorcrop",
+    "fragment_padding_mode": "padding of a tracklet's short last fragment: repeat (its last frame; also the "
+    "padding when unset); not with --fragment_drop_last",
+    "aug_random_scale": "our extension, off by default: anchor-crop scale x U(0.8, 1.2) per training "
+    "fragment (capped at the root's crop scale)",
+    "aug_jitter": "our extension, off by default: anchor-crop centre shifted by up to 10%% of the box per "
+    "training fragment",
+    "aug_hflip": "our extension, off by default: horizontal flip of a training fragment with probability 0.5",
+    "aug_vflip": "our extension, off by default: vertical flip of a training fragment with probability 0.5",
+    "hmve_use_feature_norm": "LayerNorm on the frame features after the adapter (as the reference)",
+    "hmve_use_encoder_norm": "final LayerNorm after the transformer layers (as the reference)",
+    "hmve_mask_intra_fragment_frames": "the cross-fragment frame MIL-NCE term ignores pairs of frames of the "
+    "same fragment, in its positives and its denominator (as the reference)",
+    "exp_id": "wandb run id (with --logger wandb)",
+    "wandb_project": "wandb project (with --logger wandb; default polyp-ssl)",
+    "mode": "train (the reference's --mode eval is `polyp-ssl eval`)",
     "encoder_type": f"tracklet encoder: {', '.join(ENCODERS)}",
     "sfe_backbone_arch": "torchvision ResNet of the single-frame encoder (resnet18, resnet50, ...)",
     "sfe_backbone_weights": "torchvision weight name (from the local torch cache) or a file; "
@@ -58,7 +82,8 @@ HELP: dict[str, str] = {
     "lr": "AdamW learning rate",
     "loss_type": f"contrastive loss: {', '.join(LOSSES)}",
     "loss_temperature": "softmax temperature tau of the loss",
-    "loss_milnce_weights": "1-3 weights of the MIL-NCE terms: fragment, frame across fragments, frame within",
+    "loss_milnce_weights": "1-3 weights of the loss terms of every --loss_type: fragment, frame across "
+    "fragments, frame within (alias --loss_weights)",
     "loss_ta_lambda": "temporally-aware loss: a pair's weight is exp(-lambda |t_i - t_j|), t = position "
     "in the video in [0, 1]",
     "encoder_pooling": f"tracklet embedding, trained and evaluated: {', '.join(POOLINGS)} (cls = the HMVE "
@@ -99,6 +124,8 @@ HELP: dict[str, str] = {
     "decode_on": "where training JPEGs are decoded: workers = in the loader workers (CPU); device = the "
     "workers ship JPEG bytes and crop windows, the training process decodes them on its device (nvJPEG on "
     "a GPU), so few CPU cores feed a fast GPU",
+    "skip_memory_check": "start even when the estimated peak memory (polyp_ssl.memory, measured per "
+    "backbone) exceeds what this machine has; the check refuses such a run before building the model",
     "on_shard_error": "a damaged shard or sample (truncated tar, corrupt JPEG, JSON that disagrees with "
     "the catalog): fail = stop naming shard and sample; warn = skip it, count skips by reason, report "
     "them in the run summary and checkpoints/data_skips.rankR.json",
@@ -108,10 +135,18 @@ STORE_TRUE = {
     "fragment_drop_last",
     "aug_anchorcrop",
     "eval_aug_anchorcrop",
+    "aug_random_scale",
+    "aug_jitter",
+    "aug_hflip",
+    "aug_vflip",
+    "hmve_use_feature_norm",
+    "hmve_use_encoder_norm",
+    "hmve_mask_intra_fragment_frames",
     "compile",
     "resume",
     "deterministic",
     "channels_last",
+    "skip_memory_check",
 }
 
 
@@ -126,12 +161,14 @@ def _type_of(f: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl train",
         description="Streaming contrastive training (NT-SSL) on an ingested root. Takes the reference "
         "code's training flags with the same names and meaning. Settings: defaults < --config YAML < flags.",
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", help="YAML file of settings (keys = flag names without --); flags override it")
+    p.add_argument("--debug", action="store_true", help="on an error, also show the traceback")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         help_ = HELP.get(f.name, f.name) + f" (default: {getattr(defaults, f.name)})"
@@ -139,10 +176,55 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in STORE_TRUE:
             p.add_argument(flag, action="store_true", help=help_)
         elif f.name == "loss_milnce_weights":
-            p.add_argument(flag, type=float, nargs="+", metavar="W", help=help_)
+            # --loss_weights: the same weights for every --loss_type (the reference checkpoints' name)
+            p.add_argument(flag, "--loss_weights", type=float, nargs="+", metavar="W", help=help_)
         else:
             p.add_argument(flag, type=_type_of(f), help=help_)
+    own = {f.name for f in fields(TrainConfig)}
+    g = p.add_argument_group("other flags of the reference training command (see docs/training.md)")
+    for ref in TRAIN_FLAGS.values():
+        if ref.name not in own:
+            add_flag(g, ref, flag_help(ref))
     return p
+
+
+def check_crop_scale(bbox_scale_factor: float, root: str | Path, flag: str = "--bbox_scale_factor") -> None:
+    """ValueError when the anchor crop is wider than the stored crop of an ingested root (the crop
+    would be clamped to the stored window without a word)."""
+    import json
+
+    manifest = Path(root) / "catalog" / "manifest.json"
+    try:
+        params = json.loads(manifest.read_text()).get("parameters") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # no readable catalog: the run's own checks name the problem
+    crop_scale = params.get("crop_scale")
+    if isinstance(crop_scale, int | float) and bbox_scale_factor > crop_scale + 1e-9:
+        raise ValueError(
+            f"{flag} {bbox_scale_factor:g} is larger than the crop scale {crop_scale:g} that {root} was "
+            f"ingested with ({manifest}: parameters.crop_scale): re-ingest with "
+            f"`polyp-ssl ingest RAW_ROOT --out {root} --overwrite --crop-scale {bbox_scale_factor:g}` or "
+            f"pass {flag} <= {crop_scale:g}"
+        )
+
+
+def check_config_file(loaded: dict[Any, Any], name: str) -> dict[str, Any]:
+    """The settings of a `--config` YAML, checked as the command line checks its flags: an unknown
+    key (with the closest setting), a value of the wrong type (key, value, expected type). The keys
+    a run writes as results (`resolved_monitor`) are accepted and dropped, so a run's own
+    config.yaml is accepted back."""
+    where = f"--config {name}: "
+    known = {f.name for f in fields(TrainConfig)} | set(TRAIN_FLAGS)
+    out: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where}key {key!r} is not a setting name")
+        if key in RUN_OUTPUT_KEYS:
+            continue
+        if key not in known:
+            raise ValueError(unknown_setting_message(key, known, where))
+        out[key] = value
+    return check_setting_types(out, where)
 
 
 def resolve_config(argv: list[str]) -> TrainConfig:
@@ -157,13 +239,31 @@ def resolve_config(argv: list[str]) -> TrainConfig:
             raise ValueError(f"--config {config_file}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {config_file}: expected a mapping of settings")
-        values.update(loaded)
+        values.update(check_config_file(loaded, str(config_file)))
     values.update(args)
+    own = {f.name for f in fields(TrainConfig)}
+    values = apply_reference_values(values, TRAIN_FLAGS, "polyp-ssl train", own)
     cfg = TrainConfig.from_dict(values)
     if not cfg.dataset_root:
         raise ValueError("--dataset_root is required")
     cfg.validate()
+    check_crop_scale(cfg.bbox_scale_factor, cfg.dataset_root)
     return cfg
+
+
+def single_log_output() -> None:
+    """Each log line once. Lightning adds its own console handler to the `lightning` logger (and to
+    `lightning.pytorch` / `lightning.fabric` when the root logger has none) while still propagating to
+    the root logger, so with our root handler every Lightning INFO line was printed twice. When the
+    root logger has a handler, Lightning's loggers that propagate lose their own handlers."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        if lg.propagate:
+            for handler in list(lg.handlers):
+                if type(handler) is logging.StreamHandler:
+                    lg.removeHandler(handler)
 
 
 def _is_rank_zero() -> bool:
@@ -201,92 +301,191 @@ def _logger(cfg: TrainConfig, run_dir: Path) -> Any:
         return TensorBoardLogger(save_dir=str(run_dir), name="logs")
     if importlib.util.find_spec("wandb") is None:
         raise ValueError("--logger wandb needs the wandb package (pip install wandb) and an account")
-    return WandbLogger(project="polyp-ssl", name=cfg.exp_name, save_dir=str(run_dir))
+    return WandbLogger(
+        project=cfg.wandb_project or "polyp-ssl", name=cfg.exp_name, id=cfg.exp_id, save_dir=str(run_dir)
+    )
+
+
+def _new_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        out.append(p)
+    return out
+
+
+def _remove_new_dirs(created: list[Path]) -> None:
+    """Undo a run that failed before training started: remove the run folder it created (and its
+    parents, only when they are still empty), so a refused run leaves nothing behind."""
+    import shutil
+
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
+def resume_checkpoint(ckpt_dir: Path) -> tuple[Path, str | None]:
+    """The checkpoint `--resume` continues: ``last.ckpt``, or ``last.prev.ckpt`` when ``last.ckpt``
+    is missing or cannot be loaded (empty, truncated, a folder, not a checkpoint). Returns the path
+    and, for a fallback, the one-line warning naming both files. Raises ValueError (exit 2) naming
+    the file and the cause when neither can be loaded."""
+    from polyp_ssl.checkpoint import CheckpointError, check_loadable
+    from polyp_ssl.ckpt_io import LAST, previous_path
+
+    last = ckpt_dir / LAST
+    prev = previous_path(last)
+    if not last.exists() and not prev.exists():
+        raise ValueError(f"--resume: {last} does not exist")
+    cause = f"{last}: does not exist"
+    if last.exists():
+        try:
+            check_loadable(last, training_state=True)
+            return last, None
+        except CheckpointError as exc:
+            cause = str(exc)
+    if not prev.exists():
+        raise ValueError(f"--resume refused: {cause}")
+    try:
+        check_loadable(prev, training_state=True)
+    except CheckpointError as exc:
+        raise ValueError(f"--resume refused: {cause}; the previous checkpoint too: {exc}") from exc
+    return prev, f"--resume: {cause}; continuing from the previous checkpoint {prev}"
+
+
+def last_checkpoint_callbacks(ckpt_dir: Path, every_n_steps: int) -> list[Any]:
+    """ModelCheckpoints writing ``last.ckpt`` at every epoch end and, with `every_n_steps`, every N
+    training steps (Lightning allows one trigger per callback, hence two callbacks on one file).
+
+    ``save_last=True`` with ``save_top_k=0`` would write ``last.ckpt`` only when training ends (in
+    Lightning 2.6 "last" follows a top-k save, and there is none); a top-1 save without a monitor
+    named "last" is what keeps the newest checkpoint under that name."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    common: dict[str, Any] = {
+        "dirpath": str(ckpt_dir),
+        "filename": "last",
+        "monitor": None,
+        "save_top_k": 1,
+        "save_last": False,
+        "auto_insert_metric_name": False,
+        "enable_version_counter": False,
+        "save_on_train_epoch_end": True,
+    }
+    out = [ModelCheckpoint(every_n_epochs=1, **common)]
+    if every_n_steps:
+        out.append(ModelCheckpoint(every_n_train_steps=every_n_steps, **common))
+    return out
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run training; returns the checkpoint folder."""
+    """Run training; returns the checkpoint folder. A run that fails before training starts removes
+    the run folder it created."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from polyp_ssl.callbacks import INIT_CKPT, InitialCheckpoint
+    from polyp_ssl.callbacks import INIT_CKPT, InitialCheckpoint, RngStateCallback, TrainingStarted
+    from polyp_ssl.ckpt_io import LAST, AtomicCheckpointIO, temporaries
     from polyp_ssl.datamodule import StreamDataModule, StreamEpochCallback
     from polyp_ssl.module import NTSSLModule
-    from shards.catalog import CatalogError, read_manifest
+    from polyp_ssl.shards.catalog import CatalogError, read_manifest
 
     root = Path(cfg.dataset_root)
     try:
         read_manifest(root)
     except CatalogError as exc:
         raise ValueError(str(exc)) from exc
+    if _is_rank_zero():
+        from polyp_ssl.memory import check_before_training
+
+        # before anything is built or written: our message, not the kernel's OOM killer or a CUDA error
+        check_before_training(cfg, skip_memory=cfg.skip_memory_check)
     run_dir = Path(cfg.runs_dir) / cfg.exp_name
     ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if cfg.resume and not last.exists():
-        raise ValueError(f"--resume: {last} does not exist")
+    last = ckpt_dir / LAST
+    resume_from: Path | None = None
     if cfg.resume:
-        from polyp_ssl.checkpoint import CheckpointError, check_loadable
-
-        try:
-            check_loadable(last)
-        except CheckpointError as exc:
-            raise ValueError(f"--resume refused: {exc}") from exc
-    if not cfg.resume and last.exists() and _is_rank_zero():
+        resume_from, warning = resume_checkpoint(ckpt_dir)
+        if warning:
+            print(f"polyp-ssl train: {warning}", file=sys.stderr)
+            if _is_rank_zero() and resume_from != last and last.exists():
+                # set the unloadable file aside (kept for inspection), so that the next save does not
+                # keep it as the previous checkpoint in place of the good one
+                last.replace(last.with_name(LAST + ".unloadable"))
+    elif last.exists() and _is_rank_zero():
         raise ValueError(f"{last} exists: continue it with --resume, or choose another --exp_name")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = StreamDataModule(cfg)
-    monitor: str | None = cfg.monitor
-    if monitor == "auto":
-        monitor = "val/map" if dm.has_val_identities else None
-    elif monitor == "none":
-        monitor = None
-    if _is_rank_zero():
-        _write_yaml(run_dir / "config.yaml", {**cfg.to_dict(), "resolved_monitor": monitor})
-    module_cfg = {**cfg.to_dict(), "lr_schedule": cfg.lr_schedule}
-    model = NTSSLModule(module_cfg)
-    every = cfg.ckpt_every_n_steps or None
-    callbacks: list[Any] = [StreamEpochCallback(dm, run_dir), InitialCheckpoint(ckpt_dir / INIT_CKPT)]
-    if monitor:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(ckpt_dir),
-                filename="best",
-                monitor=monitor,
-                mode="max",
-                save_top_k=1,
-                save_last=False,
-                auto_insert_metric_name=False,
-                enable_version_counter=False,
+    created = _new_dirs(run_dir) if _is_rank_zero() else []
+    started = TrainingStarted()
+    try:
+        if _is_rank_zero():
+            for tmp in temporaries(ckpt_dir):
+                log.info("removing %s (a checkpoint write that never finished)", tmp)
+                tmp.unlink()
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm = StreamDataModule(cfg)
+        monitor: str | None = cfg.monitor
+        if monitor == "auto":
+            monitor = "val/map" if dm.has_val_identities else None
+        elif monitor == "none":
+            monitor = None
+        logger = _logger(cfg, run_dir)
+        module_cfg = {**cfg.to_dict(), "lr_schedule": cfg.lr_schedule}
+        model = NTSSLModule(module_cfg)
+        if _is_rank_zero():
+            _write_yaml(run_dir / "config.yaml", {**cfg.to_dict(), "resolved_monitor": monitor})
+        callbacks: list[Any] = [
+            StreamEpochCallback(dm, run_dir),
+            InitialCheckpoint(ckpt_dir / INIT_CKPT),
+            RngStateCallback(),
+            started,
+        ]
+        if monitor:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=str(ckpt_dir),
+                    filename="best",
+                    monitor=monitor,
+                    mode="max",
+                    save_top_k=1,
+                    save_last=False,
+                    auto_insert_metric_name=False,
+                    enable_version_counter=False,
+                )
             )
+        callbacks.extend(last_checkpoint_callbacks(ckpt_dir, cfg.ckpt_every_n_steps))
+        trainer = L.Trainer(
+            accelerator=cfg.accelerator,
+            devices=_devices(cfg.devices),
+            num_nodes=cfg.num_nodes,
+            strategy=cfg.strategy,
+            precision=cfg.precision,
+            max_epochs=cfg.max_epochs,
+            max_steps=cfg.max_steps,
+            deterministic=cfg.deterministic or None,
+            callbacks=callbacks,
+            logger=logger,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(run_dir),
+            log_every_n_steps=cfg.log_every_n_steps,
+            limit_val_batches=int(cfg.limit_val_batches)
+            if cfg.limit_val_batches > 1
+            else cfg.limit_val_batches,
+            check_val_every_n_epoch=cfg.val_every_n_epochs,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
         )
-    callbacks.append(
-        ModelCheckpoint(
-            dirpath=str(ckpt_dir),
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=every,
-            save_on_train_epoch_end=True,
-        )
-    )
-    trainer = L.Trainer(
-        accelerator=cfg.accelerator,
-        devices=_devices(cfg.devices),
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-        max_epochs=cfg.max_epochs,
-        max_steps=cfg.max_steps,
-        deterministic=cfg.deterministic or None,
-        callbacks=callbacks,
-        logger=_logger(cfg, run_dir),
-        default_root_dir=str(run_dir),
-        log_every_n_steps=cfg.log_every_n_steps,
-        limit_val_batches=int(cfg.limit_val_batches) if cfg.limit_val_batches > 1 else cfg.limit_val_batches,
-        check_val_every_n_epoch=cfg.val_every_n_epochs,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if cfg.resume else None, weights_only=True)
+        ckpt_path = str(resume_from) if resume_from else None
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    except BaseException:
+        if not started.started and _is_rank_zero():
+            _remove_new_dirs(created)
+        raise
     write_skip_summary(ckpt_dir, trainer.global_rank, cfg.on_shard_error, dm.skip_counts())
     return ckpt_dir
 
@@ -320,10 +519,85 @@ def _last_line(exc: BaseException) -> str:
     return last.split(name, 1)[1] if name in last else last
 
 
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM reached `polyp-ssl train`. A BaseException, so that no
+    ``except Exception`` on the way swallows it; Lightning still runs its on_exception hooks."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_HANDLER_PID: list[int] = []  # the process that installed the handlers (forked workers inherit them)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    if _HANDLER_PID and os.getpid() != _HANDLER_PID[0]:
+        # a forked DataLoader worker: behave as Python's defaults (torch ends a worker quietly on
+        # KeyboardInterrupt; SIGTERM ends it)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Interrupted(signum)
+
+
+def _install_interrupt_handlers() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise `Interrupted` (from the main thread only; returns the old handlers)."""
+    import threading
+
+    old: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return old
+    _HANDLER_PID[:] = [os.getpid()]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        old[signum] = signal.signal(signum, _raise_interrupted)
+    return old
+
+
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "disk full; the checkpoints written before are kept: free space and rerun with --resume",
+    errno.EDQUOT: "disk quota exceeded; the checkpoints written before are kept: rerun with --resume",
+    errno.EROFS: "the runs folder must be writable: choose another --runs_dir",
+    errno.EACCES: "the runs folder must be writable: choose another --runs_dir",
+    errno.EPERM: "the runs folder must be writable: choose another --runs_dir",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line naming the path and the cause of an I/O failure (disk full, read-only folder, ...)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    cause = exc.strerror or _last_line(exc)
+    hint = OS_ERROR_HINTS.get(exc.errno or 0)
+    return f"{where}{cause}" + (f" ({hint})" if hint else "")
+
+
+def _interrupted_line(cfg: TrainConfig | None) -> str:
+    from polyp_ssl.ckpt_io import LAST, previous_path
+
+    if cfg is not None:
+        last = Path(cfg.runs_dir) / cfg.exp_name / "checkpoints" / LAST
+        if last.is_file() or previous_path(last).is_file():
+            return "polyp-ssl train: interrupted; rerun with --resume"
+    return "polyp-ssl train: interrupted before the first checkpoint; rerun the same command"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`polyp-ssl train`. Every failure ends with one line on stderr (no traceback unless --debug):
+    exit 2 for a configuration or input refused before training, 1 for a failure while training
+    (damaged data, disk full, read-only runs folder, another rank's failure), 130 for Ctrl-C/SIGTERM."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().parse_args(argv)  # prints the help without importing torch or Lightning
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import time
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    single_log_output()
 
     from polyp_ssl.datamodule import read_failure_notes
     from polyp_ssl.device_decode import FrameDecodeError
@@ -331,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     cfg: TrainConfig | None = None
+    old_handlers = _install_interrupt_handlers()
     try:
         cfg = resolve_config(argv)
         ckpt_dir = train(cfg)
@@ -340,19 +615,43 @@ def main(argv: list[str] | None = None) -> int:
             "(--on_shard_error warn skips such samples and counts them)",
             file=sys.stderr,
         )
+        if debug:
+            raise
         return 1
     except (ValueError, DataConfigError) as exc:
         print(f"polyp-ssl train: error: {exc}", file=sys.stderr)
+        if debug:
+            raise
         return 2
+    except (Interrupted, KeyboardInterrupt, SIGTERMException):
+        print(_interrupted_line(cfg), file=sys.stderr)
+        if debug:
+            raise
+        return 130
+    except OSError as exc:
+        print(f"polyp-ssl train: error: {os_error_line(exc)}", file=sys.stderr)
+        if debug:
+            raise
+        return 1
     except Exception as exc:
         # another rank's failure reaches this one as a broken collective; name the failure itself
         rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
         notes = read_failure_notes(Path(cfg.runs_dir) / cfg.exp_name, started, rank) if cfg else {}
-        if not notes:
+        if notes:
+            named = "; ".join(f"rank {r} failed: {note}" for r, note in sorted(notes.items()))
+            print(f"polyp-ssl train: error: {named} (this rank {rank}: {_last_line(exc)})", file=sys.stderr)
+        else:
+            print(
+                f"polyp-ssl train: error: {type(exc).__name__}: {_last_line(exc)} "
+                "(--debug shows the traceback)",
+                file=sys.stderr,
+            )
+        if debug:
             raise
-        named = "; ".join(f"rank {r} failed: {note}" for r, note in sorted(notes.items()))
-        print(f"polyp-ssl train: error: {named} (this rank {rank}: {_last_line(exc)})", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
     if _is_rank_zero():
         found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.exists() else []
         print(f"checkpoints in {ckpt_dir}: {', '.join(found) or 'none'}")

@@ -6,6 +6,8 @@ command line keeps its meaning; the extra fields cover the trainer (devices, pre
 
 from __future__ import annotations
 
+import difflib
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -17,13 +19,26 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 LR_SCHEDULES = ("none", "cosine")
 POOLINGS = ("cls", "mean")
 DECODE_ON = ("workers", "device")  # where training JPEGs are decoded (polyp_ssl.device_decode)
+# keys a run writes into its config.yaml that are results, not settings: accepted back by --config, ignored
+RUN_OUTPUT_KEYS = ("resolved_monitor",)
+
+
+def default_num_workers(cpus: int | None = None) -> int:
+    """Loader workers by default: 8 (the paper's), but never more than the CPUs this process may use
+    (each worker is a process decoding JPEGs; more workers than cores only add memory and contention)."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 @dataclass
 class TrainConfig:
     # data (seed flags)
     dataset_root: str = ""
-    num_workers: int = 8
+    num_workers: int = field(default_factory=default_num_workers)  # min(8, usable CPUs)
     max_epochs: int = 50
     batch_size: int = 60
     fragment_length: int = 8
@@ -32,11 +47,17 @@ class TrainConfig:
     bbox_scale_factor: float = 5.0
     min_tracklet_length: int = 30
     im_size: int = 232
-    aug_anchorcrop: bool = False
+    aug_anchorcrop: bool = False  # the reference's deterministic anchor crop; required (stored crops only)
     eval_n_views: int = 2
     eval_batch_size: int = 6
     eval_fragment_length: int = 8
-    eval_aug_anchorcrop: bool = False
+    eval_aug_anchorcrop: bool = False  # validation's deterministic anchor crop; required, as aug_anchorcrop
+    fragment_padding_mode: str | None = None  # reference flag: "repeat" (the only padding) or unset
+    # random training augmentations: our extension, each off by default (polyp_ssl.transforms.Augment)
+    aug_random_scale: bool = False
+    aug_jitter: bool = False
+    aug_hflip: bool = False
+    aug_vflip: bool = False
     # encoder (seed flags)
     encoder_type: str = "hmve"
     sfe_backbone_arch: str = "resnet50"
@@ -48,6 +69,9 @@ class TrainConfig:
     hmve_n_heads: int = 8
     hmve_n_layers: int = 3
     hmve_dropout: float = 0.1
+    hmve_use_feature_norm: bool = False  # LayerNorm after the adapter (reference flag)
+    hmve_use_encoder_norm: bool = False  # final LayerNorm of the transformer encoder (reference flag)
+    hmve_mask_intra_fragment_frames: bool = False  # cross-fragment frame term ignores same-fragment pairs
     # optimisation and loss (seed flags)
     lr: float = 1e-5
     loss_type: str = "mil-nce"
@@ -60,6 +84,9 @@ class TrainConfig:
     sampler_ttb_tmax: float = 12.0
     n_views: int = 5
     exp_name: str = "default"
+    exp_id: str | None = None  # reference flag: the wandb run id (with --logger wandb)
+    wandb_project: str | None = None  # reference flag: the wandb project (with --logger wandb)
+    mode: str = "train"  # reference flag: only "train" here (evaluation: `polyp-ssl eval`)
     seed: int = 42
     # trainer (this stack)
     weight_decay: float = 1e-4
@@ -90,6 +117,7 @@ class TrainConfig:
     data_log: str | None = None  # debug: append the video ids of every batch, per rank, to this file
     on_shard_error: str = "fail"  # damaged shard/sample: "fail" stops the run, "warn" skips and counts
     decode_on: str = "workers"  # where training JPEGs are decoded: loader "workers" or the "device"
+    skip_memory_check: bool = False  # start even when the memory estimate says the run cannot fit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,7 +127,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}")
+            raise ValueError(unknown_setting_message(unknown[0], known))
         return cls(**values)
 
     def validate(self) -> None:
@@ -162,3 +190,101 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.validate_reference_meaning()
+
+    def validate_reference_meaning(self) -> None:
+        """The reference code's flags that this stack can only honour one way."""
+        for flag in ("aug_anchorcrop", "eval_aug_anchorcrop"):
+            if not getattr(self, flag):
+                raise ValueError(
+                    f"--{flag} not given: without it the reference code feeds whole frames, but an "
+                    "ingested root stores only the crop around each box; pass --aug_anchorcrop "
+                    "--eval_aug_anchorcrop (the deterministic anchor crop, as in the paper)"
+                )
+        if self.fragment_padding_mode not in (None, "repeat"):
+            raise ValueError(
+                f"--fragment_padding_mode {self.fragment_padding_mode!r}: the only padding is 'repeat' "
+                "(repeat the last frame)"
+            )
+        if self.fragment_drop_last and self.fragment_padding_mode is not None:
+            raise ValueError(
+                "--fragment_padding_mode with --fragment_drop_last: a dropped fragment is not padded "
+                "(the reference refuses this pair too)"
+            )
+        if self.mode != "train":
+            raise ValueError(
+                f"--mode {self.mode!r}: `polyp-ssl train` only trains; evaluate a checkpoint with "
+                "`polyp-ssl eval --task retrieval|reid --dataset_root ROOT --encoder_ckpt CKPT`"
+            )
+
+
+def unknown_setting_message(name: str, known: set[str] | list[str], where: str = "") -> str:
+    """One line naming an unknown setting, with the closest known name when there is one."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else " (`polyp-ssl train --help` lists the settings)"
+    return f"{where}unknown setting {name!r}{hint}"
+
+
+_NUMBER = (int, float)
+
+
+def _coerce(name: str, value: Any, type_text: str) -> Any:
+    """`value` of a YAML setting as the field's type, or ValueError naming the key, the value and the
+    expected type (the argparse wording of the same flag on the command line)."""
+    optional = "None" in type_text
+    base = type_text.replace("| None", "").replace("None |", "").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}: invalid {base} value: None (a value is required)")
+
+    def bad() -> ValueError:
+        got = type(value).__name__
+        return ValueError(f"{name}: invalid {base} value: {value!r} (expected {base}, got {got})")
+
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if isinstance(value, bool):  # YAML true/false for a number or a string
+        raise bad()
+    if base == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if base == "float":
+        if isinstance(value, _NUMBER):
+            return float(value)
+        raise bad()
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, _NUMBER):  # `precision: 32`, `devices: 2` read as numbers by YAML
+            return str(value)
+        raise bad()
+    if base.startswith("list"):
+        if isinstance(value, _NUMBER):
+            return [float(value)]
+        if isinstance(value, list) and all(isinstance(v, _NUMBER) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
+        raise bad()
+    return value
+
+
+def check_setting_types(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """The settings of a YAML `--config` with the types the command line would give them; ValueError
+    (one line, prefixed by `where`) for a value of the wrong type. Keys that are not settings are
+    passed through (the caller names unknown keys)."""
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        if key in types:
+            try:
+                out[key] = _coerce(key, value, types[key])
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
+        else:
+            out[key] = value
+    return out

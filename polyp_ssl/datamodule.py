@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from polyp_ssl.config import TrainConfig
@@ -49,6 +50,7 @@ class StreamDataModule(L.LightningDataModule):
             log.warning("no validation: %s", exc)
         self.train_loader: StreamLoader | None = None
         self.rank, self.world_size = 0, 1
+        self._resume_state: tuple[int, int] | None = None
 
     @property
     def has_val_identities(self) -> bool:
@@ -64,6 +66,10 @@ class StreamDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_loader is None:
             ds = BagStream(self.train_index, self.params, self.rank, self.world_size, self.cfg.num_workers)
             self.train_loader = StreamLoader(ds, pin_memory=self.cfg.accelerator not in ("cpu",))
+            # the loader draws its worker seeds from a generator of its own, not from torch's global
+            # one, so that the global state saved in a checkpoint is the one the next step uses
+            self.train_loader.generator = torch.Generator()
+            self.set_epoch(0)
             log.info(
                 "rank %d/%d: %d training videos, %d fragments, %d batches per epoch per rank (%d per stream)",
                 self.rank,
@@ -80,7 +86,20 @@ class StreamDataModule(L.LightningDataModule):
         assert self.train_loader is not None
         if self.trainer is not None:
             self.train_loader.decode_device = self.trainer.strategy.root_device
+        if self._resume_state is not None:
+            epoch, seen = self._resume_state
+            self._resume_state = None
+            # Lightning makes the first iterator of a resumed run here, before on_train_epoch_start,
+            # and does not restore the loader state of a checkpoint written at an epoch end: the
+            # epoch the run continues with is set now (a partial epoch: Lightning then restores
+            # {epoch, batches_seen} itself and the stream skips the consumed batches)
+            self.set_epoch(epoch + 1 if seen >= self.train_loader.dataset.length else epoch)
         return self.train_loader
+
+    def resume_from(self, loader_state: dict[str, Any]) -> None:
+        """Continue after a checkpoint whose training loader state is `loader_state`
+        ({epoch, batches_seen, seed})."""
+        self._resume_state = (int(loader_state["epoch"]), int(loader_state["batches_seen"]))
 
     def val_dataloader(self) -> Any:
         if self.val_index is None:
@@ -108,12 +127,19 @@ class StreamDataModule(L.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         if self.train_loader is not None:
             self.train_loader.set_epoch(epoch)
+            if self.train_loader.generator is not None:
+                self.train_loader.generator.manual_seed(loader_seed(self.cfg.seed, epoch))
 
     def skip_counts(self) -> dict[str, int]:
         """Samples (or shard remainders) this rank's streams skipped, by reason (--on_shard_error warn)."""
         if self.train_loader is None:
             return {}
         return self.train_loader.dataset.shared.skip_counts()
+
+
+def loader_seed(seed: int, epoch: int) -> int:
+    """Seed of the training loader's own generator for an epoch (it draws the workers' base seed)."""
+    return (int(seed) * 1_000_003 + int(epoch)) % (1 << 63)
 
 
 TEST_RAISE_ENV = "POLYP_SSL_TEST_RAISE_AT_STEP"
@@ -189,6 +215,15 @@ class StreamEpochCallback(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.datamodule.set_epoch(trainer.current_epoch)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        try:
+            state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+            self.datamodule.resume_from(state)
+        except (KeyError, IndexError, TypeError, ValueError):
+            log.warning("the checkpoint holds no training loader state: the data order restarts")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loader = self.datamodule.train_loader

@@ -25,6 +25,10 @@ from typing import Any
 import torch
 import torchvision.io
 
+from polyp_ssl.shards.sample import JpegSizeError, check_jpeg
+
+# the padded uint8 canvas of one batch's decoded JPEGs (480 stored crops of 1024 x 1024 are 1.5 GB)
+MAX_CANVAS_BYTES = 2 << 30
 ENCODED_KEYS = ("jpeg_data", "jpeg_offsets", "jpeg_names", "frame_jpeg", "frame_window", "flips")
 
 
@@ -54,6 +58,7 @@ def decode_jpegs(batch: dict[str, Any], device: torch.device | str) -> list[torc
     data, offsets = batch["jpeg_data"], batch["jpeg_offsets"].tolist()
     if data.device.type != "cpu":
         raise ValueError("an encoded batch must be decoded before it is moved to the device")
+    check_jpeg_sizes(data, offsets, batch["jpeg_names"])
     chunks = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
     mode = torchvision.io.ImageReadMode.RGB
     try:
@@ -66,6 +71,30 @@ def decode_jpegs(batch: dict[str, Any], device: torch.device | str) -> list[torc
             except RuntimeError as exc:
                 raise FrameDecodeError(f"{name} does not decode ({exc}) [corrupt_jpeg]") from exc
         raise
+
+
+def check_jpeg_sizes(data: torch.Tensor, offsets: list[int], names: Sequence[str]) -> list[tuple[int, int]]:
+    """(w, h) of each JPEG of an encoded batch from its header, before anything is decoded: each
+    within shards.sample.MAX_FRAME_PIXELS, and the padded canvas crop_resize_all makes for them
+    (JPEGs x 3 x tallest x widest) within MAX_CANVAS_BYTES; FrameDecodeError names the JPEG."""
+    view = memoryview(data.numpy())
+    sizes = []
+    for name, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
+        try:
+            sizes.append(check_jpeg(view[a:b]))
+        except JpegSizeError as exc:
+            raise FrameDecodeError(f"{name} does not decode ({exc}) [corrupt_jpeg]") from None
+    if sizes:
+        w_max, h_max = max(w for w, _ in sizes), max(h for _, h in sizes)
+        canvas = len(sizes) * 3 * w_max * h_max
+        if canvas > MAX_CANVAS_BYTES:
+            big = max(range(len(sizes)), key=lambda m: sizes[m][0] * sizes[m][1])
+            raise FrameDecodeError(
+                f"{names[big]}: a {sizes[big][0]}x{sizes[big][1]} JPEG among {len(sizes)} makes a "
+                f"{canvas} byte canvas, more than {MAX_CANVAS_BYTES} (decode such data on the workers, "
+                "--decode_on workers) [oversized_batch]"
+            )
+    return sizes
 
 
 def aa_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int) -> torch.Tensor:

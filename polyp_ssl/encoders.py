@@ -34,6 +34,8 @@ class EncoderConfig:
     hmve_n_heads: int = 8
     hmve_d_feedforward: int = 1024
     hmve_dropout: float = 0.1
+    hmve_use_feature_norm: bool = False  # LayerNorm on the adapted frame features (mve, hmve)
+    hmve_use_encoder_norm: bool = False  # LayerNorm after the last transformer layer (mve, hmve)
     channels_last: bool = False
 
     @classmethod
@@ -89,6 +91,7 @@ class TrackletEncoder(nn.Module):
         self.register_buffer("norm_std", torch.full((1, 3, 1, 1), NORM_STD), persistent=False)
 
         self.adapter: nn.Module | None = None
+        self.feature_norm: nn.Module = nn.Identity()
         self.transformer: nn.TransformerEncoder | None = None
         self.cls_token: nn.Parameter | None = None
         if cfg.encoder_type in ("mve", "hmve"):
@@ -96,6 +99,8 @@ class TrackletEncoder(nn.Module):
             if d % cfg.hmve_n_heads:
                 raise ValueError(f"hmve_d_model={d} must be divisible by hmve_n_heads={cfg.hmve_n_heads}")
             self.adapter = nn.Linear(feat_dim, d)
+            if cfg.hmve_use_feature_norm:
+                self.feature_norm = nn.LayerNorm(d)
             layer = nn.TransformerEncoderLayer(
                 d_model=d,
                 nhead=cfg.hmve_n_heads,
@@ -103,7 +108,12 @@ class TrackletEncoder(nn.Module):
                 dropout=cfg.hmve_dropout,
                 batch_first=True,
             )
-            self.transformer = nn.TransformerEncoder(layer, cfg.hmve_n_layers, enable_nested_tensor=False)
+            self.transformer = nn.TransformerEncoder(
+                layer,
+                cfg.hmve_n_layers,
+                norm=nn.LayerNorm(d) if cfg.hmve_use_encoder_norm else None,
+                enable_nested_tensor=False,
+            )
         if cfg.encoder_type == "hmve":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hmve_d_model))
             nn.init.normal_(self.cls_token, std=0.02)
@@ -148,10 +158,16 @@ class TrackletEncoder(nn.Module):
             empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
             if empty:
                 raise ValueError(f"tracklets at batch positions {empty} have no real frame in `mask`")
-        feats = self.frame_features(frames, mask)
+        return self.head(self.frame_features(frames, mask), mask)
+
+    def head(
+        self, feats: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The part after the backbone: ``feats [B, S, F]`` (backbone features) -> ``(cls, frame_tokens)``.
+        Split from `forward` so that a long tracklet's backbone features can be computed in chunks."""
         if self.cfg.encoder_type == "sfe":
             return None, feats
-        tokens = self.adapter(feats)
+        tokens = self.feature_norm(self.adapter(feats))
         pad = None if mask is None else ~mask
         if self.cls_token is not None:
             cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
@@ -166,6 +182,17 @@ class TrackletEncoder(nn.Module):
         if mask is not None:
             frame_out = frame_out * mask.unsqueeze(-1).to(frame_out.dtype)
         return cls_out, frame_out
+
+    def embed_features(
+        self, feats: torch.Tensor, mask: torch.Tensor | None = None, pooling: str = "cls"
+    ) -> torch.Tensor:
+        """`embed` from backbone features ``[B, S, F]`` (see `head`)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown encoder_pooling {pooling!r} (choose from {', '.join(POOLINGS)})")
+        cls, tokens = self.head(feats, mask)
+        if pooling == "cls" and cls is not None:
+            return cls
+        return masked_mean(tokens, mask)
 
     def embed(
         self, frames: torch.Tensor, mask: torch.Tensor | None = None, pooling: str = "cls"

@@ -1,4 +1,4 @@
-"""Cutting tracklets into fragments (METHOD.md "fragment"): pure functions, no I/O."""
+"""Cutting tracklets into fragments (docs/method.md "fragment"): pure functions, no I/O."""
 
 from __future__ import annotations
 

@@ -19,14 +19,12 @@ from torch import nn
 
 from polyp_ssl.checkpoint import encoder_config_from
 from polyp_ssl.config import TrainConfig
+from polyp_ssl.diversity import batch_same_video_pair_rate
 from polyp_ssl.encoders import POOLINGS, TrackletEncoder, build_encoder, masked_mean
 from polyp_ssl.losses import (
     LOSS_TYPES,
     TERM_NAMES,
-    HierarchicalMILNCE,
-    same_group,
-    supcon,
-    temporally_aware,
+    HierarchicalContrastive,
 )
 
 log = logging.getLogger(__name__)
@@ -116,9 +114,14 @@ class NTSSLModule(L.LightningModule):
         self.projector = nn.Sequential(
             nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, int(cfg["d_proj"]))
         )
-        self.milnce: HierarchicalMILNCE | None = None
-        if cfg["loss_type"] == "mil-nce":
-            self.milnce = HierarchicalMILNCE(cfg["loss_milnce_weights"], cfg["loss_temperature"])
+        # every loss type at the same three levels, weighted by loss_milnce_weights (--loss_weights)
+        self.loss_fn = HierarchicalContrastive(
+            cfg["loss_milnce_weights"],
+            cfg["loss_temperature"],
+            cfg["hmve_mask_intra_fragment_frames"],
+            cfg["loss_type"],
+            cfg["loss_ta_lambda"],
+        )
         self._last_step_start: float | None = None
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
@@ -135,17 +138,10 @@ class NTSSLModule(L.LightningModule):
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         frag, tokens = self.fragment_vectors(batch["frames"])
         z = self.projector(frag)
-        cfg = self.config
-        if self.milnce is not None:
-            frame_z = self.projector(tokens) if self.milnce.needs_frames else None
-            return self.milnce(z, batch["bag"], frame_z)
-        if cfg["loss_type"] == "supervised":
-            return {"loss": supcon(z, same_group(batch["bag"]), cfg["loss_temperature"])}
-        return {
-            "loss": temporally_aware(
-                z, batch["position"], batch["video"], cfg["loss_temperature"], cfg["loss_ta_lambda"]
-            )
-        }
+        frame_z = self.projector(tokens) if self.loss_fn.needs_frames else None
+        return self.loss_fn(
+            z, batch["bag"], frame_z, position=batch.get("position"), video=batch.get("video")
+        )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -175,6 +171,9 @@ class NTSSLModule(L.LightningModule):
             on_epoch=True,
             batch_size=b,
         )
+        # bag pairs from one video: likely false negatives (polyp_ssl.diversity); stays on the device
+        pairs = batch_same_video_pair_rate(batch["bag"], batch["video"])
+        self.log("train/same_video_pairs", pairs, on_step=True, on_epoch=True, batch_size=b)
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, on_step=True, on_epoch=False)

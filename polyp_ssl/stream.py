@@ -21,7 +21,7 @@ import multiprocessing as mp
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,28 @@ from polyp_ssl.bags import eligible_anchors, epoch_anchors, sample_bags, tempora
 from polyp_ssl.config import DECODE_ON
 from polyp_ssl.device_decode import DevicePrefetcher, pack_jpegs
 from polyp_ssl.fragments import count_fragments, cut_tracklet, even_subsample, fragment_index_lists
+from polyp_ssl.shards.locations import (
+    HashingReader,
+    ShardChanged,
+    ShardIdentity,
+    UnsafeLocation,
+    check_shard_value,
+    local_size,
+    shard_location,
+)
+from polyp_ssl.shards.reader import DecompressionBomb, open_shard, read_members, safe_member_name
+from polyp_ssl.shards.sample import (
+    JpegSizeError,
+    SampleError,
+    TrackletSample,
+    check_jpeg,
+    frame_jpeg,
+    jpeg_size,
+    sample_meta,
+)
+from polyp_ssl.shards.schema import SHARDS, TRACKLETS, VIDEOS
 from polyp_ssl.transforms import (
+    Augment,
     CropParams,
     anchor_crop,
     apply_flips,
@@ -44,9 +65,6 @@ from polyp_ssl.transforms import (
     decode_jpeg_bytes,
     draw_crop_params,
 )
-from shards.reader import is_url, open_shard, read_members, safe_member_name
-from shards.sample import TrackletSample, frame_jpeg, jpeg_size, sample_meta
-from shards.schema import TRACKLETS, VIDEOS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +83,9 @@ SKIP_REASONS = (
     "jpeg_missing",
     "corrupt_jpeg",
     "sample_missing_from_shard",
+    "shard_changed",  # size or sha256 differs from the catalog's shards table
+    "decompression_bomb",  # a compressed shard expands past shards.reader.expanded_limit
+    "duplicate_sample",  # a sample key seen twice in one shard
 )
 
 
@@ -91,7 +112,11 @@ class StreamParams:
     min_tracklet_length: int = 30
     bbox_scale_factor: float = 5.0
     im_size: int = 232
-    aug_anchorcrop: bool = False
+    aug_anchorcrop: bool = False  # the reference's flag: the deterministic anchor crop (always used here)
+    aug_random_scale: bool = False  # opt-in random augmentations (polyp_ssl.transforms.Augment)
+    aug_jitter: bool = False
+    aug_hflip: bool = False
+    aug_vflip: bool = False
     sampler: str = "temporaltemperaturebag"
     sampler_ttb_tmin: float = 0.3
     sampler_ttb_tmax: float = 12.0
@@ -126,6 +151,11 @@ class StreamIndex:
     samples: dict[str, tuple[int, int, int]]  # sample_key -> (video index, tracklet code, identity code)
     excluded: Counter = field(default_factory=Counter)  # reason -> count, from the catalog query
     sample_frames: dict[str, int] = field(default_factory=dict)  # sample_key -> catalog n_frames
+    shard_urls: dict[str, str] = field(default_factory=dict)  # shard path -> checked location to open
+    shard_identity: dict[str, ShardIdentity] = field(default_factory=dict)  # shard path -> size, sha256
+    # per video, the identity codes (>= 0) of its fragments that can anchor a bag (multipos batches
+    # hold each identity at most once, so a stream needs at least n_bags of them)
+    video_identities: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def total_fragments(self) -> int:
@@ -137,11 +167,10 @@ class StreamIndex:
         return int(self.video_eligible.sum())
 
     def shard_url(self, rel: str) -> str:
-        if is_url(rel) or rel.startswith("file:"):
-            return rel
-        if self.shard_base:
-            return self.shard_base.rstrip("/") + "/" + rel
-        return str(Path(self.root) / rel)
+        """Where to open the catalog's shard `rel`: under the root, or under --shard_base
+        (shards.locations.shard_location; checked once in build_index)."""
+        url = self.shard_urls.get(rel)
+        return url if url is not None else shard_location(rel, self.root, self.shard_base)
 
 
 def _read_table(root: Path, name: str, schema) -> Any:
@@ -170,6 +199,37 @@ def dataset_codes(root: str | Path) -> tuple[dict[str, int], dict[str, int], dic
     return video, tracklet, identity
 
 
+def _shard_identities(root: Path, trk: dict[str, list]) -> dict[str, ShardIdentity]:
+    """Check every shard value of the catalog (tracklets' `shard`, the shards table's `path`) once,
+    here at the boundary, and return each shard's size and sha256 from the shards table.
+
+    DataConfigError naming the catalog file, the row and the field for a value that is not a
+    plain path relative to the root (a `pipe:` command, a URL, an absolute or climbing path), or
+    a tracklet whose shard the shards table does not list."""
+    shards = _read_table(root, "shards", SHARDS)
+    shards_path = root / "catalog" / "shards.parquet"
+    trk_path = root / "catalog" / "tracklets.parquet"
+    out: dict[str, ShardIdentity] = {}
+    try:
+        for rel, n_bytes, sha in zip(shards["path"], shards["n_bytes"], shards["sha256"], strict=True):
+            check_shard_value(rel, shards_path, f"shard {rel!r}", "path")
+            out[rel] = ShardIdentity(int(n_bytes if n_bytes is not None else -1), sha or "")
+        checked: set[str] = set()
+        for tid, rel in zip(trk["tracklet_id"], trk["shard"], strict=True):
+            if rel in checked:
+                continue
+            check_shard_value(rel, trk_path, f"tracklet {tid!r}")
+            if rel not in out:
+                raise DataConfigError(
+                    f"{trk_path}: tracklet {tid!r}: field 'shard': shard {rel!r} is not listed in "
+                    f"{shards_path} (re-run `polyp-ssl ingest`)"
+                )
+            checked.add(rel)
+    except UnsafeLocation as exc:
+        raise DataConfigError(str(exc)) from None
+    return out
+
+
 def build_index(
     root: str | Path,
     split: str,
@@ -186,6 +246,7 @@ def build_index(
     root = Path(root)
     min_len = params.min_tracklet_length if min_tracklet_length is None else min_tracklet_length
     trk = _read_table(root, "tracklets", TRACKLETS)
+    identities = _shard_identities(root, trk)
     video_code, tracklet_code, identity_code = dataset_codes(root)
     excluded: Counter = Counter()
     per_video: dict[str, list[int]] = {}
@@ -230,9 +291,8 @@ def build_index(
         t_codes = np.repeat([tracklet_code[trk["tracklet_id"][i]] for i in rows], counts)
         i_codes = np.repeat([identity_code.get(trk["identity_id"][i] or "", -1) for i in rows], counts)
         n_frag = int(sum(counts))
-        n_elig = (
-            int(eligible_anchors(params.sampler, t_codes, i_codes, params.n_views).sum()) if n_frag else 0
-        )
+        ok = eligible_anchors(params.sampler, t_codes, i_codes, params.n_views) if n_frag else None
+        n_elig = int(ok.sum()) if ok is not None else 0
         if require_bags and n_elig == 0:
             excluded["video_without_a_bag"] += 1
             continue
@@ -242,6 +302,8 @@ def build_index(
         codes.append(video_code[vid])
         frags.append(n_frag)
         elig.append(n_elig)
+        anchor_ids = np.unique(i_codes[ok]) if ok is not None else np.zeros(0, np.int64)
+        index.video_identities.append(tuple(int(x) for x in anchor_ids if x >= 0))
         for i in rows:
             index.sample_frames[trk["sample_key"][i]] = int(trk["n_frames"][i])
             index.samples[trk["sample_key"][i]] = (
@@ -255,6 +317,12 @@ def build_index(
             f"{params.sampler!r} can put in one bag; lower --n_views or --min_tracklet_length, or use "
             "shorter --fragment_length"
         )
+    for rel in dict.fromkeys(index.video_shard):
+        try:
+            index.shard_urls[rel] = shard_location(rel, root, shard_base)
+        except UnsafeLocation as exc:
+            raise DataConfigError(f"{root / 'catalog' / 'tracklets.parquet'}: {exc}") from None
+        index.shard_identity[rel] = identities[rel]
     index.video_codes = np.asarray(codes, dtype=np.int64)
     index.video_fragments = np.asarray(frags, dtype=np.int64)
     index.video_eligible = np.asarray(elig, dtype=np.int64)
@@ -335,15 +403,23 @@ def _wanted_member(name: str) -> bool:
     return (ext == "json" or ext.endswith(".jpg")) and safe_member_name(name)
 
 
-def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (`__key__` plus member suffix -> bytes) of one tar, in order. `url` may be a local
-    path, a `pipe:` command, a URL webdataset.gopen opens (http, https, gs, ...) or any other URL
-    that fsspec opens (s3://, gcs://, az://, ...; shards.reader.open_shard).
+def iter_tar_samples(
+    url: str, stats: Counter | None = None, expect: ShardIdentity | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__` plus member suffix -> bytes) of one tar, in order. `url` is a
+    location from polyp_ssl.shards.locations.shard_location: a local path, or under the user's --shard_base
+    a `pipe:` command, a URL webdataset.gopen opens (http, https, gs, ...) or any other URL that
+    fsspec opens (s3://, gcs://, az://, ...; shards.reader.open_shard).
 
     Only `.json` and `.jpg` members are read; any other member (`.pyd`, `.pickle`, ...) and any
     member whose name is absolute or climbs with `..` is left unread and counted in `stats`.
     A tar that cannot be opened or ends mid-member raises ShardError naming the last sample key;
     the incomplete sample is not yielded.
+
+    With `expect` (the catalog's size and sha256 of this shard) every byte read is counted and
+    hashed; after the last sample a shard of another size (known at open for a local file) or
+    another sha256 raises ShardError `shard_changed`. It comes last, so a damaged sample is still
+    named by its own reason first.
     """
     stats = stats if stats is not None else Counter()
     current: dict[str, Any] | None = None
@@ -351,8 +427,16 @@ def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[st
         stream = open_shard(url)
     except (OSError, ValueError, ImportError) as exc:
         raise ShardError.at(url, None, "unreadable_shard", f"cannot open ({exc})") from exc
+    reader: Any = stream
+    changed: str | None = None
+    if expect is not None:
+        size = local_size(stream)
+        if size is not None and expect.n_bytes >= 0 and size != expect.n_bytes:
+            changed = f"{size} bytes, the catalog says {expect.n_bytes}"  # no need to hash it
+        else:
+            reader = HashingReader(stream, expect)
     try:
-        for name, data in read_members(stream, _wanted_member):
+        for name, data in read_members(reader, _wanted_member):
             if data is None:
                 stats["member_not_decoded" if safe_member_name(name) else "member_unsafe_name"] += 1
                 continue
@@ -364,13 +448,27 @@ def iter_tar_samples(url: str, stats: Counter | None = None) -> Iterator[dict[st
             current[ext] = data
         if current is not None:
             yield current
+        if isinstance(reader, HashingReader):
+            try:
+                reader.finish()
+            except ShardChanged as exc:
+                changed = str(exc)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         key = current["__key__"] if current is not None else None
+        if isinstance(exc, DecompressionBomb):
+            raise ShardError.at(url, key, "decompression_bomb", f"not read further: {exc}") from exc
         raise ShardError.at(
             url, key, "truncated_shard", f"truncated or unreadable tar from here on ({exc})"
         ) from exc
     finally:
         stream.close()
+    if changed is not None:
+        raise ShardError(
+            f"{url}: after its last sample: {changed}: not the shard the catalog's shards table "
+            "describes (changed or replaced since ingest; `polyp-ssl verify ROOT` checks every shard) "
+            "[shard_changed]",
+            "shard_changed",
+        )
 
 
 class SampleDamage(ValueError):
@@ -382,31 +480,30 @@ class SampleDamage(ValueError):
 
 
 PARSED_META = "__meta__"  # a checked sample carries its parsed TrackletSample under this key
+# decoded frames a worker keeps for reuse within one batch (a 256 x 256 batch of 480 frames is 31 M);
+# past it frames are decoded again, so memory stays bounded whatever sizes the JSON declares
+DECODE_CACHE_PIXELS = 64 << 20
 
 
 def check_sample(sample: dict[str, Any], catalog_frames: int | None) -> TrackletSample:
     """The sample's metadata, after checking it against the catalog; raises SampleDamage.
 
-    JPEGs get a cheap structural check here (start and end markers); a JPEG that passes it but
-    does not decode is named when its batch is decoded.
+    The JSON is validated as data (shards.sample.parse_sample: `bad_json`, or `json_mismatch`
+    when its per-frame lists disagree in length). JPEGs get a cheap structural check here (start
+    and end markers) and their header's size is compared with the JSON's crop_sizes before any
+    decoding (`json_mismatch`); a JPEG that passes but does not decode, or whose header cannot be
+    read, is named when its batch is decoded, where it is never handed to a decoder.
     """
     key = sample["__key__"]
     try:
         meta = sample_meta(sample)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise SampleDamage("bad_json", f"JSON member unreadable ({exc})") from exc
+    except SampleError as exc:
+        reason = "json_mismatch" if exc.kind == "length" else "bad_json"
+        raise SampleDamage(reason, f"JSON member: {exc}") from exc
     if meta.key != key:
         raise SampleDamage("json_mismatch", f"JSON key {meta.key!r} differs from the member key")
     if catalog_frames is not None and meta.n_frames != catalog_frames:
         raise SampleDamage("json_mismatch", f"JSON has {meta.n_frames} frames, the catalog {catalog_frames}")
-    if len(meta.crop_sizes) != meta.n_frames or any(len(wh) != 2 for wh in meta.crop_sizes):
-        raise SampleDamage(
-            "json_mismatch", f"JSON has {len(meta.crop_sizes)} crop_sizes for {meta.n_frames} frames"
-        )
-    if len(meta.boxes_in_crop) != meta.n_frames:
-        raise SampleDamage(
-            "json_mismatch", f"JSON has {len(meta.boxes_in_crop)} boxes_in_crop for {meta.n_frames} frames"
-        )
     for i in range(meta.n_frames):
         name = f"{i:04d}.jpg"
         data = sample.get(name)
@@ -414,7 +511,43 @@ def check_sample(sample: dict[str, Any], catalog_frames: int | None) -> Tracklet
             raise SampleDamage("jpeg_missing", f"no member .{name}")
         if not data.startswith(b"\xff\xd8") or b"\xff\xd9" not in data[-64:]:
             raise SampleDamage("corrupt_jpeg", f"member .{name} is not a complete JPEG ({len(data)} bytes)")
+        try:
+            w, h = jpeg_size(data)
+        except ValueError:
+            continue  # never decoded: named by check_frame when its batch is made
+        if [w, h] != list(meta.crop_sizes[i]):
+            raise SampleDamage(
+                "json_mismatch",
+                f"member .{name} is a {w}x{h} JPEG, the JSON's crop_sizes say "
+                f"{meta.crop_sizes[i][0]}x{meta.crop_sizes[i][1]}",
+            )
     return meta
+
+
+def check_frame(data: bytes, meta: TrackletSample, i: int, shard: str) -> tuple[int, int]:
+    """Frame i's JPEG header against the JSON's crop_sizes (and shards.sample.MAX_FRAME_PIXELS),
+    before anything decodes it: ShardError `corrupt_jpeg` when it has no readable header,
+    `json_mismatch` when its size differs."""
+    try:
+        return check_jpeg(data, meta.crop_sizes[i])
+    except JpegSizeError as exc:
+        if exc.kind == "no_header":
+            detail = f"frame {i} does not decode ({exc})"
+            raise ShardError.at(shard, meta.key, "corrupt_jpeg", detail) from None
+        raise ShardError.at(shard, meta.key, "json_mismatch", f"frame {i} is {exc}") from None
+
+
+def decode_frame(
+    data: bytes, meta: TrackletSample, i: int, shard: str, decode: Callable[[bytes], torch.Tensor]
+) -> torch.Tensor:
+    """Frame i decoded, its header checked first (check_frame) and its decoded size after."""
+    check_frame(data, meta, i, shard)
+    try:
+        img = decode(data)
+    except (RuntimeError, ValueError) as exc:
+        raise ShardError.at(shard, meta.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})") from exc
+    check_size(img.shape[-1], img.shape[-2], meta, i, shard)
+    return img
 
 
 # ---------------------------------------------------------------- videos, fragments, bags
@@ -499,20 +632,58 @@ def drop_unused_jpegs(samples: list[dict[str, Any]], frags: list[_FragRef], bags
                 del sample[ext]
 
 
+def bag_identity(ov: _OpenVideo, bag: np.ndarray) -> int:
+    """The identity code of a bag: its anchor's (a multipos bag is one identity)."""
+    return ov.frags[int(bag[0])].identity
+
+
+def pool_identities(pool: list[_OpenVideo]) -> set[int]:
+    """The distinct identities of the bags left in the pool."""
+    return {bag_identity(ov, b) for ov in pool for b in ov.bags}
+
+
+def can_fill(pool: list[_OpenVideo], n_bags: int, distinct_identities: bool = False) -> bool:
+    """Whether take_batch can form a full batch of n_bags from the pool now."""
+    if distinct_identities:
+        return len(pool_identities(pool)) >= n_bags
+    return sum(len(o.bags) for o in pool) >= n_bags
+
+
 def take_batch(
-    pool: list[_OpenVideo], n_bags: int, rng: np.random.Generator
+    pool: list[_OpenVideo], n_bags: int, rng: np.random.Generator, distinct_identities: bool = False
 ) -> list[tuple[_OpenVideo, np.ndarray]]:
     """n_bags bags from the open videos, one per video in a random video order, round after round,
-    so a batch spans as many videos as the pool holds. Exhausted videos leave the pool."""
+    so a batch spans as many videos as the pool holds. Exhausted videos leave the pool.
+
+    With distinct_identities (the multipos sampler), no two bags of the batch share an identity: each
+    video gives its latest-drawn bag of an identity not yet in the batch, or none this round. The
+    rounds stop when no bag left has a new identity, so the batch is full whenever
+    ``can_fill(pool, n_bags, True)`` held; otherwise it is short (callers check can_fill first)."""
     chosen: list[tuple[_OpenVideo, np.ndarray]] = []
+    used: set[int] = set()
     while len(chosen) < n_bags:
         live = [ov for ov in pool if ov.bags]
         if not live:
             break
+        progress = False
         for j in rng.permutation(len(live)):
             if len(chosen) == n_bags:
                 break
-            chosen.append((live[j], live[j].bags.pop()))
+            ov = live[j]
+            if not distinct_identities:
+                chosen.append((ov, ov.bags.pop()))
+                progress = True
+                continue
+            fresh = (i for i in range(len(ov.bags) - 1, -1, -1) if bag_identity(ov, ov.bags[i]) not in used)
+            pick = next(fresh, None)
+            if pick is None:
+                continue
+            bag = ov.bags.pop(pick)
+            used.add(bag_identity(ov, bag))
+            chosen.append((ov, bag))
+            progress = True
+        if not progress:
+            break
     pool[:] = [ov for ov in pool if ov.bags]
     return chosen
 
@@ -580,6 +751,32 @@ class BagStream(IterableDataset):
             )
         self.stats: Counter = Counter()
         self.decode = decode_jpeg_bytes
+        self.distinct_identities = params.sampler == "multipos"
+        if self.distinct_identities:  # fail here, in the main process, rather than in a worker
+            self.check_stream_identities(0)
+
+    def check_stream_identities(self, epoch: int) -> None:
+        """multipos: DataConfigError when a stream's videos hold fewer distinct identities that
+        anchor a bag than the bags of a batch (a batch holds each identity at most once)."""
+        if not self.distinct_identities or not self.index.video_identities:
+            return
+        p = self.params
+        every = {i for ids in self.index.video_identities for i in ids}
+        parts = assign_videos(self.index, self.n_streams, p.seed, epoch)
+        for stream, videos in enumerate(parts):
+            have = {i for v in videos for i in self.index.video_identities[v]}
+            if len(have) < p.n_bags:
+                scope = (
+                    f"the split {self.index.split!r} has"
+                    if len(every) < p.n_bags
+                    else f"stream {stream} of {self.n_streams} (ranks x workers) gets videos with"
+                )
+                raise DataConfigError(
+                    f"--sampler multipos: {scope} {len(have)} distinct identities (polyps) with a bag, "
+                    f"fewer than the {p.n_bags} bags of a batch (--batch_size {p.batch_size} / --n_views "
+                    f"{p.n_views}), and a batch holds each identity at most once; lower --batch_size, or "
+                    "use fewer devices or --num_workers"
+                )
 
     def __len__(self) -> int:
         return self.length
@@ -623,14 +820,18 @@ class BagStream(IterableDataset):
             url = ix.shard_url(rel)
             cur_v, cur, cur_codes = -1, [], []
             seen: set[str] = set()
-            samples = iter_tar_samples(url, self.stats)
+            samples = iter_tar_samples(url, self.stats, ix.shard_identity.get(rel))
+            changed: ShardError | None = None  # reported after the samples' own reasons
             while True:
                 try:
                     sample = next(samples)
                 except StopIteration:
                     break
                 except ShardError as err:
-                    self.damaged(err)
+                    if err.reason == "shard_changed":
+                        changed = err
+                    else:
+                        self.damaged(err)
                     break
                 key = sample["__key__"]
                 entry = ix.samples.get(key)
@@ -640,6 +841,9 @@ class BagStream(IterableDataset):
                 v, t_code, i_code = entry
                 if v not in wanted:
                     self.stats["sample_of_other_stream"] += 1
+                    continue
+                if key in seen:  # a second sample with this key would train twice
+                    self.damaged(ShardError.at(url, key, "duplicate_sample", "appears twice in the shard"))
                     continue
                 seen.add(key)
                 try:
@@ -663,6 +867,9 @@ class BagStream(IterableDataset):
                         f"listed in the catalog but not in the shard ({len(missing)} such samples)",
                     )
                 )
+            if changed is not None:
+                self.damaged(changed)
+                cur = []  # warn: what is left of a changed shard is not used
             if cur:
                 yield cur_v, cur, cur_codes
 
@@ -672,11 +879,15 @@ class BagStream(IterableDataset):
         p = self.params
         videos = assign_videos(self.index, self.n_streams, p.seed, epoch)[stream]
         temperature = temporal_temperature(epoch, p.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
+        distinct = self.distinct_identities
+        if distinct and epoch:
+            self.check_stream_identities(epoch)
         pool: list[_OpenVideo] = []
         done = 0
         n_pass = 0
         while done < self.per_worker:
             added = 0
+            done_before = done
             for v, samples, codes in self._iter_videos(videos):
                 code = int(self.index.video_codes[v])
                 rng = np.random.default_rng([p.seed, epoch, stream, n_pass, code])
@@ -684,12 +895,19 @@ class BagStream(IterableDataset):
                 if not ov.bags:
                     continue
                 rng.shuffle(ov.bags)
+                if distinct:
+                    # a video's new pass replaces what is left of its previous one: the pool holds at
+                    # most one entry per video, whatever the identities' imbalance
+                    old = [o for o in pool if o.index == v]
+                    if old:
+                        self.stats["multipos_bags_replaced_by_next_pass"] += sum(len(o.bags) for o in old)
+                        pool[:] = [o for o in pool if o.index != v]
                 pool.append(ov)
                 added += len(ov.bags)
                 while (
                     done < self.per_worker
                     and len(pool) >= p.open_videos
-                    and sum(len(o.bags) for o in pool) >= p.n_bags
+                    and can_fill(pool, p.n_bags, distinct)
                 ):
                     yield from self._emit(pool, epoch, stream, done, skip)
                     done += 1
@@ -707,21 +925,30 @@ class BagStream(IterableDataset):
             while (
                 done < self.per_worker
                 and pool
-                and sum(len(o.bags) for o in pool) >= p.n_bags
+                and can_fill(pool, p.n_bags, distinct)
                 and (
-                    len(pool) >= min(p.open_videos, len(videos))
+                    distinct  # the pool holds at most one entry per video: it cannot grow by waiting
+                    or len(pool) >= min(p.open_videos, len(videos))
                     or (self.per_worker - done) * p.n_bags <= sum(len(o.bags) for o in pool)
                 )
             ):
                 yield from self._emit(pool, epoch, stream, done, skip)
                 done += 1
+            if distinct and done == done_before and done < self.per_worker:
+                # a whole pass re-opened every video and still no batch of distinct identities:
+                # another pass cannot do better (samples skipped as damaged, or catalog disagreement)
+                raise DataConfigError(
+                    f"--sampler multipos: stream {stream} (rank {self.rank}): its readable videos give bags "
+                    f"of only {len(pool_identities(pool))} distinct identities, fewer than the {p.n_bags} "
+                    "bags of a batch; lower --batch_size"
+                )
         if pool:
             self.stats["bags_left_at_epoch_end"] += sum(len(o.bags) for o in pool)
 
     def _emit(self, pool: list[_OpenVideo], epoch: int, stream: int, batch_i: int, skip: int):
         p = self.params
         rng = np.random.default_rng([p.seed, epoch, stream, batch_i, 3])
-        chosen = take_batch(pool, p.n_bags, rng)
+        chosen = take_batch(pool, p.n_bags, rng, self.distinct_identities)
         if batch_i < skip:
             return
         batch = self.decode_batch(chosen, rng)
@@ -742,10 +969,9 @@ class BagStream(IterableDataset):
             for m in members:
                 fr = ov.frags[int(m)]
                 meta = ov.metas[fr.key]
-                if p.aug_anchorcrop:
-                    params = draw_crop_params(p.bbox_scale_factor, rng, meta.params.get("crop_scale"))
-                else:
-                    params = CropParams(p.bbox_scale_factor)
+                params = draw_crop_params(
+                    p.bbox_scale_factor, rng, meta.params.get("crop_scale"), Augment.from_config(p)
+                )
                 rows.append((ov, fr, params))
                 bag.append(b)
                 video.append(ov.code)
@@ -770,6 +996,7 @@ class BagStream(IterableDataset):
         written once into its slot of one preallocated batch (no stacking)."""
         p = self.params
         cache: dict[tuple[str, int], torch.Tensor] = {}
+        cached_px = 0  # decoded images kept for reuse in this batch, bounded by DECODE_CACHE_PIXELS
         frames = batch_buffer((len(rows), p.fragment_length, 3, p.im_size, p.im_size))
         for row, (ov, fr, params) in enumerate(rows):
             meta = ov.metas[fr.key]
@@ -777,14 +1004,10 @@ class BagStream(IterableDataset):
             for j, i in enumerate(fr.frames):
                 img = cache.get((fr.key, i))
                 if img is None:
-                    try:
-                        img = self.decode(frame_jpeg(ov.samples[fr.key], i))
-                    except (RuntimeError, ValueError) as exc:
-                        raise ShardError.at(
-                            shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
-                        ) from exc
-                    check_size(img.shape[-1], img.shape[-2], meta, i, shard)
-                    cache[(fr.key, i)] = img
+                    img = decode_frame(frame_jpeg(ov.samples[fr.key], i), meta, i, shard, self.decode)
+                    if cached_px + img.shape[-1] * img.shape[-2] <= DECODE_CACHE_PIXELS:
+                        cache[(fr.key, i)] = img
+                        cached_px += img.shape[-1] * img.shape[-2]
                 frames[row, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
             if params.hflip or params.vflip:
                 frames[row] = apply_flips(frames[row], params)
@@ -810,13 +1033,7 @@ class BagStream(IterableDataset):
                 if m is None:
                     m = slot[(fr.key, i)] = len(jpegs)
                     data = frame_jpeg(ov.samples[fr.key], i)
-                    try:
-                        w, h = jpeg_size(data)
-                    except ValueError as exc:
-                        raise ShardError.at(
-                            shard, fr.key, "corrupt_jpeg", f"frame {i} does not decode ({exc})"
-                        ) from exc
-                    check_size(w, h, meta, i, shard)
+                    check_frame(data, meta, i, shard)
                     jpegs.append(data)
                     names.append(f"{shard}: sample {fr.key!r}: frame {i}")
                 which[-1].append(m)
@@ -955,7 +1172,7 @@ class ValTracklets(IterableDataset):
         wanted = set(self.keys) | set(pads)
         got: dict[str, dict] = {}
         for rel in dict.fromkeys(ix.video_shard[ix.samples[k][0]] for k in [*self.keys, *pads]):
-            for s in iter_tar_samples(ix.shard_url(rel)):
+            for s in iter_tar_samples(ix.shard_url(rel), expect=ix.shard_identity.get(rel)):
                 if s["__key__"] in wanted:
                     got[s["__key__"]] = s
         missing = wanted - set(got)
@@ -970,19 +1187,23 @@ class ValTracklets(IterableDataset):
 
     def _item(self, sample: dict[str, Any], valid: bool) -> dict[str, Any]:
         p = self.params
-        meta = sample_meta(sample)
+        key = sample["__key__"]
+        shard = self.index.shard_url(self.index.video_shard[self.index.samples[key][0]])
+        try:
+            meta = check_sample(sample, self.index.sample_frames.get(key))
+        except SampleDamage as bad:
+            raise ShardError.at(shard, key, bad.reason, str(bad)) from bad
         v, t_code, i_code = self.index.samples[meta.key]
         idx = fragment_index_lists(meta.n_frames, -1, p.fragment_stride, False)[0]
         idx = even_subsample(idx, self.max_frames)
-        if self.aug:
-            rng = np.random.default_rng([p.seed, int(self.index.video_codes[v]), t_code])
-            params = draw_crop_params(p.bbox_scale_factor, rng, meta.params.get("crop_scale"))
-        else:
-            params = CropParams(p.bbox_scale_factor)
+        params = CropParams(p.bbox_scale_factor)  # the deterministic anchor crop (--eval_aug_anchorcrop)
         clip = torch.stack(
             [
                 anchor_crop(
-                    decode_jpeg_bytes(frame_jpeg(sample, i)), meta.boxes_in_crop[i], params, p.im_size
+                    decode_frame(frame_jpeg(sample, i), meta, i, shard, decode_jpeg_bytes),
+                    meta.boxes_in_crop[i],
+                    params,
+                    p.im_size,
                 )
                 for i in idx
             ]

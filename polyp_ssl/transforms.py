@@ -13,11 +13,15 @@ import torch
 import torchvision.io
 import torchvision.transforms.v2.functional as TF
 
-from shards.crops import enlarge_box
+from polyp_ssl.shards.crops import enlarge_box
+from polyp_ssl.shards.sample import check_jpeg
 
 
-def decode_jpeg_bytes(data: bytes) -> torch.Tensor:
-    """uint8 [3, H, W] RGB from JPEG bytes."""
+def decode_jpeg_bytes(data: bytes, expected: Sequence[int] | None = None) -> torch.Tensor:
+    """uint8 [3, H, W] RGB from JPEG bytes. The header is checked first (shards.sample.check_jpeg:
+    at most MAX_FRAME_PIXELS, and `expected` = [w, h] when given), so a small file that declares a
+    huge frame is refused (JpegSizeError, a ValueError) before the decoder allocates it."""
+    check_jpeg(data, expected)
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return torchvision.io.decode_jpeg(buf, mode=torchvision.io.ImageReadMode.RGB)
 
@@ -41,18 +45,55 @@ class CropParams:
     vflip: bool = False
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Random training augmentations, each off unless asked (our extension; the reference's
+    `--aug_anchorcrop` is the deterministic anchor crop alone). All draws are per fragment."""
+
+    random_scale: bool = False  # crop scale x U(0.8, 1.2), capped at the stored crop's scale
+    jitter: bool = False  # crop centre shifted by U(-0.1, 0.1) x box width / height
+    hflip: bool = False  # horizontal flip with probability 0.5
+    vflip: bool = False  # vertical flip with probability 0.5
+
+    @property
+    def enabled(self) -> bool:
+        return self.random_scale or self.jitter or self.hflip or self.vflip
+
+    @classmethod
+    def from_config(cls, cfg: object) -> Augment:
+        """From an object with `aug_random_scale`, `aug_jitter`, `aug_hflip`, `aug_vflip` attributes."""
+        return cls(
+            bool(getattr(cfg, "aug_random_scale", False)),
+            bool(getattr(cfg, "aug_jitter", False)),
+            bool(getattr(cfg, "aug_hflip", False)),
+            bool(getattr(cfg, "aug_vflip", False)),
+        )
+
+
+NO_AUGMENT = Augment()
+
+
 def draw_crop_params(
-    base_scale: float, rng: np.random.Generator | None, max_scale: float | None = None
+    base_scale: float,
+    rng: np.random.Generator | None,
+    max_scale: float | None = None,
+    augment: Augment = NO_AUGMENT,
 ) -> CropParams:
-    """Deterministic anchor crop (rng None) or `aug_anchorcrop`: scale in [0.8, 1.2] x base (capped
-    at the stored crop's scale), centre jitter up to 10% of the box, random flips."""
-    if rng is None:
+    """The anchor crop of one fragment: deterministic (box enlarged `base_scale` times about its
+    centre) unless `augment` asks for random scale, jitter or flips, drawn from `rng`. Only the
+    draws that are asked for consume random numbers, in the order scale, jitter, flips."""
+    if rng is None or not augment.enabled:
         return CropParams(base_scale)
-    scale = base_scale * rng.uniform(0.8, 1.2)
-    if max_scale is not None:
-        scale = min(scale, max_scale)
-    sx, sy = rng.uniform(-0.1, 0.1, size=2)
-    hflip, vflip = rng.random(2) < 0.5
+    scale = base_scale
+    if augment.random_scale:
+        scale = base_scale * rng.uniform(0.8, 1.2)
+        if max_scale is not None:
+            scale = min(scale, max_scale)
+    sx = sy = 0.0
+    if augment.jitter:
+        sx, sy = rng.uniform(-0.1, 0.1, size=2)
+    hflip = augment.hflip and bool(rng.random() < 0.5)
+    vflip = augment.vflip and bool(rng.random() < 0.5)
     return CropParams(float(scale), float(sx), float(sy), bool(hflip), bool(vflip))
 
 
@@ -92,11 +133,18 @@ def load_frames(
     scale: float,
     params: CropParams | None = None,
     decode: Callable[[bytes], torch.Tensor] = decode_jpeg_bytes,
+    sizes: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """uint8 [S, 3, im_size, im_size]: each stored JPEG decoded and anchor-cropped around its box
-    (enlarge_box with `scale`, or with `params` when given)."""
+    (enlarge_box with `scale`, or with `params` when given). With `sizes` (the JSON's crop_sizes)
+    every JPEG's header must give its size before any of them is decoded (JpegSizeError)."""
     if len(jpegs) != len(boxes_in_crop):
         raise ValueError(f"{len(jpegs)} JPEGs for {len(boxes_in_crop)} boxes")
+    if sizes is not None:
+        if len(sizes) != len(jpegs):
+            raise ValueError(f"{len(jpegs)} JPEGs for {len(sizes)} crop sizes")
+        for j, wh in zip(jpegs, sizes, strict=True):
+            check_jpeg(j, wh)
     params = params or CropParams(scale)
     frames = [anchor_crop(decode(j), b, params, im_size) for j, b in zip(jpegs, boxes_in_crop, strict=False)]
     if not frames:

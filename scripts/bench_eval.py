@@ -35,7 +35,7 @@ def data(
 
 def one(n: int, task: str, dim: int, per_identity: int, memory_mb: int, noise: float) -> dict:
     sys.path.insert(0, str(ROOT))
-    from eval.metrics import reid_from_vectors, retrieval_from_vectors
+    from polyp_ssl.eval.metrics import reid_from_vectors, retrieval_from_vectors
 
     x, ids = data(n, dim, per_identity, noise)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ingest.crop import stored_crop
+from polyp_ssl.ingest.crop import stored_crop
 
 W, H = 1240, 1080
 
@@ -133,7 +133,7 @@ def crop_difference(full_out: str, other_out: str) -> dict:
     """Mean absolute pixel difference (0-255) between the stored crops of two ingests."""
     import io
 
-    from shards.reader import iter_samples
+    from polyp_ssl.shards.reader import iter_samples
 
     def crops(out: str) -> dict[str, bytes]:
         paths = sorted(glob.glob(os.path.join(out, "shards", "*", "*.tar")))

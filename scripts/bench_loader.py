@@ -30,14 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 from PIL import Image
+from polyp_ssl.shards.crops import enlarge_box
+from polyp_ssl.shards.sample import frame_jpeg, sample_meta
 from torch.utils.data import DataLoader, Dataset
 
 from polyp_ssl.device_decode import decode_batch_on, pack_jpegs
+from polyp_ssl.diversity import bag_videos, global_shuffle_pair_rate, same_video_pair_rate
 from polyp_ssl.fragments import fragment_index_lists
 from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index, iter_tar_samples
 from polyp_ssl.transforms import CropParams, crop_resize, crop_window, decode_jpeg_bytes, resize_uint8
-from shards.crops import enlarge_box
-from shards.sample import frame_jpeg, sample_meta
 from tests.shard_factory import make_raw_root
 
 
@@ -72,18 +73,41 @@ class FullFrameFragments(Dataset):
         return torch.stack([self.load_frame(name, box) for _, name, box in self.items[i % len(self.items)]])
 
 
-def time_loader(loader, n_batches: int, finish=None, sync=None) -> float:
+def worker_peak_mb() -> list[float]:
+    """Peak resident memory (VmHWM, MB) of each live child process (the DataLoader's workers)."""
+    peaks = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip() or 0) == os.getpid() and "VmHWM" in fields:
+            peaks.append(round(int(fields["VmHWM"].split()[0]) / 1024, 1))
+    return peaks
+
+
+def time_loader(loader, n_batches: int, finish=None, sync=None, seen: dict | None = None) -> float:
     """Fragments/s over n_batches, counted from the loader's start (worker start-up included, the
     same for both loaders), so prefetching cannot hide work. `finish` turns a loader batch into
-    frames (device decoding), `sync` waits for the device before the clock stops."""
+    frames (device decoding), `sync` waits for the device before the clock stops. With `seen`, the
+    batches' same-video bag-pair rates and the workers' peak memory are recorded there."""
     t = time.perf_counter()
     n = 0
     for i, batch in enumerate(loader):
+        if seen is not None:
+            seen.setdefault("pair_rates", []).append(
+                same_video_pair_rate(bag_videos(batch["bag"].numpy(), batch["video"].numpy()))
+            )
         if finish is not None:
             batch = finish(batch)
         frames = batch["frames"] if isinstance(batch, dict) else batch
         n += frames.shape[0]
         if i + 1 == n_batches:
+            if seen is not None:
+                seen["worker_peak_mb"] = worker_peak_mb()
             break
     if sync is not None:
         sync()
@@ -241,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                 raw = time_loader(StreamLoader(ds), n_batches, lambda x: {"frames": x["frame_jpeg"]})
                 row["stream_device_workers_only_fragments_per_s"] = round(raw, 2)
             else:
-                fps = time_loader(StreamLoader(ds), n_batches)
+                seen: dict = {}
+                fps = time_loader(StreamLoader(ds), n_batches, seen=seen)
+                row["stream_same_video_pair_rate"] = round(float(np.mean(seen["pair_rates"])), 4)
+                row["global_shuffle_pair_rate"] = round(global_shuffle_pair_rate(index.video_eligible), 4)
+                row["stream_worker_peak_mb"] = seen.get("worker_peak_mb", [])
             row[f"stream_{mode}_fragments_per_s"] = round(fps, 2)
             row[f"stream_{mode}_speedup"] = round(fps / map_fps, 2)
         result["per_workers"][str(w)] = row

@@ -13,21 +13,27 @@ Use it in main processes only, never inside a DataLoader worker (DuckDB is not f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-
-from shards.schema import CATALOG_VERSION, TABLES
+from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
 
 CATALOG_DIR = "catalog"
 EMBEDDINGS_DIR = "embeddings"
 MANIFEST = "manifest.json"
+INTERRUPT_GRACE_S = 5.0  # how long an interrupted query may take to stop
+T = TypeVar("T")
 
 # Settings applied after the views exist. `lock_configuration` comes last: nothing can undo them.
 LOCKDOWN = (
@@ -38,6 +44,10 @@ LOCKDOWN = (
     "SET allow_community_extensions = false",
     "SET lock_configuration = true",
 )
+
+
+log = logging.getLogger(__name__)
+LEFT_OUT = "left out: embeddings files collide on this name"  # comment of such a view
 
 
 class CatalogError(RuntimeError):
@@ -53,6 +63,11 @@ def _require_ingested(root: Path) -> Path:
     if not (cdir / MANIFEST).is_file():
         if not root.exists():
             raise CatalogError(f"{root}: no such directory")
+        if (root / ".ingest-staging" / "all" / ".swap.json").is_file():  # written by ingest/run.py
+            raise CatalogError(
+                f"{root}: an `ingest --overwrite` was stopped while it swapped its complete new output "
+                "in; run that ingest again (e.g. with --resume) to finish the swap"
+            )
         raise CatalogError(
             f"{root} has no catalog ({cdir / MANIFEST} is missing): run `polyp-ssl ingest {root}` first "
             f"(or `polyp-ssl catalog merge {root}` after `ingest --part I/N` runs)"
@@ -73,7 +88,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if version != CATALOG_VERSION:
         raise CatalogError(
             f"{path}: field 'version' is {version!r}, this reader knows catalog version {CATALOG_VERSION}; "
-            "re-run `polyp-ssl ingest` with this version"
+            "re-ingest it with this version: `polyp-ssl ingest RAW_ROOT --out ROOT --overwrite`"
         )
     return manifest
 
@@ -125,6 +140,15 @@ def embeddings_view_name(stem: str) -> str:
     return "embeddings_" + re.sub(r"[^A-Za-z0-9_]", "_", stem)
 
 
+def embeddings_collisions(paths: list[Path]) -> dict[str, list[Path]]:
+    """View name -> the embeddings files (two or more) whose names map to it (e.g. `a-b.parquet`
+    and `a_b.parquet` both give `embeddings_a_b`)."""
+    by_view: dict[str, list[Path]] = {}
+    for path in paths:
+        by_view.setdefault(embeddings_view_name(path.stem), []).append(path)
+    return {view: group for view, group in by_view.items() if len(group) > 1}
+
+
 def _check_embeddings_schema(path: Path, schema: pa.Schema) -> None:
     idx = schema.get_field_index("vector")
     if idx < 0:
@@ -132,7 +156,7 @@ def _check_embeddings_schema(path: Path, schema: pa.Schema) -> None:
     vtype = schema.field(idx).type
     if not pa.types.is_fixed_size_list(vtype):
         raise CatalogError(f"{path}: column 'vector' has type {vtype}, expected a fixed-size float32 list")
-    from shards.schema import embeddings_schema
+    from polyp_ssl.shards.schema import embeddings_schema
 
     check_schema(path, schema, embeddings_schema(vtype.list_size))
 
@@ -146,11 +170,19 @@ def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
     for name, schema in TABLES.items():
         datasets[name] = _dataset(_table_path(root, name), schema)
     emb_dir = root / EMBEDDINGS_DIR
+    colliding = embeddings_collisions(sorted(emb_dir.glob("*.parquet"))) if emb_dir.is_dir() else {}
+    for view, paths in colliding.items():
+        log.warning(
+            "%s: left out: the embeddings files %s all map to view %r; rename all but one",
+            emb_dir,
+            ", ".join(p.name for p in paths),
+            view,
+        )
     if emb_dir.is_dir():
         for path in sorted(emb_dir.glob("*.parquet")):
             view = embeddings_view_name(path.stem)
-            if view in datasets:
-                raise CatalogError(f"{path}: view name {view!r} collides with another embeddings file")
+            if view in colliding:
+                continue
             try:
                 schema = pq.read_schema(path)
             except (OSError, pa.ArrowException) as exc:
@@ -161,6 +193,16 @@ def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
     try:
         for view, ds in datasets.items():
             con.register(view, ds)
+        for view, paths in colliding.items():
+            # a query that names the view fails with this message instead of "does not exist"
+            message = (
+                f"view {view} is left out: the embeddings files {', '.join(str(p) for p in paths)} "
+                "all map to it; rename all but one"
+            ).replace("'", "''").encode("utf-8", "backslashreplace").decode("utf-8")
+            con.execute(
+                f"CREATE VIEW {view} AS SELECT range AS error FROM range(1) WHERE error('{message}') IS NULL"
+            )
+            con.execute(f"COMMENT ON VIEW {view} IS '{LEFT_OUT}'")
         for stmt in LOCKDOWN:
             con.execute(stmt)
     except Exception:
@@ -170,21 +212,81 @@ def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
 
 
 def view_names(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The connection's views, without the embeddings views left out for a name collision."""
     rows = con.execute(
-        "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal AND comment IS DISTINCT FROM ? "
+        "ORDER BY view_name",
+        [LEFT_OUT],
     ).fetchall()
     return [r[0] for r in rows]
 
 
-def query(root: str | Path, sql: str) -> pa.Table:
-    """Run one SQL statement on a fresh locked-down connection; the result as an Arrow table."""
-    con = connect(root)
+class QueryTimeout(CatalogError):
+    """A query ran longer than its time limit and was stopped."""
+
+
+def run_interruptible(
+    con: duckdb.DuckDBPyConnection, work: Callable[[], T], timeout: float | None = None
+) -> T:
+    """`work()` (which uses `con`) in a helper thread, so that Ctrl-C (KeyboardInterrupt in this
+    thread) or `timeout` seconds stop it with `con.interrupt()` instead of waiting for a query
+    that may never end. Raises KeyboardInterrupt, QueryTimeout, or what `work` raised."""
+    box: dict[str, Any] = {}
+    # an Event, not Thread.join: a KeyboardInterrupt inside join() can leave the thread looking
+    # finished while it still runs
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # handed to the calling thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=target, name="catalog-query", daemon=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    worker.start()
     try:
+        while not done.wait(0.05):
+            if deadline is not None and time.monotonic() >= deadline:
+                con.interrupt()
+                done.wait(INTERRUPT_GRACE_S)
+                raise QueryTimeout(f"the query was stopped after --timeout {timeout:g} s")
+    except KeyboardInterrupt:
+        con.interrupt()
+        done.wait(INTERRUPT_GRACE_S)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str, timeout: float | None = None) -> pa.Table:
+    """One SQL statement on `con`, interruptible (see run_interruptible); an Arrow table."""
+
+    def work() -> pa.Table:
         relation = con.sql(sql)
         if relation is None:  # a statement without a result set (SET, CREATE VIEW, ...)
             return pa.table({})
         return relation.to_arrow_table()
+
+    return run_interruptible(con, work, timeout)
+
+
+def query(root: str | Path, sql: str, timeout: float | None = None) -> pa.Table:
+    """Run one SQL statement on a fresh locked-down connection; the result as an Arrow table.
+    Ctrl-C stops it; so does `timeout` (seconds, QueryTimeout)."""
+    con = connect(root)
+    try:
+        return run_sql(con, sql, timeout)
     finally:
+        close_quietly(con)
+
+
+def close_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    """Close `con`; a query that did not stop in time keeps it busy, and the process ends anyway."""
+    with contextlib.suppress(duckdb.Error):
         con.close()
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from shards.catalog import MANIFEST, CatalogError, catalog_dir, check_schema
-from shards.schema import CATALOG_VERSION, TABLES
+from polyp_ssl.shards.catalog import MANIFEST, CatalogError, catalog_dir, check_schema
+from polyp_ssl.shards.lock import output_lock
+from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,16 @@ def _write_atomic_parquet(table: pa.Table, path: Path) -> None:
 
 
 def merge_parts(out: str | Path) -> dict[str, Any]:
-    """Merge OUT's parts into OUT/catalog; returns the merged manifest."""
+    """Merge OUT's parts into OUT/catalog; returns the merged manifest. Holds OUT's write lock
+    (`shards.lock`): refused (LockHeld) while an ingest, a part of one, or another merge runs."""
     out = Path(out)
+    if not out.is_dir():
+        raise CatalogError(f"{out}: no such directory")
+    with output_lock(out, "polyp-ssl catalog merge"):
+        return _merge_locked(out)
+
+
+def _merge_locked(out: Path) -> dict[str, Any]:
     parts = find_parts(out)
     tables: dict[str, pa.Table] = {}
     for name, schema in TABLES.items():

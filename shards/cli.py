@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import pyarrow as pa
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def format_csv(table: pa.Table) -> str:
 
 def _query_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl catalog",
         description="Run SQL on an ingested root's catalog (read-only DuckDB; one view per table: videos, "
         "polyps, tracklets, frames, shards, errors, embeddings_NAME). `polyp-ssl catalog merge OUT` merges "
@@ -99,8 +101,18 @@ def _query_parser() -> argparse.ArgumentParser:
         epilog='example: polyp-ssl catalog data/rc "SELECT split, count(*) FROM tracklets GROUP BY 1"',
     )
     p.add_argument("root", help="ingested root (holds catalog/)")
-    p.add_argument("sql", nargs="?", help="one SQL statement")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument(
+        "sql",
+        nargs="?",
+        help="SQL: one statement, or several separated by ';' (table format: each result under a line "
+        "naming its statement); '-' reads the SQL from stdin",
+    )
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output format (csv and json take one statement) (default: %(default)s)",
+    )
     p.add_argument(
         "--max-rows",
         type=int,
@@ -108,14 +120,37 @@ def _query_parser() -> argparse.ArgumentParser:
         help=f"rows to print (default {DEFAULT_TABLE_ROWS} for table, all for csv/json)",
     )
     p.add_argument(
-        "--max-width", type=int, default=DEFAULT_CELL_WIDTH, help="cut table cells longer than this"
+        "--max-width",
+        type=int,
+        default=DEFAULT_CELL_WIDTH,
+        help="cut table cells longer than this (default: %(default)s)",
     )
-    p.add_argument("--tables", action="store_true", help="list the views and their row counts")
+    p.add_argument(
+        "--tables", action="store_true", help="list the views (full names) and their row counts"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop the query after this many seconds (exit 1); default: no limit (Ctrl-C stops it)",
+    )
     return p
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"--timeout must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl catalog merge",
         description="Combine OUT/catalog/parts/III-of-NNN (from `polyp-ssl ingest --part I/N`) "
         "into OUT/catalog. "
@@ -123,6 +158,24 @@ def _merge_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", help="output root shared by the parts")
     return p
+
+
+def split_statements(sql: str) -> list[str]:
+    """The statements of `sql` (DuckDB's own parser: a ';' inside a string or comment does not split),
+    without their trailing ';'. ValueError for SQL that does not parse into statements."""
+    import duckdb
+
+    try:
+        parts = [st.query.strip().rstrip(";").strip() for st in duckdb.extract_statements(sql)]
+    except duckdb.Error as exc:
+        raise ValueError(" ".join(str(exc).split())) from None
+    return [p for p in parts if p]
+
+
+def statement_header(index: int, total: int, statement: str, width: int = 100) -> str:
+    """The line above a statement's result when several run: its number and its text (one line)."""
+    text = " ".join(statement.split())
+    return f"-- statement {index}/{total}: {_truncate(text, width)}"
 
 
 def _error(prog: str, exc: BaseException) -> int:
@@ -141,11 +194,15 @@ def _emit(table: pa.Table, fmt: str, max_rows: int | None, width: int) -> None:
 
 def merge_main(argv: list[str]) -> int:
     args = _merge_parser().parse_args(argv)
-    from shards.catalog import CatalogError
-    from shards.catalog_merge import merge_parts
+    from polyp_ssl.shards.catalog import CatalogError
+    from polyp_ssl.shards.catalog_merge import merge_parts
+    from polyp_ssl.shards.lock import LockHeld
 
     try:
         manifest = merge_parts(args.out)
+    except LockHeld as exc:
+        print(f"polyp-ssl catalog merge: {exc}", file=sys.stderr)
+        return 2
     except (CatalogError, OSError) as exc:
         return _error("polyp-ssl catalog merge", exc)
     rows = ", ".join(f"{k} {v}" for k, v in manifest["rows"].items())
@@ -164,49 +221,97 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give an SQL statement, or --tables")
     if args.max_rows is not None and args.max_rows < 0:
         parser.error("--max-rows must be >= 0")
+    prog = "polyp-ssl catalog"
+    statements: list[str] = []
+    if not args.tables:
+        sql = sys.stdin.read() if args.sql == "-" else args.sql
+        try:
+            statements = split_statements(sql)
+        except ValueError as exc:
+            return _error(prog, exc)
+        if not statements:
+            where = " on stdin" if args.sql == "-" else ""
+            print(f"{prog}: error: no SQL statement{where}", file=sys.stderr)
+            return 2
+        if len(statements) > 1 and args.format != "table":
+            print(
+                f"{prog}: error: --format {args.format} takes one statement, got {len(statements)} "
+                "(run them one by one, or use --format table)",
+                file=sys.stderr,
+            )
+            return 2
+
+    import time
 
     import duckdb
-
-    from shards.catalog import CatalogError, connect, view_names
+    from polyp_ssl.shards.catalog import (
+        CatalogError,
+        QueryTimeout,
+        close_quietly,
+        connect,
+        run_interruptible,
+        run_sql,
+        view_names,
+    )
 
     try:
         con = connect(args.root)
     except (CatalogError, OSError) as exc:
-        return _error("polyp-ssl catalog", exc)
+        return _error(prog, exc)
     try:
         if args.tables:
-            names = view_names(con)
-            counts = [con.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names]
-            table = pa.table({"view": names, "rows": pa.array(counts, pa.int64())})
-        else:
-            relation = con.sql(args.sql)
-            table = pa.table({}) if relation is None else relation.to_arrow_table()
+
+            def count_views() -> pa.Table:
+                names = view_names(con)
+                counts = [con.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names]
+                return pa.table({"view": names, "rows": pa.array(counts, pa.int64())})
+
+            table = run_interruptible(con, count_views, args.timeout)
+            # full view names: they are pasted into queries
+            width = max([args.max_width, *(len(n) for n in table.column("view").to_pylist())])
+            _emit(table, args.format, args.max_rows, width)
+            return 0
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        for i, statement in enumerate(statements, 1):
+            left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+            # in a helper thread: Ctrl-C and --timeout stop a query that would run for ever
+            table = run_sql(con, statement, left)
+            if len(statements) > 1:
+                print(("\n" if i > 1 else "") + statement_header(i, len(statements), statement))
+            _emit(table, args.format, args.max_rows, args.max_width)
+    except QueryTimeout:
+        return _error(prog, f"the query was stopped after --timeout {args.timeout:g} s")
     except duckdb.Error as exc:
-        return _error("polyp-ssl catalog", exc)
+        where = f"statement {i}/{len(statements)}: " if not args.tables and len(statements) > 1 else ""
+        return _error(prog, f"{where}{' '.join(str(exc).split())}")  # DuckDB's message on one line
     finally:
-        con.close()
-    _emit(table, args.format, args.max_rows, args.max_width)
+        close_quietly(con)
     return 0
 
 
 def _verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl verify",
         description="Re-hash every shard listed in the catalog; compare sha256, byte size and sample count; "
         "check every tracklet's sample is in its shard; report shard files the catalog does not list. "
         "Exit 0 only when everything matches.",
     )
     p.add_argument("root", help="ingested root (holds catalog/ and shards/)")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--format", choices=("text", "json"), default="text", help="report format (default: %(default)s)"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)"
+    )
     return p
 
 
 def verify_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _verify_parser().parse_args(argv)
-    from shards.catalog import CatalogError
-    from shards.verify import verify_root
+    from polyp_ssl.shards.catalog import CatalogError
+    from polyp_ssl.shards.verify import verify_root
 
     try:
         report = verify_root(args.root, progress=not args.no_progress and args.format == "text")

@@ -1,4 +1,4 @@
-"""Histology and size labels for the probes, defined once (METHOD.md "Histology" and "Size").
+"""Histology and size labels for the probes, defined once (docs/method.md "Histology" and "Size").
 
 Each dataset names histology its own way; `histology_binary` maps every known name to
 1 (adenoma), 0 (non-adenoma) or None (unknown or excluded). Matching ignores case and runs of
@@ -59,7 +59,7 @@ DATASET_ALIASES: dict[str, str] = {
 
 # Named mappings (the reference code's --class_mapping). Each turns the class of the vocabulary
 # into the task label; labels not listed map to None.
-#   ad_vs_hp         METHOD.md: adenoma (1) vs every non-adenoma (0). The default.
+#   ad_vs_hp         docs/method.md: adenoma (1) vs every non-adenoma (0). The default.
 #   ad_vs_hp_strict  adenoma (1) vs hyperplastic only (0); serrated and inflammatory lesions excluded.
 _HYPERPLASTIC = {"hp", "hyperplastic polyp", "hyperplastic"}
 DEFAULT_MAPPING = "ad_vs_hp"
@@ -85,6 +85,12 @@ for _vocab in _NORMALIZED.values():
         if _k in _ALL and _ALL[_k] != _v:  # pragma: no cover - guards edits of the tables above
             raise AssertionError(f"histology label {_k!r} maps differently in two datasets")
         _ALL[_k] = _v
+
+
+def vocabulary_name(dataset: str | None) -> str:
+    """The vocabulary a dataset id selects ("realcolon", "sun", ...), "all" for None or an id that
+    names no known dataset (its labels are looked up in every vocabulary)."""
+    return DATASET_ALIASES.get(_norm_dataset(dataset), "all") if dataset is not None else "all"
 
 
 def vocabulary_for(dataset: str | None) -> dict[str, int | None]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
@@ -20,6 +22,12 @@ BLOCK = 512
 _ZERO = bytes(BLOCK)
 # magic bytes of the compressions tarfile's "r|*" reads; a plain tar starts with a member name
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+MAX_HEADER_BYTES = 1 << 20  # a pax header or GNU long name (real ones are a few hundred bytes)
+MAX_MEMBER_BYTES = 256 << 20  # a member read into memory (a sample's JSON or JPEG is far smaller)
+READ_CHUNK = 1 << 20
+EXPANSION_RATIO = 20  # a compressed shard expands to at most this many times its size ...
+EXPANSION_FLOOR = 64 << 20  # ... or this many bytes, whichever is more
+EXPANSION_UNKNOWN = 64 << 30  # when the compressed size is not known (a pipe, a URL)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -102,14 +110,16 @@ def _number(field: bytes, what: str) -> int:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """The records ("LEN key=value\\n") of a pax extended header."""
+    """The records ("LEN key=value\\n") of a pax extended header; a record whose length is not a
+    number, is too short for its own length field or runs past the header is a ReadError."""
     out: dict[str, str] = {}
     pos = 0
     while pos < len(data) and data[pos : pos + 1] != b"\0":
-        space = data.find(b" ", pos)
-        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
-        if length <= space - pos:
-            raise tarfile.ReadError("malformed pax header")
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        if length <= space - pos or pos + length > len(data):
+            raise tarfile.ReadError(f"malformed pax header (a record at byte {pos} of {len(data)})")
         record = data[space + 1 : pos + length - 1]
         key, _, value = record.partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -117,23 +127,42 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
+def _pax_size(value: str) -> int:
+    """A pax `size` record: decimal digits only (no sign, no exponent, no spaces)."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        raise tarfile.ReadError(f"pax header size {value[:40]!r} is not a non-negative integer")
+    return int(value)
+
+
 def iter_tar_members(
-    fileobj: BinaryIO, select: Callable[[str], bool] | None = None
+    fileobj: BinaryIO,
+    select: Callable[[str], bool] | None = None,
+    limit: int | None = None,
+    expanded: bool = False,
 ) -> Iterator[tuple[str, bytes | None]]:
     """(name, data) of the regular-file members of an uncompressed tar stream, in order.
 
-    The reader of every shard reader here (training loader, `iter_samples`): it parses the
-    512-byte headers itself (ustar, GNU long names,
-    pax path and size) instead of through `tarfile`, which costs about ten times more per member,
-    and most members of a shard are frames no fragment uses. Members `select` rejects come back
-    with data None, their bytes skipped. Raises tarfile.ReadError on a bad header checksum or a
-    tar that ends mid-member.
+    The reader of every shard reader here (training loader, `iter_samples`, `verify`): it parses
+    the 512-byte headers itself (ustar, GNU long names, pax path and size) instead of through
+    `tarfile`, which costs about ten times more per member, and most members of a shard are frames
+    no fragment uses. Members `select` rejects come back with data None, their bytes skipped.
+
+    Declared sizes are checked before anything is read or allocated: `limit` is the number of
+    bytes the stream holds (the file size; read_members finds it), and a member that declares
+    more than is left, a negative or non-numeric size, a pax header or GNU long name over
+    MAX_HEADER_BYTES, or a member to read over MAX_MEMBER_BYTES is a tarfile.ReadError; so is a
+    bad header checksum or a tar that ends mid-member. Data is read in chunks of at most
+    READ_CHUNK bytes, so memory follows what the stream holds, never what a header claims.
+    With `expanded` (the stream is a decompressed shard, `limit` its expansion bound) a size past
+    the limit is a DecompressionBomb.
     """
     read = fileobj.read
     long_name: str | None = None
     pax: dict[str, str] = {}
+    consumed = 0
     while True:
         header = read(BLOCK)
+        consumed += len(header)
         if len(header) < BLOCK:
             if not header:
                 return
@@ -145,8 +174,18 @@ def iter_tar_members(
             raise tarfile.ReadError("bad checksum in a tar header")
         size = _number(header[124:136], "size")
         kind = header[156:157]
+        if size < 0:
+            raise tarfile.ReadError(f"a tar header at byte {consumed - BLOCK} declares size {size}")
         if kind in (b"x", b"g", b"L", b"K"):
-            data = _read_exactly(read, (size + BLOCK - 1) // BLOCK * BLOCK)[:size]
+            if size > MAX_HEADER_BYTES:
+                raise tarfile.ReadError(
+                    f"a {'pax' if kind in (b'x', b'g') else 'GNU long-name'} header at byte "
+                    f"{consumed - BLOCK} declares {size} bytes, more than the {MAX_HEADER_BYTES} allowed"
+                )
+            padded = (size + BLOCK - 1) // BLOCK * BLOCK
+            _check_left(padded, limit, consumed, "an extended header", expanded)
+            data = _read_exactly(read, padded)[:size]
+            consumed += padded
             if kind == b"x":
                 pax = _pax_records(data)
             elif kind == b"L":
@@ -162,36 +201,59 @@ def iter_tar_members(
             if prefix:
                 name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         if "size" in pax:
-            size = int(pax["size"])
+            size = _pax_size(pax["size"])
         long_name, pax = None, {}
         padding = (BLOCK - size % BLOCK) % BLOCK
+        _check_left(size + padding, limit, consumed, f"member {name[:200]!r}", expanded)
+        consumed += size + padding
         regular = kind in (b"0", b"\0", b"7")
         if not regular or (select is not None and not select(name)):
             _skip(fileobj, size + padding)
             if regular:
                 yield name, None
             continue
+        if size > MAX_MEMBER_BYTES:
+            raise tarfile.ReadError(
+                f"member {name[:200]!r} declares {size} bytes, more than the {MAX_MEMBER_BYTES} a "
+                "member read into memory may have"
+            )
         data = _read_exactly(read, size)
         if padding:
-            _read_exactly(read, padding)
+            _skip(fileobj, padding)
         yield name, data
 
 
+def _check_left(n: int, limit: int | None, consumed: int, what: str, expanded: bool = False) -> None:
+    if limit is not None and n > limit - consumed and expanded:
+        raise DecompressionBomb(
+            f"{what} declares {n} bytes, past the {limit} the compressed shard may expand to "
+            f"(expanded_limit) [decompression_bomb]"
+        )
+    if limit is not None and n > limit - consumed:
+        raise tarfile.ReadError(
+            f"{what} declares {n} bytes, only {max(limit - consumed, 0)} are left in the shard"
+        )
+
+
 def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
-    data = read(n)
-    while len(data) < n:
-        more = read(n - len(data))
+    """n bytes, read in chunks (a stream's read(n) may allocate n bytes before it knows how many
+    there are)."""
+    parts = []
+    left = n
+    while left:
+        more = read(min(left, READ_CHUNK))
         if not more:
             raise tarfile.ReadError("unexpected end of data (truncated member)")
-        data += more
-    return data
+        parts.append(more)
+        left -= len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _skip(fileobj: BinaryIO, n: int) -> None:
     """Skip n bytes by reading them (works on pipes too, and a truncated tar is noticed)."""
     left = n
     while left:
-        chunk = fileobj.read(min(left, 1 << 20))
+        chunk = fileobj.read(min(left, READ_CHUNK))
         if not chunk:
             raise tarfile.ReadError("unexpected end of data (truncated member)")
         left -= len(chunk)
@@ -213,21 +275,79 @@ class _Prefixed:
         return out if len(out) == n else out + self.fileobj.read(n - len(out))
 
 
+class DecompressionBomb(tarfile.ReadError):
+    """A compressed shard that expands past expanded_limit(); the loader's reason
+    `decompression_bomb`."""
+
+
+class _Expanded:
+    """The decompressed bytes of a gzip, bzip2 or xz stream, read in bounded pieces, stopping with
+    DecompressionBomb once more than `cap` bytes come out; damaged compressed data is a
+    tarfile.ReadError."""
+
+    def __init__(self, fileobj: BinaryIO, head: bytes, cap: int) -> None:
+        import bz2
+        import gzip
+        import lzma
+
+        self.cap, self.out = cap, 0
+        if head.startswith(b"\x1f\x8b"):
+            self.f: Any = gzip.GzipFile(fileobj=fileobj, mode="rb")
+        elif head.startswith(b"BZh"):
+            self.f = bz2.BZ2File(fileobj, mode="rb")
+        else:
+            self.f = lzma.LZMAFile(fileobj, mode="rb")  # noqa: SIM115 (lives as long as the stream)
+        self.errors = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+    def read(self, n: int = -1) -> bytes:
+        want = READ_CHUNK if n < 0 else min(n, READ_CHUNK)
+        try:
+            data = self.f.read(want)
+        except self.errors as exc:
+            raise tarfile.ReadError(f"compressed data is damaged ({type(exc).__name__}: {exc})") from None
+        self.out += len(data)
+        if self.out > self.cap:
+            raise DecompressionBomb(
+                f"expands past {self.cap} bytes (the most a compressed shard may expand to: "
+                f"max({EXPANSION_FLOOR}, {EXPANSION_RATIO} x its compressed size)) [decompression_bomb]"
+            )
+        return data
+
+
+def expanded_limit(compressed_size: int | None) -> int:
+    """The most a compressed shard may expand to: max(EXPANSION_FLOOR, EXPANSION_RATIO x its
+    compressed size), or EXPANSION_UNKNOWN when its size is not known (a pipe or URL). A shard of
+    JPEGs barely compresses (ratio about 1.1), so only a bomb comes near."""
+    if compressed_size is None:
+        return EXPANSION_UNKNOWN
+    return max(EXPANSION_FLOOR, EXPANSION_RATIO * compressed_size)
+
+
+def stream_size(fileobj: Any) -> int | None:
+    """At most the bytes left in `fileobj` when it is a regular file (its size minus its position;
+    a wrapper without `tell` counts from 0, an upper bound still), else None."""
+    try:
+        st = os.fstat(fileobj.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        tell = getattr(fileobj, "tell", None)
+        return max(st.st_size - (tell() if tell is not None else 0), 0)
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def read_members(
-    fileobj: BinaryIO, select: Callable[[str], bool] | None = None
+    fileobj: BinaryIO, select: Callable[[str], bool] | None = None, limit: int | None = None
 ) -> Iterator[tuple[str, bytes | None]]:
-    """iter_tar_members for a plain tar; a gzip, bzip2 or xz compressed tar goes through tarfile."""
+    """iter_tar_members of a plain or a gzip, bzip2 or xz compressed tar (decompressed as it is
+    read, bounded by expanded_limit). `limit` is the bytes the stream holds; by default the
+    file's size when `fileobj` is a regular file."""
+    if limit is None:
+        limit = stream_size(fileobj)
     head = fileobj.read(BLOCK)
     stream: Any = _Prefixed(head, fileobj)
     if not head.startswith(COMPRESSED_MAGIC):
-        yield from iter_tar_members(stream, select)
+        yield from iter_tar_members(stream, select, limit)
         return
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            if select is not None and not select(member.name):
-                yield member.name, None
-                continue
-            f = tar.extractfile(member)
-            yield member.name, (f.read() if f is not None else b"")
+    expanded = _Expanded(stream, head, expanded_limit(limit))
+    yield from iter_tar_members(expanded, select, expanded.cap, expanded=True)

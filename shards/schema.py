@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2  # 2: position_in_video over the video's annotated frames
 
 VIDEOS = pa.schema(
     [
@@ -49,7 +49,7 @@ TRACKLETS = pa.schema(
         ("start_frame", pa.int64()),
         ("end_frame", pa.int64()),
         ("n_frames", pa.int32()),
-        ("position_in_video", pa.float64()),  # start_frame normalised to [0, 1] over the video's span
+        ("position_in_video", pa.float64()),  # start_frame in [0, 1] over the video's annotated span
         ("size_mm", pa.float64()),
         ("histology", pa.string()),
         ("shard", pa.string()),  # path relative to the output root, e.g. shards/train/train-000000.tar

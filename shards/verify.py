@@ -9,7 +9,10 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from shards.catalog import read_manifest, read_table
+from polyp_ssl.shards.catalog import read_manifest, read_table
+from polyp_ssl.shards.locations import UnsafeLocation, inside, location_problem
+from polyp_ssl.shards.reader import read_members
+from polyp_ssl.shards.sample import JSON_EXT, JpegSizeError, SampleError, check_jpeg, frame_ext, parse_sample
 
 SHARDS_DIR = "shards"
 _CHUNK = 1 << 20
@@ -18,7 +21,8 @@ _CHUNK = 1 << 20
 @dataclass
 class Problem:
     kind: str  # missing_shard, size_mismatch, checksum_mismatch, count_mismatch, unreadable_shard,
-    #            missing_sample, extra_shard, bad_path, catalog_mismatch, bad_member
+    #            missing_sample, extra_shard, bad_path, catalog_mismatch, bad_member, bad_sample,
+    #            duplicate_key
     shard: str
     detail: str
 
@@ -65,21 +69,87 @@ def member_key(name: str) -> str | None:
     return str(p.parent / stem) if str(p.parent) != "." else stem
 
 
+@dataclass
+class ShardScan:
+    """What one pass over a shard's members finds."""
+
+    keys: set[str] = field(default_factory=set)  # distinct sample keys
+    bad_members: list[str] = field(default_factory=list)  # names without a key, absolute or climbing
+    bad_samples: list[tuple[str, str]] = field(default_factory=list)  # (key, what is wrong)
+    duplicates: list[str] = field(default_factory=list)  # keys whose members appear in two places
+
+
+def _wanted(name: str) -> bool:
+    ext = PurePosixPath(name).name.partition(".")[2]
+    return (ext == JSON_EXT or ext.endswith(".jpg")) and _safe_relative(name.replace("\\", "/"))
+
+
+def sample_problem(key: str, members: dict[str, bytes]) -> str | None:
+    """What is wrong with one sample (its JSON as data, shards.sample.parse_sample; its key; a JPEG
+    per frame whose header gives the JSON's crop_sizes), or None."""
+    if JSON_EXT not in members:
+        return "no .json member"
+    try:
+        meta = parse_sample(members[JSON_EXT])
+    except SampleError as exc:
+        return f"JSON member: {exc}"
+    if meta.key != key:
+        return f"JSON field 'key' is {meta.key!r}, not the member key"
+    for i in range(meta.n_frames):
+        data = members.get(frame_ext(i))
+        if data is None:
+            return f"no member .{frame_ext(i)} for frame {i}"
+        try:
+            check_jpeg(data, meta.crop_sizes[i])
+        except JpegSizeError as exc:
+            return f"field 'crop_sizes[{i}]': frame {i} is {exc}"
+    return None
+
+
+def scan_shard(path: Path) -> ShardScan:
+    """Keys, bad member names, bad samples and repeated keys of a tar, read with the shard reader
+    (shards.reader.read_members: sizes bounded by the file, members never extracted). Raises
+    tarfile.TarError or OSError on a damaged tar."""
+    scan = ShardScan()
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    reported: set[str] = set()
+
+    def close() -> None:
+        if current is not None:
+            problem = sample_problem(current, members)
+            if problem is not None:
+                scan.bad_samples.append((current, problem))
+
+    with open(path, "rb") as f:
+        for name, data in read_members(f, _wanted):
+            key = member_key(name)
+            if key is None or not _safe_relative(name.replace("\\", "/")):
+                scan.bad_members.append(name)
+                continue
+            if key != current:
+                close()
+                if key in scan.keys and key not in reported:
+                    scan.duplicates.append(key)
+                    reported.add(key)
+                scan.keys.add(key)
+                current, members = key, {}
+            if data is None:
+                continue
+            ext = PurePosixPath(name).name.partition(".")[2]
+            if ext in members and key not in reported:
+                scan.duplicates.append(key)
+                reported.add(key)
+            members[ext] = data
+        close()
+    return scan
+
+
 def tar_keys(path: Path) -> tuple[set[str], list[str]]:
     """Distinct sample keys of a tar, and member names that carry no key. Raises tarfile.TarError
     or OSError on a damaged tar."""
-    keys: set[str] = set()
-    bad: list[str] = []
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key = member_key(member.name)
-            if key is None or not _safe_relative(member.name.replace("\\", "/")):
-                bad.append(member.name)
-            else:
-                keys.add(key)
-    return keys, bad
+    scan = scan_shard(path)
+    return scan.keys, scan.bad_members
 
 
 def _safe_relative(path: str) -> bool:
@@ -97,6 +167,7 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
     for t in tracklets:
         expected_keys[t["shard"]].append((t["tracklet_id"], t["sample_key"]))
     catalog_paths = {s["path"] for s in shards}
+    key_shard: dict[str, str] = {}  # sample key -> the first shard it was found in
     for path in sorted(set(expected_keys) - catalog_paths, key=str):
         report.problems.append(
             Problem(
@@ -113,10 +184,17 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
         iterator = tqdm(shards, desc="verify", unit="shard")
     for row in iterator:
         rel = row["path"]
-        if not _safe_relative(rel or ""):
-            report.problems.append(Problem("bad_path", str(rel), "shard path is not relative to the root"))
+        problem = location_problem(rel)
+        if problem is not None:
+            report.problems.append(
+                Problem("bad_path", str(rel), f"shard path {problem}; it must be relative to the root")
+            )
             continue
-        path = root / rel
+        try:
+            path = inside(root, rel)
+        except UnsafeLocation as exc:
+            report.problems.append(Problem("bad_path", rel, str(exc)))
+            continue
         if not path.is_file():
             report.problems.append(Problem("missing_shard", rel, f"{path} does not exist"))
             continue
@@ -132,15 +210,32 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
                 Problem("checksum_mismatch", rel, f"sha256 {digest}, catalog says {row['sha256']}")
             )
         try:
-            keys, bad = tar_keys(path)
+            scan = scan_shard(path)
         except (tarfile.TarError, OSError, EOFError) as exc:
             report.problems.append(Problem("unreadable_shard", rel, f"cannot read as tar: {exc}"))
             continue
+        keys, bad = scan.keys, scan.bad_members
         report.samples_checked += len(keys)
         for name in bad:
             report.problems.append(
                 Problem("bad_member", rel, f"member {name!r} is not a relative name with an extension")
             )
+        for key, problem in scan.bad_samples:
+            report.problems.append(Problem("bad_sample", rel, f"sample {key!r}: {problem}"))
+        for key in scan.duplicates:
+            report.problems.append(
+                Problem("duplicate_key", rel, f"sample {key!r}: its members appear twice in the shard")
+            )
+        for key in sorted(keys):
+            other = key_shard.setdefault(key, rel)
+            if other != rel:
+                report.problems.append(
+                    Problem(
+                        "duplicate_key",
+                        rel,
+                        f"sample {key!r}: also in shard {other} (two samples with one key)",
+                    )
+                )
         if len(keys) != row["n_samples"]:
             report.problems.append(
                 Problem("count_mismatch", rel, f"{len(keys)} samples, catalog says {row['n_samples']}")

@@ -146,7 +146,10 @@ def _with(result, *more: str):
 def write_coco_case(base: Path, name: str, good: dict, good_images: Path) -> BadCase:
     root = base / f"coco_{name}"
     (root / "annotations").mkdir(parents=True)
-    (root / "images").symlink_to(os.path.relpath(good_images, root))
+    # hard links, not a linked folder: ingest refuses raw input reached through symbolic links
+    (root / "images").mkdir()
+    for frame in good_images.iterdir():
+        os.link(frame, root / "images" / frame.name)
     content, words = COCO_CASES[name](copy.deepcopy(good))
     path = root / "annotations" / ANN
     if isinstance(content, bytes):

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from eval.embeddings import manifest_sha256, write_embeddings
-from shards.schema import CATALOG_VERSION, POLYPS, TRACKLETS
+from polyp_ssl.eval.embeddings import manifest_sha256, write_embeddings
+from polyp_ssl.shards.schema import CATALOG_VERSION, POLYPS, TRACKLETS
 
 HISTOLOGY = ["AD", "HP", "AD", "SSL", "NO POLYP"]
 

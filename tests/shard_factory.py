@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-
-from shards.crops import box_in_crop, enlarge_box, stored_size
-from shards.sample import TrackletSample, encode_sample, safe_key
-from shards.schema import CATALOG_VERSION, TABLES
+from polyp_ssl.shards.crops import box_in_crop, enlarge_box, stored_size
+from polyp_ssl.shards.sample import TrackletSample, encode_sample, safe_key
+from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
 
 
 def _jpeg(rng: np.random.Generator, w: int, h: int, colour: np.ndarray) -> bytes:
@@ -99,8 +98,9 @@ def make_root(
                 boxes, crops, sizes, bics, jpegs = [], [], [], [], []
                 for i in range(n):
                     bw, bh = box_wh[0] * (1 + p * 0.2), box_wh[1] * (1 + p * 0.1)
-                    x = (30.0 + 2 * i + 10 * p) * sw / 160
-                    y = (40.0 + i) * sh / 128
+                    j = i % 40  # the box drifts for 40 frames, then starts over: it stays in the frame
+                    x = (30.0 + 2 * j + 10 * p) * sw / 160
+                    y = (40.0 + j) * sh / 128
                     box = [x, y, bw, bh]
                     crop = enlarge_box(box, crop_scale, sw, sh)
                     size = stored_size(crop[2] - crop[0], crop[3] - crop[1], store_size)

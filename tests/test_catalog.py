@@ -17,12 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from shards import catalog
-from shards.catalog import CatalogError, connect, query, read_manifest, read_table
-from shards.catalog_merge import part_dir_name
-from shards.cli import format_table, main, verify_main
-from shards.schema import CATALOG_VERSION, TABLES, embeddings_schema
+from polyp_ssl.shards import catalog
+from polyp_ssl.shards.catalog import CatalogError, connect, query, read_manifest, read_table
+from polyp_ssl.shards.catalog_merge import part_dir_name
+from polyp_ssl.shards.cli import format_table, main, verify_main
+from polyp_ssl.shards.sample import SAMPLE_VERSION
+from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES, embeddings_schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,9 +38,23 @@ TRACKLETS = [
 def _write_tar(path: Path, keys: list[str], frames: dict[str, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        # verify checks each sample's JSON as data and each JPEG's header (never decoded): a valid
+        # JSON and an 8x8 frame header in front of the fake JPEG bytes
+        sof = b"\xff\xc0\x00\x0b\x08\x00\x08\x00\x08\x01\x01\x11\x00"
         for key in keys:
-            members = [(f"{key}.json", json.dumps({"key": key}).encode())]
-            members += [(f"{key}.{i:04d}.jpg", b"\xff\xd8fakejpeg" + bytes([i])) for i in range(frames[key])]
+            n = frames[key]
+            meta = {
+                "key": key, "tracklet_id": key, "split": "train", "dataset_id": None, "video_id": "v",
+                "sequence_id": "v", "identity_id": "i", "size_mm": None, "histology": None,
+                "position_in_video": 0.0, "video_first_frame": 0, "video_last_frame": n,
+                "frame_ids": list(range(n)), "image_ids": list(range(n)), "annotation_ids": list(range(n)),
+                "file_names": ["f.jpg"] * n, "boxes": [[1.0, 1.0, 2.0, 2.0]] * n, "crops": [[0, 0, 8, 8]] * n,
+                "crop_sizes": [[8, 8]] * n, "boxes_in_crop": [[1.0, 1.0, 2.0, 2.0]] * n, "params": {},
+                "extra": {}, "version": SAMPLE_VERSION,
+            }  # fmt: skip
+            members = [(f"{key}.json", json.dumps(meta).encode())]
+            jpeg = b"\xff\xd8" + sof + b"fakejpeg"
+            members += [(f"{key}.{i:04d}.jpg", jpeg + bytes([i])) for i in range(n)]
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
@@ -332,7 +346,7 @@ def test_python_variables_are_not_queryable(root):
 
 def test_two_processes_query_concurrently(root):
     code = (
-        "import sys; from shards.catalog import query\n"
+        "import sys; from polyp_ssl.shards.catalog import query\n"
         "for _ in range(20):\n"
         "    sql = 'SELECT count(*) AS n FROM frames JOIN tracklets USING (tracklet_id)'\n"
         "    n = query(sys.argv[1], sql)['n'][0]\n"
@@ -607,8 +621,8 @@ def test_documented_queries_run(root):
 @pytest.mark.slow
 def test_ingest_parts_merge_equals_single_run(tmp_path):
     """End to end with the real synth and ingest: 2 parts merged = one run (shard columns aside)."""
-    pytest.importorskip("ingest.cli")
-    from shards.catalog_merge import SORT_KEYS
+    pytest.importorskip("polyp_ssl.ingest.cli")
+    from polyp_ssl.shards.catalog_merge import SORT_KEYS
 
     def cli(*args: str) -> None:
         out = subprocess.run(

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pycocotools.coco import COCO
-
-from ingest.convert.realcolon import (
+from polyp_ssl.ingest.convert.realcolon import (
     ConvertError,
     Problems,
     default_split,
     parse_voc,
     read_split_file,
 )
+from pycocotools.coco import COCO
+
 from polyp_ssl.entry import main as entry_main
 
 W, H = 64, 48

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from eval.count import (
+from polyp_ssl.eval.count import (
     Video,
     affinity_run,
     agglomerative_labels,

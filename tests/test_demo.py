@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from eval import demo
-from eval.report import append_results
+from polyp_ssl.eval import demo
+from polyp_ssl.eval.report import append_results
 
 
 def test_flags():

@@ -49,11 +49,15 @@ def test_pack_jpegs_round_trip():
 
 def test_encoded_batch_decodes_to_the_workers_frames(root):
     """Same bags, same draws: the device path's frames equal the workers' within one grey level,
-    flips and zoomed anchor crops (aug_anchorcrop) included; the other keys are identical."""
-    index = build_index(root, "train", P)
-    cpu, dev = BagStream(index, P), BagStream(index, DEVICE)
+    flips and zoomed, shifted anchor crops (the opt-in augmentations) included; the other keys are
+    identical."""
+    aug = {"aug_random_scale": True, "aug_jitter": True, "aug_hflip": True, "aug_vflip": True}
+    cpu_p = StreamParams(**{**P.__dict__, **aug})
+    dev_p = StreamParams(**{**DEVICE.__dict__, **aug})
+    index = build_index(root, "train", cpu_p)
+    cpu, dev = BagStream(index, cpu_p), BagStream(index, dev_p)
     v, samples, codes = next(cpu._iter_videos([0]))
-    ov = open_video(v, 0, samples, codes, P, np.random.default_rng(0), 1.0, cpu.stats)
+    ov = open_video(v, 0, samples, codes, cpu_p, np.random.default_rng(0), 1.0, cpu.stats)
     chosen = [(ov, bag) for bag in ov.bags[:4]]
     ref = cpu.decode_batch(chosen, np.random.default_rng(5))
     enc = dev.decode_batch(chosen, np.random.default_rng(5))
@@ -63,7 +67,7 @@ def test_encoded_batch_decodes_to_the_workers_frames(root):
         {(ov.frags[int(m)].key, i) for _, bag in chosen for m in bag for i in ov.frags[int(m)].frames}
     )
     assert enc["jpeg_offsets"].numel() == n_distinct + 1 == len(enc["jpeg_names"]) + 1
-    assert enc["flips"].any(), "the draw should flip some rows (aug_anchorcrop)"
+    assert enc["flips"].any(), "the draw should flip some rows (aug_hflip, aug_vflip)"
     out = decode_batch_on(enc, "cpu", P.im_size)
     assert set(out) == set(ref)
     assert out["frames"].shape == ref["frames"].shape and out["frames"].dtype == torch.uint8

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from polyp_ssl.eval.embed import EmbedError, ensure_embeddings, frame_plan, main
+from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
+from polyp_ssl.shards.sample import TrackletSample
 
-from eval.embed import EmbedError, ensure_embeddings, frame_plan, main
-from eval.embeddings import read_embeddings, read_metadata
 from polyp_ssl.checkpoint import load_encoder, sha256_file
 from polyp_ssl.fragments import count_fragments
 from polyp_ssl.transforms import load_frames
-from shards.sample import TrackletSample
 from tests.embed_factory import make_ckpt, make_tiny_root, tracklet_rows
 
 
@@ -114,7 +114,8 @@ def test_fragments_and_batching_do_not_change_vectors(env):
     a, b = read_embeddings(p1), read_embeddings(p2)
     rows = tracklet_rows(root, "val")
     assert len(a) == sum(count_fragments(r["n_frames"], 2, 4, True) for r in rows)
-    assert set(a.fragment_index) == {0}  # 12 frames at stride 4 = 3 strided: one fragment of 2
+    # 32 frames at stride 4 = 8 strided frames: four fragments of 2 per tracklet
+    assert set(a.fragment_index) == {0, 1, 2, 3} and len(a) == 4 * len(rows)
     np.testing.assert_allclose(a.vectors, b.vectors, rtol=1e-4, atol=1e-5)
 
 
@@ -133,7 +134,7 @@ def test_init_baseline_is_seeded_and_differs_from_checkpoint(env):
 
 
 def test_descriptor_equals_direct_histograms(env):
-    from ingest.synth.descriptor import describe_tracklet
+    from polyp_ssl.ingest.synth.descriptor import describe_tracklet
 
     root, _ = env
     path = ensure_embeddings(root, None, encoder="descriptor", split="test", progress=False)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from polyp_ssl.eval.cli import count_main, eval_main, probe_main
+from polyp_ssl.eval.embeddings import EmbeddingsError, read_embeddings, write_embeddings
+from polyp_ssl.eval.metrics import reid_from_vectors, retrieval_from_vectors
 
-from eval.cli import count_main, eval_main, probe_main
-from eval.embeddings import EmbeddingsError, read_embeddings, write_embeddings
-from eval.metrics import reid_from_vectors, retrieval_from_vectors
 from tests.eval_factory import make_eval_root
 
 
@@ -72,9 +72,9 @@ def test_eval_retrieval_and_reid_outputs(root, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     out = capsys.readouterr().out
     assert "AUROC" in out and "mAP" in out
-    # default output folder: ROOT/eval/{exp_name}
+    # default output folder: ROOT/eval/{exp_name}_{task}_{encoder}_{split}_{protocol}_{hash}
     assert eval_main(["--task", "retrieval", "--embeddings", str(emb_path), "--exp_name", "x"]) == 0
-    assert (root / "eval" / "x" / "metrics_retrieval.json").is_file()
+    assert len(list((root / "eval").glob("x_retrieval_*_test_custom_*/metrics_retrieval.json"))) == 1
 
 
 def test_eval_bad_inputs_fail_clearly(root, frag_root, tmp_path, capsys):
@@ -248,7 +248,8 @@ def test_eval_and_count_embed_an_ingested_root_once(tmp_path, capsys):
     descriptor stands in for a network here), then reused."""
     from tests.shard_factory import make_root
 
-    r = make_root(tmp_path / "ingested", videos={"val": 2, "test": 2}, frames_per_tracklet=5)
+    # 30 frames: exactly the default protocol's minimum, so every tracklet is embedded
+    r = make_root(tmp_path / "ingested", videos={"val": 2, "test": 2}, frames_per_tracklet=30)
     assert eval_main(["--task", "reid", "--dataset_root", str(r), "--encoder_ckpt", "descriptor"]) == 0
     files = sorted((r / "embeddings").glob("*.parquet"))
     assert len(files) == 1 and read_embeddings(files[0], root=r).split.tolist() == ["test"] * 8

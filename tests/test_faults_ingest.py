@@ -22,12 +22,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import Track, make_root, moving
-
-from ingest.cli import main as ingest_main
-from ingest.faults import CRASH_ENV
-from shards.cli import verify_main
-from shards.schema import TABLES
-from shards.writer import file_sha256
+from polyp_ssl.ingest.cli import main as ingest_main
+from polyp_ssl.ingest.faults import CRASH_ENV
+from polyp_ssl.shards.cli import verify_main
+from polyp_ssl.shards.schema import TABLES
+from polyp_ssl.shards.writer import file_sha256
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD_MAX = "20k"
@@ -179,7 +178,7 @@ def fail_after(n_ok: int, real, match=lambda *a, **k: True):
 
 
 def _tar_bytes_fail(monkeypatch, reference):
-    import shards.writer as w
+    import polyp_ssl.shards.writer as w
 
     first = len(next(iter(shard_bytes(reference).values())))
 
@@ -196,7 +195,7 @@ def _tar_bytes_fail(monkeypatch, reference):
 
 
 def _stats_fail(monkeypatch, reference):
-    import ingest.write as iw
+    import polyp_ssl.ingest.write as iw
 
     monkeypatch.setattr(
         iw, "write_atomic", fail_after(1, iw.write_atomic, lambda path, data: path.endswith(".stats.json"))
@@ -204,7 +203,7 @@ def _stats_fail(monkeypatch, reference):
 
 
 def _table_fail(monkeypatch, reference):
-    import ingest.catalog_build as cb
+    import polyp_ssl.ingest.catalog_build as cb
 
     def half_a_table_then_enospc(table, where, *args, **kwargs):
         with open(where, "wb") as f:
@@ -225,7 +224,7 @@ def _nth(n_ok: int, real, failing):
 
 
 def _manifest_fail(monkeypatch, reference):
-    import ingest.catalog_build as cb
+    import polyp_ssl.ingest.catalog_build as cb
 
     monkeypatch.setattr(cb, "write_atomic", fail_after(0, cb.write_atomic))
 
@@ -305,8 +304,8 @@ def test_disk_full_on_a_real_small_file_system(root, reference, small_fs, capsys
 def test_disk_full_in_catalog_merge_leaves_no_catalog_and_a_rerun_completes(
     root, reference, tmp_path, capsys, monkeypatch
 ):
-    import shards.catalog_merge as cm
-    from shards.cli import main as catalog_main
+    import polyp_ssl.shards.catalog_merge as cm
+    from polyp_ssl.shards.cli import main as catalog_main
 
     out = tmp_path / "out"
     for i in range(2):

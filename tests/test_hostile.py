@@ -17,15 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import make_root
-
-from ingest.cli import main as ingest_main
-from shards.catalog import connect
-from shards.cli import main as catalog_main
-from shards.cli import verify_main
-from shards.reader import iter_samples
-from shards.sample import sample_meta
-from shards.verify import tar_keys, verify_root
-from shards.writer import ShardWriter, file_sha256
+from polyp_ssl.ingest.cli import main as ingest_main
+from polyp_ssl.shards.catalog import connect
+from polyp_ssl.shards.cli import main as catalog_main
+from polyp_ssl.shards.cli import verify_main
+from polyp_ssl.shards.reader import iter_samples
+from polyp_ssl.shards.sample import sample_meta
+from polyp_ssl.shards.verify import tar_keys, verify_root
+from polyp_ssl.shards.writer import ShardWriter, file_sha256
 
 
 class _Touch:

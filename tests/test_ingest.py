@@ -16,12 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import default_videos, make_root
 from PIL import Image
-
-from ingest.cli import main as ingest_main
-from shards.reader import iter_samples
-from shards.sample import TrackletSample, encode_sample, sample_meta
-from shards.schema import TABLES
-from shards.writer import ShardWriter, file_sha256
+from polyp_ssl.ingest.cli import main as ingest_main
+from polyp_ssl.shards.reader import iter_samples
+from polyp_ssl.shards.sample import TrackletSample, encode_sample, sample_meta
+from polyp_ssl.shards.schema import TABLES
+from polyp_ssl.shards.writer import ShardWriter, file_sha256
 
 
 def run_ingest(root, *args) -> int:
@@ -250,10 +249,18 @@ def test_catalog_reconciles(ingested):
     assert polyps["case_M_7/polyp 1"]["size_mm"] is None
     assert sum(v["n_tracklets"] for v in videos.values()) == len(tracklets)
     assert sum(p["n_frames"] for p in polyps.values()) == len(frames)
+    # positions are over the video's annotated frames (the reference code's meaning), not its images
+    frame_of = {im["id"]: (im.get("dataset_id"), im["sequence_id"], im["frame_id"]) for im in coco["images"]}
+    span_of: dict[str, tuple[int, int]] = {}
+    for a in coco["annotations"]:
+        ds, seq, f = frame_of[a["image_id"]]
+        vid = f"{ds}/{seq}" if ds else seq
+        lo, hi = span_of.get(vid, (f, f))
+        span_of[vid] = (min(lo, f), max(hi, f))
+    assert span_of["seqA"] == (0, 35) and span_of["ds1/seqB"] == (3, 24)  # unannotated frames at the ends
     for t in tracklets:
-        v = videos[t["video_id"]]
-        span = v["last_frame"] - v["first_frame"]
-        assert t["position_in_video"] == pytest.approx((t["start_frame"] - v["first_frame"]) / span)
+        lo, hi = span_of[t["video_id"]]
+        assert t["position_in_video"] == pytest.approx((t["start_frame"] - lo) / (hi - lo))
         assert 0.0 <= t["position_in_video"] <= 1.0
     manifest = json.loads((root / "catalog" / "manifest.json").read_text())
     assert manifest["counts"]["frames"] == len(frames) and manifest["annotations_in"] == len(
@@ -289,7 +296,7 @@ def test_mp4_source_gives_the_same_tracklets_and_close_crops(ingested, tmp_path)
 
 
 def test_draft_reduce_never_upsamples():
-    from ingest.crop import crop_geometry, draft_reduce
+    from polyp_ssl.ingest.crop import crop_geometry, draft_reduce
 
     for box, want in [((500, 400, 200, 160), 2), ((500, 400, 60, 50), 1), ((100, 100, 600, 500), 4)]:
         r = draft_reduce([box], 1240, 1080, 5.0, 256)

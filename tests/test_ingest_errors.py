@@ -10,8 +10,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import Track, make_root, moving, write_coco, write_mp4
-
-from ingest.cli import main as ingest_main
+from polyp_ssl.ingest.cli import main as ingest_main
 
 
 def small_videos():

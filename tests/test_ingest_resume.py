@@ -13,12 +13,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import Track, make_root, moving
-
-from ingest.cli import main as ingest_main
-from ingest.write import PAUSE_ENV
-from shards.reader import iter_samples
-from shards.schema import TABLES
-from shards.writer import file_sha256
+from polyp_ssl.ingest.cli import main as ingest_main
+from polyp_ssl.ingest.write import PAUSE_ENV
+from polyp_ssl.shards.reader import iter_samples
+from polyp_ssl.shards.schema import TABLES
+from polyp_ssl.shards.writer import file_sha256
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,13 +141,13 @@ def test_parts_are_disjoint_and_cover_every_video(root, reference, tmp_path):
     assert len(keys) == len(set(keys)) == catalog(reference)["tracklets"].num_rows
     for i, p in enumerate(parts):
         m = json.loads((tmp_path / "catalog" / "parts" / f"{i:03d}-of-002" / "manifest.json").read_text())
-        assert m["part"] == [i, 2] and m["version"] == 1
+        assert m["part"] == [i, 2] and m["version"] == 2  # catalog version 2: positions over annotated frames
         for row in p["shards"].to_pylist():
             assert f"-p{i:03d}-" in row["path"] and file_sha256(tmp_path / row["path"]) == row["sha256"]
     assert not (tmp_path / "catalog" / "manifest.json").exists()
     # the parts merge into the catalog of an uninterrupted run (same rows, up to order)
-    from shards.catalog_merge import merge_parts
-    from shards.verify import verify_root
+    from polyp_ssl.shards.catalog_merge import merge_parts
+    from polyp_ssl.shards.verify import verify_root
 
     merge_parts(tmp_path)
     merged, ref = catalog(tmp_path), catalog(reference)

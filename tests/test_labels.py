@@ -1,4 +1,4 @@
-"""Histology and size label mappings (METHOD.md "Histology", "Size")."""
+"""Histology and size label mappings (docs/method.md "Histology", "Size")."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from polyp_ssl.shards.labels import DEFAULT_MAPPING, count_histology, histology_binary, size_binary
 
-from shards.labels import DEFAULT_MAPPING, count_histology, histology_binary, size_binary
-
-# Every vocabulary string of METHOD.md, as the dataset writes it -> expected class.
+# Every vocabulary string of docs/method.md, as the dataset writes it -> expected class.
 TABLE = [
     ("realcolon", "AD", 1),
     ("realcolon", "HP", 0),

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from polyp_ssl.losses import (
+    LOSS_TYPES,
+    HierarchicalContrastive,
     HierarchicalMILNCE,
     mil_nce,
     parse_milnce_weights,
@@ -243,3 +245,172 @@ def test_stable_for_small_temperature_and_bf16_autocast() -> None:
         loss = mil_nce(zb, bags, TAU)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(mil_nce(zb.float(), bags, TAU).item(), rel=1e-6)
+
+
+# -- every loss type at the three levels ---------------------------------------------------------
+
+
+def slow_soft_ce_skipping(
+    z: torch.Tensor, weights: list[list[float]], skip: list[list[bool]], tau: float
+) -> float:
+    """SupCon-style cross-entropy with pairs `skip[i][j]` left out of the softmax and the targets."""
+    s = _sims(z, tau)
+    n = len(s)
+    total = 0.0
+    for i in range(n):
+        others = [j for j in range(n) if j != i and not skip[i][j]]
+        denom = sum(math.exp(s[i][j]) for j in others)
+        norm = sum(weights[i][j] for j in others)
+        for j in others:
+            if weights[i][j] > 0:
+                total -= weights[i][j] / norm * (s[i][j] - math.log(denom))
+    return total / n
+
+
+def _slow_hierarchical(
+    loss_type: str,
+    frag: torch.Tensor,
+    frames: torch.Tensor,
+    bag: list[int],
+    t: list[float],
+    v: list[int],
+    weights: tuple[float, float, float],
+    lam: float,
+    mask_intra: bool,
+) -> float:
+    """The weighted three-level loss, item by item: frames take their fragment's bag, position, video."""
+    b, s = frames.shape[:2]
+    flat = frames.reshape(b * s, -1)
+    f_of = [k // s for k in range(b * s)]
+    same_frag = [[f_of[i] == f_of[j] for j in range(b * s)] for i in range(b * s)]
+    no_skip = [[False] * (b * s) for _ in range(b * s)]
+    cross_skip = same_frag if mask_intra else no_skip
+    if loss_type == "supervised":
+        w1 = [[1.0 if bag[i] == bag[j] else 0.0 for j in range(b)] for i in range(b)]
+        w2 = [[1.0 if bag[f_of[i]] == bag[f_of[j]] else 0.0 for j in range(b * s)] for i in range(b * s)]
+    else:
+        w1 = [
+            [math.exp(-lam * abs(t[i] - t[j])) if v[i] == v[j] else 0.0 for j in range(b)] for i in range(b)
+        ]
+        w2 = [
+            [
+                math.exp(-lam * abs(t[f_of[i]] - t[f_of[j]])) if v[f_of[i]] == v[f_of[j]] else 0.0
+                for j in range(b * s)
+            ]
+            for i in range(b * s)
+        ]
+    w3 = [[1.0 if same_frag[i][j] else 0.0 for j in range(b * s)] for i in range(b * s)]
+    no_skip_b = [[False] * b for _ in range(b)]
+    terms = (
+        slow_soft_ce_skipping(frag, w1, no_skip_b, TAU),
+        slow_soft_ce_skipping(flat, w2, cross_skip, TAU),
+        slow_soft_ce_skipping(flat, w3, no_skip, TAU),
+    )
+    return sum(w * x for w, x in zip(weights, terms, strict=True))
+
+
+HB_BAG = [0, 0, 1, 1, 2, 2]
+HB_T = [0.1, 0.3, 0.32, 0.8, 0.5, 0.55]
+HB_V = [0, 0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("loss_type", ["supervised", "temporally-aware"])
+@pytest.mark.parametrize("mask_intra", [False, True])
+def test_hierarchical_supcon_and_temporally_aware_match_slow(loss_type: str, mask_intra: bool) -> None:
+    g = torch.Generator().manual_seed(11)
+    b, s, d, lam = len(HB_BAG), 3, 4, 2.5
+    frag = torch.randn(b, d, generator=g, dtype=torch.float64)
+    frames = torch.randn(b, s, d, generator=g, dtype=torch.float64)
+    weights = (1.0, 0.7, 0.3)
+    loss = HierarchicalContrastive(weights, TAU, mask_intra, loss_type, lam)
+    bag, t, v = torch.tensor(HB_BAG), torch.tensor(HB_T, dtype=torch.float64), torch.tensor(HB_V)
+    fz, frz = frag.clone().requires_grad_(), frames.clone().requires_grad_()
+    out = loss(fz, bag, frz, position=t, video=v)
+    assert set(out) == {"loss", "loss_frag", "loss_cross_frame", "loss_intra_frame"}
+    want = _slow_hierarchical(loss_type, frag, frames, HB_BAG, HB_T, HB_V, weights, lam, mask_intra)
+    assert out["loss"].item() == pytest.approx(want, rel=1e-9)
+    for name, w in zip(("loss_frag", "loss_cross_frame", "loss_intra_frame"), weights, strict=True):
+        alone = tuple(x if x is w else 0.0 for x in weights)
+        one = _slow_hierarchical(loss_type, frag, frames, HB_BAG, HB_T, HB_V, alone, lam, mask_intra) / w
+        assert out[name].item() == pytest.approx(one, rel=1e-9)
+    # gradients against central differences of the slow loops
+    out["loss"].backward()
+
+    def slow_of(f: torch.Tensor, fr: torch.Tensor) -> float:
+        return _slow_hierarchical(loss_type, f, fr, HB_BAG, HB_T, HB_V, weights, lam, mask_intra)
+
+    torch.testing.assert_close(
+        fz.grad, _numeric_grad(lambda x: slow_of(x, frames), frag), rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        frz.grad, _numeric_grad(lambda x: slow_of(frag, x), frames), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_masking_same_fragment_frames_changes_supervised_cross_term() -> None:
+    g = torch.Generator().manual_seed(12)
+    frag, frames = torch.randn(6, 4, generator=g), torch.randn(6, 3, 4, generator=g)
+    bag = torch.tensor(HB_BAG)
+    plain = HierarchicalContrastive((0.0, 1.0), TAU, False, "supervised")(frag, bag, frames)["loss"]
+    masked = HierarchicalContrastive((0.0, 1.0), TAU, True, "supervised")(frag, bag, frames)["loss"]
+    assert abs(plain.item() - masked.item()) > 1e-3
+
+
+def test_weights_one_zero_zero_reduce_to_the_fragment_level_loss() -> None:
+    g = torch.Generator().manual_seed(13)
+    frag, frames = torch.randn(6, 5, generator=g), torch.randn(6, 3, 5, generator=g)
+    bag, t, v = torch.tensor(HB_BAG), torch.tensor(HB_T), torch.tensor(HB_V)
+    direct = {
+        "mil-nce": mil_nce(frag, same_group(bag), TAU),
+        "supervised": supcon(frag, same_group(bag), TAU),
+        "temporally-aware": temporally_aware(frag, t, v, TAU, 4.0),
+    }
+    assert set(direct) == set(LOSS_TYPES)
+    for loss_type, want in direct.items():
+        for weights in ([1.0], [1.0, 0.0], [1.0, 0.0, 0.0]):
+            loss = HierarchicalContrastive(weights, TAU, False, loss_type, 4.0)
+            assert not loss.needs_frames
+            out = loss(frag, bag, frames, position=t, video=v)
+            assert set(out) == {"loss", "loss_frag"}
+            assert torch.equal(out["loss"], want), loss_type
+        scaled = HierarchicalContrastive([2.5], TAU, False, loss_type, 4.0)(frag, bag, position=t, video=v)
+        assert scaled["loss"].item() == pytest.approx(2.5 * want.item(), rel=1e-6)
+
+
+def test_mil_nce_class_is_the_mil_nce_loss_type() -> None:
+    g = torch.Generator().manual_seed(14)
+    frag, frames = torch.randn(6, 4, generator=g), torch.randn(6, 3, 4, generator=g)
+    bag = torch.tensor(HB_BAG)
+    for mask in (False, True):
+        a = HierarchicalMILNCE((1.0, 0.5, 0.2), TAU, mask)(frag, bag, frames)
+        b = HierarchicalContrastive((1.0, 0.5, 0.2), TAU, mask, "mil-nce")(frag, bag, frames)
+        assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
+
+
+def test_loss_types_differ_and_need_their_inputs() -> None:
+    g = torch.Generator().manual_seed(15)
+    frag, frames = torch.randn(6, 4, generator=g), torch.randn(6, 3, 4, generator=g)
+    bag, t, v = torch.tensor(HB_BAG), torch.tensor(HB_T), torch.tensor(HB_V)
+    values = {
+        lt: HierarchicalContrastive((1.0, 1.0), TAU, False, lt)(frag, bag, frames, position=t, video=v)[
+            "loss"
+        ]
+        for lt in LOSS_TYPES
+    }
+    assert len({round(x.item(), 6) for x in values.values()}) == 3
+    with pytest.raises(ValueError, match="positions and videos"):
+        HierarchicalContrastive((1.0,), TAU, False, "temporally-aware")(frag, bag)
+    with pytest.raises(ValueError, match="frame projections"):
+        HierarchicalContrastive((1.0, 1.0), TAU, False, "supervised")(frag, bag)
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        HierarchicalContrastive((1.0,), TAU, False, "triplet")
+
+
+def test_loss_weights_flag_is_an_alias_of_loss_milnce_weights() -> None:
+    from polyp_ssl.cli import build_parser
+
+    parser = build_parser()
+    assert vars(parser.parse_args(["--loss_weights", "1", "0", "0.5"])) == {
+        "loss_milnce_weights": [1.0, 0.0, 0.5]
+    }
+    assert vars(parser.parse_args(["--loss_milnce_weights", "2"])) == {"loss_milnce_weights": [2.0]}

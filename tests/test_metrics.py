@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
-
-from eval.metrics import (
+from polyp_ssl.eval.metrics import (
     cosine_blocks,
     matrix_blocks,
     reid_from_vectors,
@@ -14,6 +12,7 @@ from eval.metrics import (
     retrieval_from_vectors,
     retrieval_metrics,
 )
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 
 def quantised_scores(n: int, levels: int, seed: int) -> np.ndarray:
@@ -48,7 +47,7 @@ def sklearn_retrieval(s: np.ndarray, ids: np.ndarray, video: np.ndarray | None =
 @pytest.fixture(params=["candidates", "sorted"])
 def retrieval_path(request, monkeypatch):
     """Run a test through both retrieval code paths (few candidates / whole-row sort)."""
-    monkeypatch.setattr("eval.metrics.SORT_ABOVE", 2.0 if request.param == "candidates" else 0.0)
+    monkeypatch.setattr("polyp_ssl.eval.metrics.SORT_ABOVE", 2.0 if request.param == "candidates" else 0.0)
     return request.param
 
 

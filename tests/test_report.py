@@ -3,17 +3,20 @@ computation, appending, and bad inputs."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from polyp_ssl.eval.embeddings import read_embeddings
+from polyp_ssl.eval.gallery import cosine_top_k, pick_gallery_rows, plot_gallery
+from polyp_ssl.eval.projection import plot_projection, project_2d
+from polyp_ssl.eval.report import COLUMNS, main, markdown_table, resolve_checkpoints
+from polyp_ssl.shards.schema import CATALOG_VERSION
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from eval.embeddings import read_embeddings
-from eval.gallery import cosine_top_k, pick_gallery_rows, plot_gallery
-from eval.projection import plot_projection, project_2d
-from eval.report import COLUMNS, main, markdown_table, resolve_checkpoints
 from tests.embed_factory import make_ckpt, make_tiny_root
 
 
@@ -63,6 +66,7 @@ def test_report_files_and_figures(run):
     ):
         _png_ok(out / name)
         assert f"({name})" in md
+    assert "- protocol: paper: min 30 frames, stride 4, all frames (retrieval" in md
     # histology: every polyp of the tiny root is "AD": one class, so skipped and said why
     assert "histology: **skipped**" in md
 
@@ -70,7 +74,7 @@ def test_report_files_and_figures(run):
 def test_results_rows_and_values(run):
     root, run_dir, out, _ = run
     t = pq.read_table(out / "results.parquet")
-    assert t.column_names == [
+    assert t.column_names[:12] == [
         "checkpoint",
         "checkpoint_path",
         "checkpoint_sha256",
@@ -79,8 +83,20 @@ def test_results_rows_and_values(run):
         "value",
         "time_s",
         "created",
+        "protocol",
+        "dataset_root",
+        "split",
+        "settings",
     ]
     rows = t.to_pylist()
+    assert {r["dataset_root"] for r in rows} == {str(root.resolve())}
+    assert {(r["task"], r["split"]) for r in rows if r["task"] in ("retrieval", "count")} <= {
+        ("retrieval", "test"),
+        ("count", "val+test"),
+    }
+    assert all(json.loads(r["settings"])["min_tracklet_frames"] == 30 for r in rows)
+    # the defaults are the paper's evaluation protocol, named on every row
+    assert {r["protocol"] for r in rows} == {"paper: min 30 frames, stride 4, all frames"}
     subjects = {r["checkpoint"] for r in rows}
     assert subjects == {"tiny/last", "init (hmve_resnet18)", "hand-made descriptor"}
     expected = {
@@ -152,8 +168,9 @@ def test_bad_inputs(run, tmp_path, capsys):
     assert "holds a 'hmve' encoder, but --encoder_type 'sfe'" in capsys.readouterr().err
     # embeddings of another dataset
     other = make_tiny_root(tmp_path / "other", seed=5)
-    (other / "catalog" / "manifest.json").write_text('{"version": 1, "other": true}')
-    from eval.embed import ensure_embeddings
+    # another manifest of the current catalog version (an older version is refused before embedding)
+    (other / "catalog" / "manifest.json").write_text(json.dumps({"version": CATALOG_VERSION, "other": True}))
+    from polyp_ssl.eval.embed import ensure_embeddings
 
     foreign = ensure_embeddings(other, ckpt, split="test", progress=False)
     assert (
@@ -209,7 +226,7 @@ def test_bad_inputs(run, tmp_path, capsys):
 
 
 def test_table_gallery_projection_from_arrays(tmp_path):
-    from eval.report import Subject, SubjectResult, TaskOutcome
+    from polyp_ssl.eval.report import Subject, SubjectResult, TaskOutcome
 
     res = [
         SubjectResult(

@@ -225,9 +225,10 @@ def test_val_is_sharded_without_duplicates(root):
 def test_decoded_batch_equals_per_frame_anchor_crops(root):
     """The preallocated batch path gives the frames of transforms.load_frames (the one crop rule),
     and its per-fragment flips equal flipping every frame."""
+    from polyp_ssl.shards.sample import frame_jpeg
+
     from polyp_ssl.stream import open_video
     from polyp_ssl.transforms import CropParams, apply_flips, crop_resize, decode_jpeg_bytes, load_frames
-    from shards.sample import frame_jpeg
 
     params = StreamParams(**{**P.__dict__, "aug_anchorcrop": False})
     index = build_index(root, "train", params)

@@ -12,11 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from ingest.synth import generate as gen
-from ingest.synth.cli import main
-from ingest.synth.descriptor import DIM, crop_histogram, describe_tracklet
-from ingest.synth.stats import (
+from polyp_ssl.ingest.synth import generate as gen
+from polyp_ssl.ingest.synth.cli import main
+from polyp_ssl.ingest.synth.descriptor import DIM, crop_histogram, describe_tracklet
+from polyp_ssl.ingest.synth.stats import (
     TARGETS,
     dataset_stats,
     out_of_range,

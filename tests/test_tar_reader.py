@@ -6,8 +6,7 @@ import io
 import tarfile
 
 import pytest
-
-from shards.reader import _number, iter_tar_members, read_members
+from polyp_ssl.shards.reader import _number, iter_tar_members, read_members
 
 NAMES = [
     "a.json",

@@ -11,6 +11,8 @@ from polyp_ssl.cli import build_parser, main, resolve_config
 from tests.shard_factory import make_raw_root, make_root
 
 TINY = [
+    "--aug_anchorcrop",
+    "--eval_aug_anchorcrop",
     "--num_workers",
     "0",
     "--batch_size",
@@ -67,7 +69,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ingested_root(tmp_path_factory):
     """A raw COCO-layout root ingested with the real `polyp-ssl ingest`."""
-    from ingest.cli import main as ingest_main
+    from polyp_ssl.ingest.cli import main as ingest_main
 
     raw = tmp_path_factory.mktemp("raw")
     make_raw_root(raw, n_videos=3, polyps=2, frames=24, wh=(160, 128), split="train")
@@ -102,7 +104,8 @@ def test_the_papers_command_parses(tmp_path):
     assert cfg.fragment_drop_last and cfg.aug_anchorcrop and cfg.eval_aug_anchorcrop
     assert cfg.loss_milnce_weights == [1.0, 1.0] and cfg.n_views == 5 and cfg.lr == 1e-5
     (tmp_path / "c.yaml").write_text("batch_size: 30\nn_views: 3\nseed: 5\n")
-    cfg = resolve_config(["--dataset_root", "x", "--config", str(tmp_path / "c.yaml"), "--seed", "9"])
+    anchor = ["--aug_anchorcrop", "--eval_aug_anchorcrop"]
+    cfg = resolve_config(["--dataset_root", "x", *anchor, "--config", str(tmp_path / "c.yaml"), "--seed=9"])
     assert (cfg.batch_size, cfg.n_views, cfg.seed) == (30, 3, 9)
     help_text = build_parser().format_help()
     for name in ("--fragment_drop_last", "--sampler_ttb_tmax", "--resume", "--precision", "--open_videos"):
@@ -110,22 +113,24 @@ def test_the_papers_command_parses(tmp_path):
 
 
 def test_loss_ta_lambda_and_encoder_pooling_flags(capsys):
-    cfg = resolve_config(["--dataset_root", "x"])
+    base = ["--dataset_root", "x", "--aug_anchorcrop", "--eval_aug_anchorcrop"]
+    cfg = resolve_config(base)
     assert (cfg.loss_ta_lambda, cfg.encoder_pooling) == (10.0, "cls")
-    cfg = resolve_config(["--dataset_root", "x", "--loss_ta_lambda", "2.5", "--encoder_pooling", "mean"])
+    cfg = resolve_config([*base, "--loss_ta_lambda", "2.5", "--encoder_pooling", "mean"])
     assert (cfg.loss_ta_lambda, cfg.encoder_pooling) == (2.5, "mean")
     help_text = build_parser().format_help()
     assert "--loss_ta_lambda" in help_text and "--encoder_pooling" in help_text
-    assert main(["--dataset_root", "x", "--encoder_pooling", "max"]) == 2
+    assert main([*base, "--encoder_pooling", "max"]) == 2
     assert "--encoder_pooling 'max'" in capsys.readouterr().err
-    assert main(["--dataset_root", "x", "--loss_ta_lambda", "-1"]) == 2
+    assert main([*base, "--loss_ta_lambda", "-1"]) == 2
     assert "--loss_ta_lambda" in capsys.readouterr().err
 
 
 def test_clear_errors(tmp_path, capsys):
-    assert main(["--dataset_root", str(tmp_path), "--runs_dir", str(tmp_path / "runs")]) == 2
+    anchor = ["--aug_anchorcrop", "--eval_aug_anchorcrop"]
+    assert main(["--dataset_root", str(tmp_path), "--runs_dir", str(tmp_path / "runs"), *anchor]) == 2
     assert "polyp-ssl ingest" in capsys.readouterr().err
-    assert main(["--dataset_root", str(tmp_path), "--batch_size", "7", "--n_views", "5"]) == 2
+    assert main(["--dataset_root", str(tmp_path), "--batch_size", "7", "--n_views", "5", *anchor]) == 2
     assert "multiple of --n_views" in capsys.readouterr().err
 
 

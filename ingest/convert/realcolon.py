@@ -1,4 +1,4 @@
-"""REAL-Colon raw layout -> the seed's COCO layout (METHOD.md "REAL-Colon raw layout").
+"""REAL-Colon raw layout -> the seed's COCO layout (docs/method.md "REAL-Colon's raw layout").
 
 Input (RAW_DIR):
     SSS-VVV_frames/SSS-VVV_{t}.jpg          t = frame index from 0
@@ -27,58 +27,41 @@ test if k % 5 == 4 (60/20/20 per site). It is not the paper's split: pass the pa
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import logging
-import math
 import os
 import re
-import shutil
 import xml.etree.ElementTree as ET
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from polyp_ssl.ingest.convert.common import (  # noqa: F401 (ConvertError, Problems, link_file: used by tests)
+    CATEGORY,
+    LINK_CHUNK,
+    LINK_MODES,
+    MAX_REPORTED_PROBLEMS,
+    ConvertError,
+    Problems,
+    link_file,
+    parse_number,
+    read_bytes,
+    read_csv,
+    write_coco_atomic,
+    write_json_atomic,
+)
+from polyp_ssl.ingest.sources import link_problem
 
 log = logging.getLogger(__name__)
 
 DATASET_ID = "realcolon"
-CATEGORY = {"id": 1, "name": "polyp", "supercategory": "lesion"}
 LESION_SIZE_FIELD = "size [mm]"
 LESION_FIELDS = ("unique_object_id", "unique_video_name", LESION_SIZE_FIELD, "histology_class")
 VIDEO_NUMERIC_FIELDS = ("age", "fps", "num_frames", "num_lesions")
-LINK_MODES = ("hardlink", "symlink", "copy")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _VIDEO_SPLIT_COLUMNS = ("video", "unique_video_name", "sequence_id", "video_id")
-MAX_REPORTED_PROBLEMS = 1000
-LINK_CHUNK = 4096
-
-
-class ConvertError(ValueError):
-    """Bad input: names the file, the id and the field."""
-
-    def __init__(
-        self, source: str | Path, reason: str, detail: str, id: str | None = None, field: str | None = None
-    ):
-        self.source, self.reason, self.detail, self.id, self.field = str(source), reason, detail, id, field
-        where = str(source)
-        if id is not None:
-            where += f": {id}"
-        if field is not None:
-            where += f": field {field!r}"
-        # file names that are not UTF-8 (surrogate escapes) are shown as \udcXX, printable anywhere
-        super().__init__(f"{where}: {detail}".encode("utf-8", "backslashreplace").decode("utf-8"))
-
-    def as_dict(self, action: str) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "id": self.id,
-            "field": self.field,
-            "reason": self.reason,
-            "detail": self.detail,
-            "action": action,
-        }
 
 
 @dataclass
@@ -90,6 +73,7 @@ class ConvertConfig:
     on_error: str = "fail"  # fail | skip
     empty_frames: str = "keep"  # keep | drop: images without objects in the output
     workers: int = 8  # threads reading XML files and placing frames (I/O bound)
+    follow_symlinks: bool = False  # raw files through links that stay inside raw_dir (never outside)
 
 
 @dataclass(slots=True)
@@ -118,36 +102,7 @@ class Lesion:
     site: str | None
 
 
-@dataclass
-class Problems:
-    """Bad input met with --on-error skip: counted by reason, the first ones kept in full."""
-
-    on_error: str
-    counts: Counter = field(default_factory=Counter)
-    items: list[dict[str, Any]] = field(default_factory=list)
-
-    def handle(self, exc: ConvertError, action: str = "skipped") -> None:
-        if self.on_error == "fail":
-            raise exc
-        self.counts[exc.reason] += 1
-        if len(self.items) < MAX_REPORTED_PROBLEMS:
-            self.items.append(exc.as_dict(action))
-        log.warning("%s (%s)", exc, action)
-
-
 # ---------------------------------------------------------------- parsing (pure)
-
-
-def parse_number(text: str | None, source: str | Path, field: str, id: str | None = None) -> float:
-    if text is None or not text.strip():
-        raise ConvertError(source, "missing_field", "missing value", id, field)
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ConvertError(source, "bad_number", f"{text.strip()!r} is not a number", id, field) from None
-    if not math.isfinite(value):
-        raise ConvertError(source, "bad_number", f"{text.strip()!r} is not a finite number", id, field)
-    return value
 
 
 def _text(elem: ET.Element, path: str) -> str | None:
@@ -216,25 +171,10 @@ def parse_voc(data: bytes, source: str | Path, problems: Problems | None = None)
     return VocFrame(filename, dims[0], dims[1], objects)
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-            header = [h.strip() for h in reader.fieldnames or []]
-    except UnicodeDecodeError as exc:
-        raise ConvertError(path, "bad_encoding", f"not UTF-8 text: {exc}") from None
-    except csv.Error as exc:
-        raise ConvertError(path, "bad_csv", f"unreadable CSV: {exc}") from None
-    if not header:
-        raise ConvertError(path, "empty_file", "empty CSV (no header)")
-    return header, rows
-
-
 def read_lesion_info(path: Path, problems: Problems) -> dict[str, Lesion]:
     if not path.is_file():
         raise ConvertError(path, "missing_file", "lesion_info.csv is missing (needed for size and histology)")
-    header, rows = _read_csv(path)
+    header, rows = read_csv(path)
     missing = [c for c in LESION_FIELDS if c not in header]
     if missing:
         raise ConvertError(
@@ -279,7 +219,7 @@ def read_video_info(path: Path, problems: Problems) -> dict[str, dict[str, Any]]
     if not path.is_file():
         log.info("%s not found: no per-video records", path)
         return {}
-    header, rows = _read_csv(path)
+    header, rows = read_csv(path)
     if "unique_video_name" not in header:
         raise ConvertError(path, "missing_field", "no column 'unique_video_name'", field="unique_video_name")
     videos: dict[str, dict[str, Any]] = {}
@@ -314,6 +254,31 @@ def default_split(videos: list[str]) -> dict[str, str]:
         by_site.setdefault(v.split("-", 1)[0], []).append(v)
     pattern = ("train", "train", "train", "val", "test")
     return {v: pattern[k % 5] for vs in by_site.values() for k, v in enumerate(vs)}
+
+
+PAPER_SPLIT = "paper"
+
+
+def paper_split(videos: list[str], lesions: dict[str, Lesion]) -> dict[str, str]:
+    """The paper's split (from the earlier polyp-counting work): per site, videos 001-008 train,
+    009-010 val, 011-015 test, keeping only videos with at least one lesion in lesion_info.csv.
+    On the full dataset: 27 train videos (rc27) and 10 + 9 = 19 val + test videos (rc19)."""
+    with_lesion = {
+        lesion.video if lesion.video else uid.rsplit("_", 1)[0] for uid, lesion in lesions.items()
+    }
+    out: dict[str, str] = {}
+    for v in videos:
+        m = re.fullmatch(r"(\d{3})-(\d{3})", v)
+        if not m or v not in with_lesion:
+            continue
+        n = int(m.group(2))
+        if 1 <= n <= 8:
+            out[v] = "train"
+        elif n <= 10:
+            out[v] = "val"
+        elif n <= 15:
+            out[v] = "test"
+    return out
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -410,14 +375,6 @@ class _Frame:
     objects: list[tuple[VocObject, Lesion]]
 
 
-def _read_bytes(path: Path) -> bytes | OSError:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        return exc
-
-
 def parse_video(
     raw_dir: Path,
     video: str,
@@ -425,9 +382,13 @@ def parse_video(
     problems: Problems,
     counts: Counter,
     pool: ThreadPoolExecutor | None = None,
+    follow_symlinks: bool = False,
 ) -> list[_Frame]:
     """The frames of one video, in time order. XML files are read by `pool` (I/O bound on large
-    datasets), parsed and checked here, in order, so errors come out deterministically."""
+    datasets), parsed and checked here, in order, so errors come out deterministically.
+
+    A symbolic link on the way to an XML or a frame (the file, or the video's folder) is refused
+    (`ingest.sources.link_problem`): with `follow_symlinks` only links that stay inside raw_dir."""
     ann_dir = raw_dir / f"{video}_annotations"
     frames_dir = raw_dir / f"{video}_frames"
     present = set(os.listdir(frames_dir)) if frames_dir.is_dir() else set()
@@ -437,9 +398,18 @@ def parse_video(
     out: list[_Frame] = []
     xml_names: set[str] = set()
     xmls = sorted(ann_dir.glob("*.xml"), key=_xml_sort_key)
-    contents = pool.map(_read_bytes, xmls) if pool is not None else map(_read_bytes, xmls)
-    for xml, data in zip(xmls, contents, strict=True):
+    linked = {
+        xml: problem
+        for xml in xmls
+        if (problem := link_problem(str(raw_dir), f"{ann_dir.name}/{xml.name}", follow_symlinks))
+    }
+    readable = [x for x in xmls if x not in linked]
+    contents = iter(pool.map(read_bytes, readable) if pool is not None else map(read_bytes, readable))
+    for xml in xmls:
+        data = None if xml in linked else next(contents)
         try:
+            if xml in linked:
+                raise ConvertError(xml, "symlink", linked[xml])
             if isinstance(data, OSError):
                 raise ConvertError(xml, "unreadable_file", f"cannot read: {data}")
             frame = parse_voc(data, xml, problems)
@@ -457,6 +427,9 @@ def parse_video(
                 raise ConvertError(
                     xml, "missing_frame", f"frame {frames_dir / name} does not exist", field="filename"
                 )
+            problem = link_problem(str(raw_dir), f"{frames_dir.name}/{name}", follow_symlinks)
+            if problem is not None:
+                raise ConvertError(xml, "symlink", f"frame {frames_dir / name} {problem}", field="filename")
         except ConvertError as exc:
             problems.handle(exc)
             continue
@@ -506,46 +479,6 @@ def parse_video(
     return list(kept.values())
 
 
-def link_file(src: Path, dst: Path, mode: str) -> str:
-    """Place src at dst (hard link, symlink or copy; a hard link falls back to a copy across file
-    systems). Returns what was done. An existing dst that is already src is left alone."""
-    if dst.exists() or dst.is_symlink():
-        try:
-            if dst.resolve() == src.resolve() or os.path.samefile(src, dst):
-                return "present"
-        except OSError:
-            pass
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    done = mode
-    if mode == "symlink":
-        os.symlink(src.resolve(), tmp)
-    elif mode == "hardlink":
-        try:
-            os.link(src, tmp)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            shutil.copyfile(src, tmp)
-            done = "copy"
-    else:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return done
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _image_record(image: tuple) -> dict[str, Any]:
     image_id, file_name, width, height, frame_id, video = image
     return {
@@ -560,32 +493,8 @@ def _image_record(image: tuple) -> dict[str, Any]:
 
 
 def _write_coco_atomic(path: Path, images: list[tuple], annotations: list[dict], videos: list[dict]) -> None:
-    """Write the COCO file one record per line (streamed), to a temporary name first."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(
-                '{"info": '
-                + json.dumps(
-                    {
-                        "description": "REAL-Colon, converted by polyp-ssl convert realcolon",
-                        "dataset_id": DATASET_ID,
-                    }
-                )
-            )
-            f.write(',\n"categories": ' + json.dumps([CATEGORY]))
-            for key, items in (("videos", videos), ("images", images), ("annotations", annotations)):
-                f.write(f',\n"{key}": [')
-                for i, item in enumerate(items):
-                    record = _image_record(item) if key == "images" else item
-                    f.write(("\n" if i == 0 else ",\n") + json.dumps(record, sort_keys=True))
-                f.write("\n]")
-            f.write("\n}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    info = {"description": "REAL-Colon, converted by polyp-ssl convert realcolon", "dataset_id": DATASET_ID}
+    write_coco_atomic(path, info, images, annotations, videos, image_record=_image_record)
 
 
 def convert(cfg: ConvertConfig, progress: bool = False) -> dict[str, Any]:
@@ -603,9 +512,16 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
     problems = Problems(cfg.on_error)
     counts: Counter = Counter()
     videos = find_videos(raw)
+    for name in ("lesion_info.csv", "video_info.csv"):
+        problem = link_problem(str(raw), name, cfg.follow_symlinks)
+        if problem is not None:
+            raise ConvertError(raw / name, "symlink", problem)
     lesions = read_lesion_info(raw / "lesion_info.csv", problems)
     video_info = read_video_info(raw / "video_info.csv", problems)
-    splits = read_split_file(Path(cfg.split_file)) if cfg.split_file else default_split(videos)
+    if cfg.split_file is not None and str(cfg.split_file) == PAPER_SPLIT:
+        splits = paper_split(videos, lesions)
+    else:
+        splits = read_split_file(Path(cfg.split_file)) if cfg.split_file else default_split(videos)
     not_in_split = [v for v in videos if v not in splits]
     if not_in_split:
         log.warning(
@@ -622,7 +538,7 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
         iterator = tqdm(iterator, desc="parse", unit="video")
     parsed: dict[str, list[_Frame]] = {}
     for video in iterator:
-        parsed[video] = parse_video(raw, video, lesions, problems, counts, pool)
+        parsed[video] = parse_video(raw, video, lesions, problems, counts, pool, cfg.follow_symlinks)
 
     # Ids: images and annotations numbered from 1 over videos (sorted) and frames (by t).
     per_split: dict[str, dict[str, list]] = {}
@@ -713,7 +629,7 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
         "problems": problems.items,
         "links": dict(sorted(links.items())),
     }
-    _write_json_atomic(out / "convert_report.json", report)
+    write_json_atomic(out / "convert_report.json", report)
     for split, bucket in sorted(per_split.items()):
         _write_coco_atomic(
             out / "annotations" / f"instances_{split}.json",

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from polyp_ssl.ingest.synth.generate import SynthConfig, check_output_dir, generate, validate
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 from tqdm import tqdm
-
-from ingest.synth.generate import SynthConfig, check_output_dir, generate, validate
 
 log = logging.getLogger("polyp_ssl.synth")
 DEFAULTS = SynthConfig()
@@ -19,6 +19,7 @@ DEFAULTS = SynthConfig()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl synth",
         description="Generate a synthetic colonoscopy dataset in the seed's COCO layout "
         "(images/, annotations/instances_{train,val,test}.json, optionally videos/*.mp4), "
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace images/, annotations/ and videos/ of a dataset already in OUT_DIR",
     )
+    p.add_argument(
+        "--layout",
+        choices=("seed", "sun", "polypsset", "ldpolyp", "table"),
+        default="seed",
+        help="write the dataset in the seed's layout (default) or in a public dataset's raw layout, "
+        "traps included, for `polyp-ssl convert NAME` (docs/synth.md)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return p
 
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out_dir is not None:
             print("polyp-ssl synth: give either OUT_DIR or --stats ROOT, not both", file=sys.stderr)
             return 2
-        from ingest.synth.stats import dataset_stats
+        from polyp_ssl.ingest.synth.stats import dataset_stats
 
         try:
             stats = dataset_stats(args.stats)
@@ -92,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     if problems or problem:
         print(f"polyp-ssl synth: {'; '.join(problems + ([problem] if problem else []))}", file=sys.stderr)
         return 2
+    if args.layout != "seed":
+        from polyp_ssl.ingest.synth.layouts import write_layout
+
+        t0 = time.perf_counter()
+        try:
+            expected = write_layout(args.layout, cfg, args.out_dir, workers=args.workers)
+        except ValueError as e:
+            print(f"polyp-ssl synth: {e}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            print(json.dumps({"layout": args.layout, "out_dir": str(args.out_dir),
+                              "seconds": round(time.perf_counter() - t0, 2), **expected["counts"]}))
+        return 0
     total = cfg.videos * cfg.frames_per_video
     bar = tqdm(total=total, unit="frame", desc="synth", disable=args.quiet, file=sys.stderr)
     t0 = time.perf_counter()

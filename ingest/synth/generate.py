@@ -20,10 +20,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from ingest.synth.camera import CameraParams
-from ingest.synth.polyps import PolypLabel, draw_labels
-from ingest.synth.render import FrameRenderer, build_world
+from polyp_ssl.ingest.synth.camera import CameraParams
+from polyp_ssl.ingest.synth.polyps import PolypLabel, draw_labels
+from polyp_ssl.ingest.synth.render import FrameRenderer, build_world
 
 log = logging.getLogger(__name__)
 

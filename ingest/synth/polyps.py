@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-from ingest.synth.scene import smooth_noise
+from polyp_ssl.ingest.synth.scene import smooth_noise
 
 HISTOLOGIES = ("AD", "HP", "SSL", "TSA")
 ADENOMA = "AD"

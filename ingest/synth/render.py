@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-from ingest.synth.camera import CameraParams, CameraPath, plan_path
-from ingest.synth.polyps import PolypLabel, draw_look, paste_sprite, render_sprite
-from ingest.synth.scene import lumen_map, mucosa_texture, noise_tile, smooth_noise, vignette
+from polyp_ssl.ingest.synth.camera import CameraParams, CameraPath, plan_path
+from polyp_ssl.ingest.synth.polyps import PolypLabel, draw_look, paste_sprite, render_sprite
+from polyp_ssl.ingest.synth.scene import lumen_map, mucosa_texture, noise_tile, smooth_noise, vignette
 
 TEX_SCALE = 1.5  # texture pixels per world unit (a world unit = one frame pixel at zoom 1)
 PX_PER_MM = 5.0  # world units per millimetre, for a 384-pixel-wide frame

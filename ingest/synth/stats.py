@@ -21,10 +21,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from polyp_ssl.ingest.synth.descriptor import describe_tracklet
+from polyp_ssl.ingest.tracklets import Box, build_tracklets
 from sklearn.metrics import average_precision_score
-
-from ingest.synth.descriptor import describe_tracklet
-from ingest.tracklets import Box, build_tracklets
 
 log = logging.getLogger(__name__)
 

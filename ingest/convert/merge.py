@@ -1,0 +1,283 @@
+"""`polyp-ssl convert merge ROOT... OUT`: several dataset roots (the seed's layout) into one.
+
+- each source gets a dataset_id: `--dataset-ids a,b,...` (one per source, in order), else the one
+  dataset_id all of its images carry, else its folder name; ids must differ and be plain names;
+- ids cannot collide: images and annotations are numbered again from 1; images go to
+  `OUT/images/{dataset_id}/{file_name}` (hard links where the file system allows, else copies,
+  or `--link`); identity_id becomes `{dataset_id}:{identity_id}`; the video id is
+  `{dataset_id}/{sequence_id}` at ingest;
+- histology is left exactly as each source wrote it (each dataset's vocabulary is mapped at
+  probe time by its dataset_id, `shards.labels`);
+- `SOURCE::val,test` takes only those annotation files of a source (e.g. REAL-Colon's val+test
+  for rc19); all of them otherwise. Everything goes into one split, `--split` (default `all`),
+  or with `--keep-splits` into the source's split names.
+The sources' convert reports are kept inside OUT/convert_report.json, so ingest of the merged
+root still records every conversion count in its errors table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from polyp_ssl.ingest.convert.common import (
+    REPORT_NAME,
+    SPLIT_RE,
+    ConvertError,
+    place_images,
+    write_coco_atomic,
+    write_json_atomic,
+)
+from polyp_ssl.ingest.sources import link_problem
+from polyp_ssl.shards.ids import id_problem
+
+log = logging.getLogger(__name__)
+
+_ANN_RE = re.compile(r"^instances_(.+)\.json$")
+
+
+@dataclass
+class MergeConfig:
+    sources: list[str]  # PATH or PATH::split,split
+    out_root: Path
+    dataset_ids: list[str] | None = None
+    split: str = "all"
+    keep_splits: bool = False
+    link: str = "hardlink"
+    workers: int = 8
+    follow_symlinks: bool = False
+
+
+@dataclass
+class Source:
+    root: Path
+    only: list[str] | None
+    dataset_id: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def parse_source(text: str) -> Source:
+    if "::" in text:
+        path, _, splits = text.rpartition("::")
+        only = [s.strip() for s in splits.split(",") if s.strip()]
+        if not only:
+            raise ValueError(f"{text!r}: no split names after '::'")
+        return Source(Path(path), only)
+    return Source(Path(text), None)
+
+
+def _annotation_files(src: Source) -> dict[str, Path]:
+    ann = src.root / "annotations"
+    if not ann.is_dir():
+        raise ConvertError(src.root, "missing_file", "no annotations/ folder (is this a dataset root?)")
+    found = {m.group(1): ann / n for n in sorted(p.name for p in ann.iterdir()) if (m := _ANN_RE.match(n))}
+    if src.only is not None:
+        missing = [s for s in src.only if s not in found]
+        if missing:
+            raise ConvertError(
+                ann / f"instances_{missing[0]}.json",
+                "missing_file",
+                f"split {missing[0]!r} not found (this root has {sorted(found)})",
+            )
+        found = {s: found[s] for s in src.only}
+    if not found:
+        raise ConvertError(ann, "missing_file", "no instances_{split}.json file")
+    return found
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("images"), list)
+        or not isinstance(obj.get("annotations", []), list)
+    ):
+        raise ConvertError(path, "bad_json", "expected an object with lists 'images' and 'annotations'")
+    return obj
+
+
+def _own_dataset_id(files: dict[str, Path]) -> str | None:
+    ids: set[Any] = set()
+    for path in files.values():
+        ids |= {img.get("dataset_id") for img in _load(path)["images"] if isinstance(img, dict)}
+    return ids.pop() if len(ids) == 1 and isinstance(next(iter(ids)), str) else None
+
+
+def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
+    if len(cfg.sources) < 1:
+        raise ValueError("give at least one source root")
+    if not SPLIT_RE.match(cfg.split):
+        raise ValueError(f"--split must match [A-Za-z0-9_-]+, got {cfg.split!r}")
+    sources = [parse_source(s) for s in cfg.sources]
+    if cfg.dataset_ids is not None and len(cfg.dataset_ids) != len(sources):
+        raise ValueError(f"--dataset-ids names {len(cfg.dataset_ids)} ids for {len(sources)} sources")
+    for i, src in enumerate(sources):
+        if not src.root.is_dir():
+            raise ConvertError(src.root, "missing_file", "source root not found")
+        src.files = _annotation_files(src)
+        ds = (
+            cfg.dataset_ids[i] if cfg.dataset_ids else (_own_dataset_id(src.files) or src.root.resolve().name)
+        )
+        problem = id_problem(ds)
+        if problem is None and ":" in ds:
+            problem = "contains ':' (it prefixes identity ids as dataset:identity)"
+        if problem is not None:
+            raise ValueError(f"dataset id {ds!r} of {src.root} {problem}")
+        src.dataset_id = ds
+    seen: dict[str, Path] = {}
+    for src in sources:
+        if src.dataset_id in seen:
+            raise ValueError(
+                f"two sources have dataset id {src.dataset_id!r} ({seen[src.dataset_id]}, {src.root}); "
+                "give --dataset-ids"
+            )
+        seen[src.dataset_id] = src.root
+
+    out = Path(cfg.out_root)
+    per_split: dict[str, dict[str, list]] = {}
+    image_id = annotation_id = 0
+    to_place: list[tuple[Path, Path]] = []
+    counts: dict[str, Counter] = {}
+    reports: list[dict[str, Any]] = []
+    for src in sources:
+        c = counts.setdefault(src.dataset_id, Counter())
+        rpath = src.root / REPORT_NAME
+        sub_report = None
+        if rpath.is_file():
+            try:
+                sub_report = json.loads(rpath.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                sub_report = None
+        reports.append(
+            {
+                "root": str(src.root),
+                "dataset_id": src.dataset_id,
+                "splits": sorted(src.files),
+                "report": sub_report,
+            }
+        )
+        for split, path in src.files.items():
+            obj = _load(path)
+            target = split if cfg.keep_splits else cfg.split
+            bucket = per_split.setdefault(target, {"images": [], "annotations": [], "videos": []})
+            new_ids: dict[Any, int] = {}
+            for i, img in enumerate(obj["images"]):
+                where = f"image {img.get('id')!r}" if isinstance(img, dict) else f"images[{i}]"
+                if (
+                    not isinstance(img, dict)
+                    or not isinstance(img.get("file_name"), str)
+                    or not img["file_name"]
+                ):
+                    raise ConvertError(path, "bad_image", "image has no file_name", where, "file_name")
+                name = img["file_name"].replace("\\", "/")
+                if name.startswith("/") or ".." in name.split("/") or "\0" in name:
+                    raise ConvertError(
+                        path, "unsafe_path", f"{name!r} leaves the images folder", where, "file_name"
+                    )
+                if (
+                    img.get("id") in new_ids
+                    or isinstance(img.get("id"), bool)
+                    or not isinstance(img.get("id"), int)
+                ):
+                    raise ConvertError(
+                        path, "bad_image", "image id missing, not an integer or repeated", where, "id"
+                    )
+                problem = link_problem(str(src.root), f"images/{name}", cfg.follow_symlinks)
+                if problem is not None:
+                    raise ConvertError(path, "symlink", f"images/{name} {problem}", where, "file_name")
+                srcfile = src.root / "images" / name
+                if not srcfile.is_file():
+                    raise ConvertError(path, "missing_frame", f"{srcfile} does not exist", where, "file_name")
+                image_id += 1
+                new_ids[img["id"]] = image_id
+                rec = dict(img, id=image_id, file_name=f"{src.dataset_id}/{name}", dataset_id=src.dataset_id)
+                bucket["images"].append(rec)
+                to_place.append((srcfile, out / "images" / src.dataset_id / name))
+                c["images"] += 1
+            for i, ann in enumerate(obj.get("annotations", [])):
+                where = f"annotation {ann.get('id')!r}" if isinstance(ann, dict) else f"annotations[{i}]"
+                if not isinstance(ann, dict) or ann.get("image_id") not in new_ids:
+                    raise ConvertError(
+                        path, "missing_image", "image_id names no image of the file", where, "image_id"
+                    )
+                ident = ann.get("identity_id")
+                if not isinstance(ident, str | int) or isinstance(ident, bool) or ident == "":
+                    raise ConvertError(
+                        path, "bad_type", f"identity_id {ident!r} is not a string", where, "identity_id"
+                    )
+                annotation_id += 1
+                rec = dict(
+                    ann,
+                    id=annotation_id,
+                    image_id=new_ids[ann["image_id"]],
+                    identity_id=f"{src.dataset_id}:{ident}",
+                    source_identity_id=ident,
+                )
+                bucket["annotations"].append(rec)
+                c["annotations"] += 1
+            for v in obj.get("videos") or []:
+                if isinstance(v, dict):
+                    bucket["videos"].append(dict(v, dataset_id=src.dataset_id, split=target))
+            c["polyps"] = c["polyps"]  # filled below
+        idents = {
+            a["identity_id"]
+            for b in per_split.values()
+            for a in b["annotations"]
+            if a["identity_id"].startswith(f"{src.dataset_id}:")
+        }
+        c["polyps"] = len(idents)
+        c["videos"] = len(
+            {
+                (img["sequence_id"])
+                for b in per_split.values()
+                for img in b["images"]
+                if img.get("dataset_id") == src.dataset_id and "sequence_id" in img
+            }
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(exist_ok=True)
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="merge") as pool:
+        links = place_images(to_place, cfg.link, pool, progress)
+    report = {
+        "converter": "merge",
+        "out_root": str(out),
+        "link": cfg.link,
+        "datasets": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "splits": {
+            s: {
+                "videos": len({(i.get("dataset_id"), i.get("sequence_id")) for i in b["images"]}),
+                "images": len(b["images"]),
+                "annotations": len(b["annotations"]),
+                "polyps": len({a["identity_id"] for a in b["annotations"]}),
+            }
+            for s, b in sorted(per_split.items())
+        },
+        "links": dict(sorted(links.items())),
+        "sources": reports,
+    }
+    write_json_atomic(out / REPORT_NAME, report)
+    info = {
+        "description": "merged by polyp-ssl convert merge",
+        "sources": [
+            {"root": r["root"], "dataset_id": r["dataset_id"], "splits": r["splits"]} for r in reports
+        ],
+    }
+    for split, b in sorted(per_split.items()):
+        write_coco_atomic(
+            out / "annotations" / f"instances_{split}.json",
+            dict(info, split=split),
+            b["images"],
+            b["annotations"],
+            b["videos"],
+        )
+    return report

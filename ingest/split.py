@@ -1,0 +1,306 @@
+"""`polyp-ssl split ROOT --by polyp --fractions 0.7,0.3 --seed 42 [--stratify size|histology]`.
+
+Splits a dataset root by polyp: every polyp (identity_id) goes to exactly one split, so no polyp
+is in two splits. Polyps are grouped by stratum (with --stratify: the binary size or histology
+class of `shards.labels`, "unknown" for polyps without one; else one group), each group sorted,
+shuffled with the seed and cut at the cumulative fractions (rounded), so each split gets its
+fraction of every stratum and the result depends only on the input and the seed.
+
+An image goes to the split of each polyp it shows, with that split's boxes only; an image
+without a box goes with its video's first polyp (identity ids sorted), and a video without any
+polyp goes to the first split. Image and annotation ids are numbered again from 1.
+
+Files: the annotation files the split reads are first kept in `ROOT/annotations/source/`
+(moved there once, atomically: a folder renamed into place); each split's
+`annotations/instances_{name}.json` is then written under a temporary name and renamed; last,
+the `instances_*.json` files that are not among the new splits are removed (their content is in
+`source/`). A rerun reads `source/` again, so rerunning after a crash, or with other fractions,
+gives what an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from polyp_ssl.ingest.convert.common import SPLIT_RE, ConvertError, write_coco_atomic
+from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.labels import histology_binary, size_binary
+
+log = logging.getLogger(__name__)
+
+_ANN_RE = re.compile(r"^instances_(.+)\.json$")
+SOURCE_DIR = "source"
+STRATA = ("size", "histology")
+
+
+def assign(polyps: dict[str, str], fractions: list[float], names: list[str], seed: int) -> dict[str, str]:
+    """identity -> split name. `polyps` maps identity -> stratum. Pure and deterministic."""
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(np.asarray(fractions, dtype=float) / sum(fractions))
+    out: dict[str, str] = {}
+    for stratum in sorted(set(polyps.values())):
+        ids = sorted(i for i, s in polyps.items() if s == stratum)
+        order = [ids[k] for k in rng.permutation(len(ids))]
+        bounds = [int(round(c * len(ids))) for c in cum]
+        bounds[-1] = len(ids)
+        j = 0
+        for k, ident in enumerate(order):
+            while k >= bounds[j]:
+                j += 1
+            out[ident] = names[j]
+    return out
+
+
+def _stratum(stratify: str | None, size: Any, histology: Any, dataset: Any) -> str:
+    if stratify is None:
+        return "all"
+    if stratify == "size":
+        try:
+            y = size_binary(size if isinstance(size, int | float) and not isinstance(size, bool) else None)
+        except ValueError:
+            y = None
+    else:
+        y = histology_binary(
+            histology if isinstance(histology, str) else None, dataset if isinstance(dataset, str) else None
+        )
+    return "unknown" if y is None else str(y)
+
+
+def source_files(root: Path) -> dict[str, Path]:
+    """The annotation files the split reads: annotations/source/ when an earlier split kept them
+    there, else the root's instances_*.json."""
+    ann = root / "annotations"
+    kept = ann / SOURCE_DIR
+    base = kept if kept.is_dir() else ann
+    if not ann.is_dir():
+        raise ConvertError(root, "missing_file", "no annotations/ folder (is this a dataset root?)")
+    found = {m.group(1): base / n for n in sorted(os.listdir(base)) if (m := _ANN_RE.match(n))}
+    if not found:
+        raise ConvertError(base, "missing_file", "no instances_{split}.json file")
+    return found
+
+
+def _keep_sources(root: Path, files: dict[str, Path]) -> dict[str, Path]:
+    """Copy (hard link) the source files into annotations/source/ once; returns their new paths."""
+    ann = root / "annotations"
+    kept = ann / SOURCE_DIR
+    if kept.is_dir():
+        return files
+    tmp = ann / f".{SOURCE_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ann.glob(f".{SOURCE_DIR}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for path in files.values():
+            try:
+                os.link(path, tmp / path.name)
+            except OSError:
+                shutil.copyfile(path, tmp / path.name)
+        os.replace(tmp, kept)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {s: kept / p.name for s, p in files.items()}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("images"), list)
+        or not isinstance(obj.get("annotations", []), list)
+    ):
+        raise ConvertError(path, "bad_json", "expected an object with lists 'images' and 'annotations'")
+    return obj
+
+
+def split_root(
+    root: Path, fractions: list[float], names: list[str], seed: int = 42, stratify: str | None = None
+) -> dict[str, Any]:
+    """Split ROOT in place (see the module doc); returns per-split counts."""
+    if len(fractions) != len(names) or len(fractions) < 2:
+        raise ValueError(f"need as many split names as fractions (>= 2), got {names} for {fractions}")
+    if any(not f > 0 for f in fractions):
+        raise ValueError(f"--fractions must be positive, got {fractions}")
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"--fractions must sum to 1, got {fractions} (sum {sum(fractions)})")
+    if len(set(names)) != len(names) or any(not SPLIT_RE.match(n) or n == SOURCE_DIR for n in names):
+        raise ValueError(f"--names must be distinct names matching [A-Za-z0-9_-]+, got {names}")
+    if stratify not in (None, *STRATA):
+        raise ValueError(f"--stratify must be one of {STRATA}, got {stratify!r}")
+    root = Path(root)
+    files = source_files(root)
+    loaded = {s: _load(p) for s, p in files.items()}
+
+    # polyps, their strata and videos; images keyed by (source split, id)
+    images: dict[tuple[str, Any], dict] = {}
+    anns: list[tuple[str, dict]] = []
+    polyp_stratum: dict[str, str] = {}
+    video_polyps: dict[tuple[Any, Any], set[str]] = {}
+    videos_meta: dict[tuple[Any, Any], dict] = {}
+    for s, obj in loaded.items():
+        for i, img in enumerate(obj["images"]):
+            if not isinstance(img, dict) or (s, img.get("id")) in images:
+                raise ConvertError(
+                    files[s], "bad_image", "image record not an object or id repeated", f"images[{i}]", "id"
+                )
+            images[(s, img["id"])] = img
+        for v in obj.get("videos") or []:
+            if isinstance(v, dict):
+                videos_meta.setdefault((v.get("dataset_id"), v.get("sequence_id")), v)
+        for i, ann in enumerate(obj["annotations"]):
+            if not isinstance(ann, dict) or (s, ann.get("image_id")) not in images:
+                raise ConvertError(
+                    files[s],
+                    "missing_image",
+                    "image_id names no image of the file",
+                    f"annotation {ann.get('id') if isinstance(ann, dict) else i}",
+                    "image_id",
+                )
+            ident = ann.get("identity_id")
+            if not isinstance(ident, str | int) or isinstance(ident, bool) or ident == "":
+                raise ConvertError(
+                    files[s],
+                    "bad_type",
+                    f"identity_id {ident!r} is not a string",
+                    f"annotation {ann.get('id')}",
+                    "identity_id",
+                )
+            ident = str(ident)
+            img = images[(s, ann["image_id"])]
+            if ident not in polyp_stratum:
+                polyp_stratum[ident] = _stratum(
+                    stratify, ann.get("size"), ann.get("histology"), img.get("dataset_id")
+                )
+            video_polyps.setdefault((img.get("dataset_id"), img.get("sequence_id")), set()).add(ident)
+            anns.append((s, ann))
+    where = assign(polyp_stratum, fractions, names, seed)
+
+    out: dict[str, dict[str, list]] = {n: {"images": [], "annotations": [], "videos": []} for n in names}
+    image_ids: dict[tuple[str, tuple[str, Any]], int] = {}
+    by_image: dict[tuple[str, Any], list[dict]] = {}
+    for s, ann in anns:
+        by_image.setdefault((s, ann["image_id"]), []).append(ann)
+    next_image = next_ann = 0
+    videos_in: dict[str, list[tuple[Any, Any]]] = {n: [] for n in names}
+    for key, img in images.items():  # source order: files (sorted), then images as listed
+        vkey = (img.get("dataset_id"), img.get("sequence_id"))
+        boxes = by_image.get(key, [])
+        targets = sorted({where[str(a["identity_id"])] for a in boxes}, key=names.index)
+        if not targets:
+            vp = sorted(video_polyps.get(vkey, ()))
+            targets = [where[vp[0]] if vp else names[0]]
+        for t in targets:
+            next_image += 1
+            image_ids[(t, key)] = next_image
+            out[t]["images"].append(dict(img, id=next_image))
+            if vkey not in videos_in[t]:
+                videos_in[t].append(vkey)
+            for a in boxes:
+                if where[str(a["identity_id"])] == t:
+                    next_ann += 1
+                    out[t]["annotations"].append(dict(a, id=next_ann, image_id=next_image))
+    for n in names:
+        out[n]["videos"] = [dict(videos_meta[v], split=n) for v in videos_in[n] if v in videos_meta]
+
+    files = _keep_sources(root, files)
+    ann_dir = root / "annotations"
+    info = {
+        "description": "split by polyp with polyp-ssl split",
+        "fractions": fractions,
+        "seed": seed,
+        "stratify": stratify,
+        "sources": sorted(files),
+    }
+    for n in names:
+        write_coco_atomic(
+            ann_dir / f"instances_{n}.json",
+            dict(info, split=n),
+            out[n]["images"],
+            out[n]["annotations"],
+            out[n]["videos"],
+        )
+    for p in sorted(ann_dir.iterdir()):
+        m = _ANN_RE.match(p.name)
+        if m and p.is_file() and m.group(1) not in names:
+            p.unlink()
+    summary: dict[str, Any] = {}
+    for n in names:
+        polyps = {str(a["identity_id"]) for a in out[n]["annotations"]}
+        summary[n] = {
+            "polyps": len(polyps),
+            "videos": len(videos_in[n]),
+            "images": len(out[n]["images"]),
+            "annotations": len(out[n]["annotations"]),
+            "strata": dict(sorted(Counter(polyp_stratum[p] for p in polyps).items())),
+        }
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
+        prog="polyp-ssl split",
+        description="Split a dataset root by polyp into annotations/instances_{name}.json (no polyp in "
+        "two splits); the files it reads are kept in annotations/source/.",
+        epilog="example: polyp-ssl split /data/rsp --by polyp --fractions 0.7,0.3 --seed 42 --stratify size",
+    )
+    p.add_argument("root", type=Path, help="dataset root (images/ + annotations/instances_*.json)")
+    p.add_argument("--by", choices=("polyp",), default="polyp", help="the unit kept in one split")
+    p.add_argument("--fractions", default="0.7,0.3", help="fractions of polyps per split, summing to 1")
+    p.add_argument("--names", default=None, help="split names (default train,val or train,val,test)")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the assignment of polyps to splits")
+    p.add_argument("--stratify", choices=STRATA, default=None, help="keep each class's fractions")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        print(f"polyp-ssl split: --fractions {args.fractions!r} is not a list of numbers", file=sys.stderr)
+        return 2
+    names = (
+        args.names.split(",")
+        if args.names
+        else (["train", "val", "test"][: len(fractions)] if len(fractions) <= 3 else [])
+    )
+    from polyp_ssl.shards.lock import LockHeld, output_lock
+
+    try:
+        if not args.root.is_dir():
+            raise ConvertError(args.root, "missing_file", "dataset root not found")
+        with output_lock(args.root, "polyp-ssl split"):
+            summary = split_root(args.root, fractions, names, args.seed, args.stratify)
+    except LockHeld as exc:
+        print(f"polyp-ssl split: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # ConvertError included: names file, id and field
+        print(f"polyp-ssl split: error: {exc}", file=sys.stderr)
+        return 2 if not isinstance(exc, ConvertError) else 1
+    except OSError as exc:
+        print(f"polyp-ssl split: error: {exc}", file=sys.stderr)
+        return 1
+    for n, c in summary.items():
+        print(
+            f"{n}: {c['polyps']} polyps, {c['videos']} videos, {c['images']} images, "
+            f"{c['annotations']} annotations, strata {c['strata']}"
+        )
+    print(f"wrote {args.root}/annotations/instances_{{{','.join(summary)}}}.json")
+    return 0

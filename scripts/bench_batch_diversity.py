@@ -1,0 +1,78 @@
+"""Same-video bag pairs per batch of the streaming loader vs a global shuffle, by stream count.
+
+Every other bag of a batch is a negative; two bags of one video often show the same polyp. A
+global shuffle of the epoch's bags (the reference code's batches) gives
+`polyp_ssl.diversity.global_shuffle_pair_rate`; this script streams one epoch for 1, 14 and 112
+streams (ranks x loader workers) over a synthetic 27-video index and prints one JSON object with
+the measured rate and its ratio to the global shuffle.
+
+    python scripts/bench_batch_diversity.py [--streams 1 14 112] [--open_videos 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from polyp_ssl.diversity import bag_videos, global_shuffle_pair_rate, same_video_pair_rate
+from polyp_ssl.stream import BagStream, StreamParams, build_index
+from tests.shard_factory import make_root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 14, 112])
+    ap.add_argument("--videos", type=int, default=27)
+    ap.add_argument("--open_videos", type=int, default=4)
+    ap.add_argument("--batch_size", type=int, default=24)
+    ap.add_argument("--n_views", type=int, default=2)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_root(
+            Path(tmp) / "root",
+            videos={"train": a.videos, "val": 1},
+            polyps_per_video=2,
+            tracklets_per_polyp=3,
+            frames_per_tracklet=40,
+            videos_per_shard=1,
+        )
+        params = StreamParams(
+            batch_size=a.batch_size,
+            n_views=a.n_views,
+            fragment_length=2,
+            fragment_stride=4,
+            min_tracklet_length=4,
+            im_size=16,
+            open_videos=a.open_videos,
+            aug_anchorcrop=True,
+            max_epochs=2,
+        )
+        index = build_index(root, "train", params)
+        expect = global_shuffle_pair_rate(index.video_eligible)
+        out: dict = {
+            "videos": len(index.video_ids),
+            "bags_per_batch": params.n_bags,
+            "open_videos": a.open_videos,
+            "global_shuffle_rate": round(expect, 4),
+        }
+        for streams in a.streams:
+            ds = BagStream(index, params, 0, 1, streams)
+            rates = [
+                same_video_pair_rate(bag_videos(b["bag"].numpy(), b["video"].numpy()))
+                for s in range(streams)
+                for b in ds.iter_stream(0, s)
+            ]
+            rate = float(np.mean(rates))
+            out[f"streams_{streams}"] = {"rate": round(rate, 4), "ratio": round(rate / expect, 2)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

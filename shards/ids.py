@@ -1,0 +1,53 @@
+"""Ids that become part of a file path or of another id: the one check they all go through.
+
+Split names (`shards/{split}/{split}-NNNNNN.tar`), dataset and sequence ids (`video_id` =
+`{dataset_id}/{sequence_id}`, `{videos_dir}/{sequence_id}.mp4`) and embeddings names
+(`embeddings/{name}.parquet`) come from data or from the command line. Each must be one
+non-empty path component: no `/` or `\\` (a separator would turn one component into two, and
+would let `a/b` + `c` and `a` + `b/c` give one video id), not `.` or `..`, no NUL, no control
+characters, at most MAX_ID_BYTES bytes of UTF-8. The check refuses instead of rewriting, so an
+accepted id is used exactly as given (ordinary ids keep their names) and two distinct ids never
+map to one path.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+MAX_ID_BYTES = 200  # below the 255-byte file name limit, with room for a prefix and suffixes
+
+
+class UnsafeIdError(ValueError):
+    """An id that cannot be used as one path component; the message names the id and why."""
+
+
+def id_problem(value: object) -> str | None:
+    """Why `value` cannot be one path component, or None when it can."""
+    if not isinstance(value, str):
+        return f"is a {type(value).__name__}, not a string"
+    if not value:
+        return "is empty"
+    if value in (".", ".."):
+        return "is a relative folder name ('.' or '..')"
+    if "/" in value or "\\" in value:
+        return "contains a path separator ('/' or '\\')"
+    for ch in value:
+        if ch == "\0":
+            return "contains a NUL character"
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            return f"contains the control character {ch!r}"
+        if category == "Cs":
+            return "contains a lone surrogate (not text)"
+    if len(value.encode("utf-8")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
+def path_component(value: object, what: str) -> str:
+    """`value` itself when it is safe as one path component; UnsafeIdError naming `what`
+    (e.g. "split", "--name") otherwise."""
+    problem = id_problem(value)
+    if problem is not None:
+        raise UnsafeIdError(f"{what} {value!r} {problem}; it must be one plain file or folder name")
+    return value  # type: ignore[return-value]
