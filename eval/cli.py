@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from polyp_ssl.eval.embeddings import (
     Embeddings,
     EmbeddingsError,
@@ -264,9 +265,8 @@ def _training_config(emb: Embeddings) -> dict[str, Any]:
         return {}
     key = str(Path(spec).resolve())
     if key not in _TRAINING:
-        from polyp_ssl.eval.embed import flat_config
-
         from polyp_ssl.checkpoint import read_encoder_state
+        from polyp_ssl.eval.embed import flat_config
 
         try:
             _TRAINING[key] = flat_config(read_encoder_state(spec)[1])

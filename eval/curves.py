@@ -143,6 +143,7 @@ def plot_curves(curves: Curves, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from polyp_ssl.eval.plots import save_figure
 
     panels = []

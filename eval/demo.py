@@ -287,6 +287,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu") -> int:
 
 def print_summary(out: Path, total: float, timings: dict[str, float]) -> None:
     import pyarrow.parquet as pq
+
     from polyp_ssl.eval.report import COLUMNS, TASKS, format_value
 
     results = out / "report" / "results.parquet"

@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from polyp_ssl.eval import embeddings as emb_io
 from polyp_ssl.eval.embeddings import read_metadata, write_embeddings
+from polyp_ssl.fragments import even_subsample, fragment_index_lists
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
 from polyp_ssl.shards.locations import UnsafeLocation, check_shard_value, shard_location
@@ -59,8 +61,6 @@ from polyp_ssl.shards.sample import (
     frame_ext,
     sample_meta,
 )
-
-from polyp_ssl.fragments import even_subsample, fragment_index_lists
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,7 @@ def _checked_samples(root: str | Path, paths: list[Path]) -> Iterator[dict[str, 
     """The samples of `paths` in order; each shard's sha256 is compared with the catalog's before
     any of its samples is used (a changed or replaced shard is refused, naming it)."""
     import pyarrow.parquet as pq
+
     from polyp_ssl.shards.reader import iter_samples
     from polyp_ssl.shards.verify import file_sha256
 

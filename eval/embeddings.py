@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from polyp_ssl.shards.schema import embeddings_schema
 
 META_KEY = b"polyp_ssl"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from polyp_ssl.eval.plots import save_figure
 from polyp_ssl.shards.crops import enlarge_box
 from polyp_ssl.shards.locations import shard_location

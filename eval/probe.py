@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from polyp_ssl.shards.labels import DEFAULT_MAPPING, histology_binary, size_binary
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from polyp_ssl.eval.plots import save_figure
 
 METHODS = ("pca", "tsne")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from polyp_ssl.eval import embed as embed_mod
 from polyp_ssl.eval.embed import DESCRIPTOR, INIT_PREFIX, EmbedError, NoItemsError
 from polyp_ssl.eval.embeddings import Embeddings, EmbeddingsError, read_embeddings
@@ -804,6 +805,7 @@ def gallery_for(res: SubjectResult, opts: ReportOptions, crop_scale: float) -> P
 
 def _shard_of(root: Path) -> dict[str, str]:
     import pyarrow.parquet as pq
+
     from polyp_ssl.shards.locations import UnsafeLocation, check_shard_value
 
     path = root / "catalog" / "tracklets.parquet"

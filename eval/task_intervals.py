@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from polyp_ssl.eval.intervals import (
     Classification,
     Interval,

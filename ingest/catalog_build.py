@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from polyp_ssl.ingest.faults import crash_point
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
 from polyp_ssl.shards.writer import TMP_SUFFIX, write_atomic

@@ -7,6 +7,7 @@ import io
 from dataclasses import dataclass
 
 from PIL import Image
+
 from polyp_ssl.shards.crops import box_in_crop, enlarge_box, stored_size
 
 

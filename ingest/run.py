@@ -28,6 +28,8 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tqdm import tqdm
+
 from polyp_ssl.ingest.catalog_build import MANIFEST, catalog_tables, write_catalog
 from polyp_ssl.ingest.coco import VideoPlan, drop_shared_identities, load_split
 from polyp_ssl.ingest.convert.common import read_report_rows
@@ -38,7 +40,6 @@ from polyp_ssl.ingest.write import stats_path, video_row, write_shard
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
 from polyp_ssl.shards.lock import LockHeld, output_lock
 from polyp_ssl.shards.writer import file_sha256, write_atomic
-from tqdm import tqdm
 
 log = logging.getLogger("ingest")
 ANNOTATION_RE = re.compile(r"^instances_(.+)\.json$")

@@ -21,7 +21,6 @@ gives what an uninterrupted run gives.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from polyp_ssl.ingest.convert.common import SPLIT_RE, ConvertError, write_coco_atomic
+
+from polyp_ssl.ingest.convert.common import SPLIT_RE, ConvertError, load_coco, write_coco_atomic
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 from polyp_ssl.shards.labels import histology_binary, size_binary
 
@@ -113,21 +113,6 @@ def _keep_sources(root: Path, files: dict[str, Path]) -> dict[str, Path]:
     return {s: kept / p.name for s, p in files.items()}
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
-    if (
-        not isinstance(obj, dict)
-        or not isinstance(obj.get("images"), list)
-        or not isinstance(obj.get("annotations", []), list)
-    ):
-        raise ConvertError(path, "bad_json", "expected an object with lists 'images' and 'annotations'")
-    return obj
-
-
 def split_root(
     root: Path, fractions: list[float], names: list[str], seed: int = 42, stratify: str | None = None
 ) -> dict[str, Any]:
@@ -144,7 +129,7 @@ def split_root(
         raise ValueError(f"--stratify must be one of {STRATA}, got {stratify!r}")
     root = Path(root)
     files = source_files(root)
-    loaded = {s: _load(p) for s, p in files.items()}
+    loaded = {s: load_coco(p) for s, p in files.items()}
 
     # polyps, their strata and videos; images keyed by (source split, id)
     images: dict[tuple[str, Any], dict] = {}

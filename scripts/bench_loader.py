@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 from PIL import Image
-from polyp_ssl.shards.crops import enlarge_box
-from polyp_ssl.shards.sample import frame_jpeg, sample_meta
 from torch.utils.data import DataLoader, Dataset
 
 from polyp_ssl.device_decode import decode_batch_on, pack_jpegs
 from polyp_ssl.diversity import bag_videos, global_shuffle_pair_rate, same_video_pair_rate
 from polyp_ssl.fragments import fragment_index_lists
+from polyp_ssl.shards.crops import enlarge_box
+from polyp_ssl.shards.sample import frame_jpeg, sample_meta
 from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index, iter_tar_samples
 from polyp_ssl.transforms import CropParams, crop_resize, crop_window, decode_jpeg_bytes, resize_uint8
 from tests.shard_factory import make_raw_root

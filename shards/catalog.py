@@ -27,6 +27,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
 
 CATALOG_DIR = "catalog"

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from polyp_ssl.shards.catalog import MANIFEST, CatalogError, catalog_dir, check_schema
 from polyp_ssl.shards.lock import output_lock
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import pyarrow as pa
+
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     import duckdb
+
     from polyp_ssl.shards.catalog import (
         CatalogError,
         QueryTimeout,

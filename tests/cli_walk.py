@@ -6,9 +6,8 @@ import argparse
 import importlib
 from unittest import mock
 
-from polyp_ssl.shards.cli_help import shows_default
-
 from polyp_ssl.entry import COMMANDS
+from polyp_ssl.shards.cli_help import shows_default
 
 # subcommands with sub-parsers of their own: (command, first argument)
 NESTED: list[tuple[str, str]] = [

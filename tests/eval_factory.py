@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from polyp_ssl.eval.embeddings import manifest_sha256, write_embeddings
 from polyp_ssl.shards.schema import CATALOG_VERSION, POLYPS, TRACKLETS
 

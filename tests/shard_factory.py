@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
 from polyp_ssl.shards.crops import box_in_crop, enlarge_box, stored_size
 from polyp_ssl.shards.sample import TrackletSample, encode_sample, safe_key
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from bad_corpus import COCO_CASES, RC_CASES, BadCase, build_corpus, coco_videos, files_under
 from ingest_fixtures import make_root, write_coco
-from polyp_ssl.shards.labels import count_histology
 
 from polyp_ssl.entry import main as entry_main
+from polyp_ssl.shards.labels import count_histology
 
 MIN_CASES = 15
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from polyp_ssl.checkpoint import CheckpointError, load_encoder
 from polyp_ssl.shards.reader import DecompressionBomb, iter_tar_members, read_members
 from polyp_ssl.shards.sample import (
     MAX_FRAME_PIXELS,
@@ -32,8 +34,6 @@ from polyp_ssl.shards.sample import (
     parse_sample,
 )
 from polyp_ssl.shards.verify import verify_root
-
-from polyp_ssl.checkpoint import CheckpointError, load_encoder
 from polyp_ssl.stream import SampleDamage, ShardError, check_sample, iter_tar_samples
 from tests.embed_factory import make_ckpt
 from tests.shard_factory import make_root
@@ -209,10 +209,9 @@ def test_jpeg_sizes_are_read_from_the_header_and_bounded():
 
 
 def test_every_decode_site_checks_the_header_first():
+    from polyp_ssl.device_decode import FrameDecodeError, decode_jpegs, pack_jpegs
     from polyp_ssl.eval.embed import decode_rgb
     from polyp_ssl.eval.gallery import anchor_crop as gallery_crop
-
-    from polyp_ssl.device_decode import FrameDecodeError, decode_jpegs, pack_jpegs
     from polyp_ssl.transforms import decode_jpeg_bytes, load_frames
 
     bomb = jpeg_header(20000, 20000)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from polyp_ssl.shards import catalog
 from polyp_ssl.shards.catalog import CatalogError, connect, query, read_manifest, read_table
 from polyp_ssl.shards.catalog_merge import part_dir_name

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from polyp_ssl.shards.schema import embeddings_schema
 
 from polyp_ssl.config import TrainConfig, default_num_workers
 from polyp_ssl.entry import COMMANDS
 from polyp_ssl.entry import main as entry_main
+from polyp_ssl.shards.schema import embeddings_schema
 from tests.cli_walk import NESTED, all_parsers, capture_parser, problems
 from tests.shard_factory import make_root
 

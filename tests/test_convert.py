@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools.coco import COCO
+
+from polyp_ssl.entry import main as entry_main
 from polyp_ssl.ingest.convert.realcolon import (
     ConvertError,
     Problems,
@@ -16,9 +19,6 @@ from polyp_ssl.ingest.convert.realcolon import (
     parse_voc,
     read_split_file,
 )
-from pycocotools.coco import COCO
-
-from polyp_ssl.entry import main as entry_main
 
 W, H = 64, 48
 

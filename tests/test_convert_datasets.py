@@ -8,14 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
-import polyp_ssl.ingest.convert.common as common
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+import polyp_ssl.ingest.convert.common as common
+from polyp_ssl.entry import main as entry_main
 from polyp_ssl.ingest.convert.common import clamp_corners, frame_number, natural_key, report_error_rows
 from polyp_ssl.ingest.convert.sun import parse_size
-
-from polyp_ssl.entry import main as entry_main
 
 SYNTH = ["--videos", "6", "--frames-per-video", "24", "--width", "96", "--height", "80", "--workers", "1"]
 

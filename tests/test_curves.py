@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from polyp_ssl.eval.curves import CurvesError, main, read_metrics_csv, run_curves, run_of_checkpoint, stitch
 
 # the columns of a real `polyp-ssl train --logger csv` log (Lightning's CSVLogger)
@@ -134,7 +135,6 @@ def test_curves_help_does_not_import_torch():
 
 def test_report_draws_the_curves_of_the_runs_it_evaluates(resumed_run, tmp_path):
     from polyp_ssl.eval.report import ReportOptions, Subject, SubjectResult, training_curves, write_report_md
-
     from tests.eval_factory import make_eval_root
 
     ckpt = resumed_run / "checkpoints" / "last.ckpt"

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import polyp_ssl.eval.embeddings as emb_mod
 import pyarrow.parquet as pq
 import pytest
+
+import polyp_ssl.eval.embeddings as emb_mod
 from polyp_ssl.eval.cli import eval_main
 from polyp_ssl.eval.embeddings import EmbeddingsError, manifest_sha256, read_embeddings, write_embeddings
-
 from tests.shard_factory import make_root
 
 REPO = Path(__file__).resolve().parents[1]

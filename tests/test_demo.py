@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from polyp_ssl.eval import demo
 from polyp_ssl.eval.report import append_results
 

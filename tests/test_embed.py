@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from polyp_ssl.eval.embed import EmbedError, ensure_embeddings, frame_plan, main
-from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
-from polyp_ssl.shards.sample import TrackletSample
 
 from polyp_ssl.checkpoint import load_encoder, sha256_file
+from polyp_ssl.eval.embed import EmbedError, ensure_embeddings, frame_plan, main
+from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
 from polyp_ssl.fragments import count_fragments
+from polyp_ssl.shards.sample import TrackletSample
 from polyp_ssl.transforms import load_frames
 from tests.embed_factory import make_ckpt, make_tiny_root, tracklet_rows
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from polyp_ssl.eval.cli import count_main, eval_main, probe_main
 from polyp_ssl.eval.embeddings import EmbeddingsError, read_embeddings, write_embeddings
 from polyp_ssl.eval.metrics import reid_from_vectors, retrieval_from_vectors
-
 from tests.eval_factory import make_eval_root
 
 

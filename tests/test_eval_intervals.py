@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from polyp_ssl.eval.cli import count_main, eval_main, probe_main
 from polyp_ssl.eval.intervals import PairRanking
 from polyp_ssl.eval.metrics import reid_from_vectors, reid_pairs
-
 from tests.eval_factory import make_eval_root
 
 CI = ["--ci_resamples", "150"]
@@ -130,7 +130,6 @@ def test_count_intervals_resample_videos(root, tmp_path):
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory):
     from polyp_ssl.eval.report import main
-
     from tests.embed_factory import make_ckpt, make_tiny_root
 
     base = tmp_path_factory.mktemp("cireport")
@@ -216,6 +215,7 @@ def test_report_without_intervals_and_bad_baseline(report_run, tmp_path, capsys)
 
 def test_old_results_file_still_loads(tmp_path):
     import pyarrow as pa
+
     from polyp_ssl.eval.report import append_results, results_schema
 
     path = tmp_path / "results.parquet"

@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from polyp_ssl.checkpoint import load_encoder
 from polyp_ssl.eval.cli import eval_main
 from polyp_ssl.eval.embed import Item, batched_by_frames, ensure_embeddings
 from polyp_ssl.eval.embed import main as embed_main
 from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
 from polyp_ssl.eval.report import main as report_main
-from polyp_ssl.shards.sample import TrackletSample
-from sklearn.metrics import average_precision_score, roc_auc_score
-
-from polyp_ssl.checkpoint import load_encoder
 from polyp_ssl.fragments import cut_tracklet
+from polyp_ssl.shards.sample import TrackletSample
 from polyp_ssl.transforms import load_frames
 from tests.embed_factory import make_ckpt, tracklet_rows
 from tests.shard_factory import make_root
@@ -212,7 +212,6 @@ def test_positions_are_over_the_annotated_frames(tmp_path):
     from polyp_ssl.ingest.cli import main as ingest_main
     from polyp_ssl.shards.reader import iter_samples
     from polyp_ssl.shards.sample import sample_meta
-
     from tests.ingest_fixtures import Track, moving
     from tests.ingest_fixtures import make_root as make_raw
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import Track, make_root, moving
+
 from polyp_ssl.ingest.cli import main as ingest_main
 from polyp_ssl.ingest.faults import CRASH_ENV
 from polyp_ssl.shards.cli import verify_main

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import make_root
+
 from polyp_ssl.ingest.cli import main as ingest_main
 from polyp_ssl.shards.catalog import connect
 from polyp_ssl.shards.cli import main as catalog_main

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import default_videos, make_root
 from PIL import Image
+
 from polyp_ssl.ingest.cli import main as ingest_main
 from polyp_ssl.shards.reader import iter_samples
 from polyp_ssl.shards.sample import TrackletSample, encode_sample, sample_meta

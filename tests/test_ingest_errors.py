@@ -10,6 +10,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import Track, make_root, moving, write_coco, write_mp4
+
 from polyp_ssl.ingest.cli import main as ingest_main
 
 

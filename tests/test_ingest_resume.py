@@ -13,6 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import Track, make_root, moving
+
 from polyp_ssl.ingest.cli import main as ingest_main
 from polyp_ssl.ingest.write import PAUSE_ENV
 from polyp_ssl.shards.reader import iter_samples

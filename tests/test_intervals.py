@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
 from polyp_ssl.eval.intervals import (
     Classification,
     Interval,
@@ -22,7 +24,6 @@ from polyp_ssl.eval.intervals import (
 )
 from polyp_ssl.eval.metrics import matrix_blocks, reid_metrics, retrieval_metrics
 from polyp_ssl.eval.probe import probe_metrics
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def _clustered_scores(rng: np.random.Generator, n_polyps: int = 12, per: int = 3):

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from polyp_ssl.shards.labels import DEFAULT_MAPPING, count_histology, histology_binary, size_binary
 
 # Every vocabulary string of docs/method.md, as the dataset writes it -> expected class.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
 from polyp_ssl.eval.metrics import (
     cosine_blocks,
     matrix_blocks,
@@ -12,7 +14,6 @@ from polyp_ssl.eval.metrics import (
     retrieval_from_vectors,
     retrieval_metrics,
 )
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 
 def quantised_scores(n: int, levels: int, seed: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import os
 
 import pytest
 from ingest_fixtures import Track, make_root, moving, write_coco
+
 from polyp_ssl.ingest.cli import main as ingest_main
 
 
@@ -169,7 +170,6 @@ def test_probe_without_task_or_hint_refuses_in_one_line(seed_setup, capsys):
 
 def test_two_probes_with_different_splits_write_two_results(tmp_path, capsys):
     from polyp_ssl.eval.cli import probe_main
-
     from tests.eval_factory import make_eval_root
 
     root = make_eval_root(
@@ -194,7 +194,6 @@ def test_two_probes_with_different_splits_write_two_results(tmp_path, capsys):
 def test_embed_out_file_is_a_complete_copy(tmp_path, capsys):
     from polyp_ssl.eval.embed import main as embed_main
     from polyp_ssl.eval.embeddings import read_embeddings
-
     from tests.shard_factory import make_root as make_shard_root
 
     root = make_shard_root(tmp_path / "r", videos={"test": 1}, frames_per_tracklet=30)
@@ -213,6 +212,7 @@ def test_embed_out_file_is_a_complete_copy(tmp_path, capsys):
 def test_results_rows_name_root_split_protocol_and_settings(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from polyp_ssl.eval.report import (
         ReportOptions,
         Subject,
@@ -266,7 +266,6 @@ def test_report_default_folder_is_named_by_its_inputs(tmp_path):
 
 def test_eval_of_two_splits_and_counting_write_apart(tmp_path, capsys):
     from polyp_ssl.eval.cli import count_main, eval_main
-
     from tests.eval_factory import make_eval_root
 
     root = make_eval_root(tmp_path / "r", splits={"val": 2, "test": 2})

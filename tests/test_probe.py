@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
+
 from polyp_ssl.eval.probe import (
     ProbeConfig,
     ProbeData,
@@ -15,7 +17,6 @@ from polyp_ssl.eval.probe import (
     split_by_identity,
     task_labels,
 )
-from sklearn.metrics import f1_score
 
 
 def rows_per_polyp(n_polyps: int, seed: int, pos_fraction: float = 0.3):

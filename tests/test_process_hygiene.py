@@ -28,12 +28,6 @@ from pathlib import Path
 
 import pytest
 from ingest_fixtures import make_root
-from polyp_ssl.ingest.faults import CRASH_ENV
-from polyp_ssl.ingest.write import PAUSE_ENV, PAUSE_SECONDS_ENV
-from polyp_ssl.shards.cli import main as catalog_main
-from polyp_ssl.shards.cli import verify_main
-from polyp_ssl.shards.cli_errors import DEBUG_ENV
-from polyp_ssl.shards.lock import LOCK_NAME, LockHeld, output_lock
 from test_faults_ingest import (
     SHARD_MAX,
     all_files,
@@ -44,6 +38,12 @@ from test_faults_ingest import (
 )
 
 from polyp_ssl.entry import main as entry_main
+from polyp_ssl.ingest.faults import CRASH_ENV
+from polyp_ssl.ingest.write import PAUSE_ENV, PAUSE_SECONDS_ENV
+from polyp_ssl.shards.cli import main as catalog_main
+from polyp_ssl.shards.cli import verify_main
+from polyp_ssl.shards.cli_errors import DEBUG_ENV
+from polyp_ssl.shards.lock import LOCK_NAME, LockHeld, output_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGING = ".ingest-staging"

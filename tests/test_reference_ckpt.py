@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from polyp_ssl.eval.embed import ensure_embeddings, resolve_params
-from polyp_ssl.eval.embeddings import read_embeddings
 from torch import nn
 
 from polyp_ssl import reference_ckpt
 from polyp_ssl.checkpoint import CheckpointError, export_encoder, load_encoder, sha256_file
 from polyp_ssl.encoders import EncoderConfig
+from polyp_ssl.eval.embed import ensure_embeddings, resolve_params
+from polyp_ssl.eval.embeddings import read_embeddings
 from polyp_ssl.export import main as export_main
 from polyp_ssl.transforms import load_frames
 from tests.embed_factory import TINY_CONFIG, make_ckpt, tracklet_rows

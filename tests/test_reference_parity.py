@@ -178,7 +178,6 @@ def test_scale_factor_above_the_ingest_scale_is_refused(root, tmp_path):
         _train(["--dataset_root", str(root), "--bbox_scale_factor", "7"])
     assert "--overwrite --crop-scale 7" in str(e.value)
     from polyp_ssl.eval.embed import EmbedError, ensure_embeddings
-
     from tests.embed_factory import make_ckpt
 
     ckpt = make_ckpt(tmp_path / "tiny.ckpt")

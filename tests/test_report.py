@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
+
 from polyp_ssl.eval.embeddings import read_embeddings
 from polyp_ssl.eval.gallery import cosine_top_k, pick_gallery_rows, plot_gallery
 from polyp_ssl.eval.projection import plot_projection, project_2d
 from polyp_ssl.eval.report import COLUMNS, main, markdown_table, resolve_checkpoints
 from polyp_ssl.shards.schema import CATALOG_VERSION
-from sklearn.metrics import average_precision_score, roc_auc_score
-
 from tests.embed_factory import make_ckpt, make_tiny_root
 
 

@@ -10,13 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import polyp_ssl.ingest.split as split_mod
 import pyarrow.parquet as pq
 import pytest
+
+import polyp_ssl.ingest.split as split_mod
+from polyp_ssl.entry import main as entry_main
 from polyp_ssl.ingest.convert.realcolon import Lesion, paper_split
 from polyp_ssl.ingest.split import assign, split_root
-
-from polyp_ssl.entry import main as entry_main
 
 SYNTH = ["--frames-per-video", "40", "--width", "96", "--height", "80", "--workers", "1", "--quiet"]
 
@@ -208,7 +208,6 @@ def test_merge_split_ingest_probe_end_to_end(rspp, seed_root, tmp_path, capsys):
     assert {p["dataset_id"] for p in polyps} == {"realcolon", "sun", "polypsize", "polypsset"}
 
     from polyp_ssl.eval.embed import ensure_embeddings
-
     from tests.embed_factory import make_ckpt
 
     ckpt = make_ckpt(tmp_path / "tiny.ckpt")

@@ -226,7 +226,6 @@ def test_decoded_batch_equals_per_frame_anchor_crops(root):
     """The preallocated batch path gives the frames of transforms.load_frames (the one crop rule),
     and its per-fragment flips equal flipping every frame."""
     from polyp_ssl.shards.sample import frame_jpeg
-
     from polyp_ssl.stream import open_video
     from polyp_ssl.transforms import CropParams, apply_flips, crop_resize, decode_jpeg_bytes, load_frames
 

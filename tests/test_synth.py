@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from polyp_ssl.ingest.synth import generate as gen
 from polyp_ssl.ingest.synth.cli import main
 from polyp_ssl.ingest.synth.descriptor import DIM, crop_histogram, describe_tracklet

@@ -6,6 +6,7 @@ import io
 import tarfile
 
 import pytest
+
 from polyp_ssl.shards.reader import _number, iter_tar_members, read_members
 
 NAMES = [

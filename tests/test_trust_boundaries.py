@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from polyp_ssl.entry import main as entry_main
 from polyp_ssl.ingest.coco import video_id_of
 from polyp_ssl.ingest.sources import link_problem
 from polyp_ssl.shards.catalog import connect, query, view_names
@@ -22,8 +24,6 @@ from polyp_ssl.shards.ids import UnsafeIdError, id_problem, path_component
 from polyp_ssl.shards.locations import ShardIdentity, UnsafeLocation, location_problem, shard_location
 from polyp_ssl.shards.schema import embeddings_schema
 from polyp_ssl.shards.verify import verify_root
-
-from polyp_ssl.entry import main as entry_main
 from polyp_ssl.stream import (
     BagStream,
     DataConfigError,

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from polyp_ssl.eval import zoo
 from polyp_ssl.eval.embed import EmbedError, ensure_embeddings, resolve_source
 from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
-
 from tests.embed_factory import make_ckpt, make_tiny_root, tracklet_rows
 from tests.zoo_factory import TINY_SIZE, WRITERS, dinov2_hf_folder, gastronet_resnet50_file
 
@@ -329,6 +329,7 @@ def test_eval_command_with_zoo_encoder(root, files, tmp_path):
 
 def test_report_puts_checkpoint_init_descriptor_and_zoo_rows_in_one_table(root, files, tmp_path):
     import pyarrow.parquet as pq
+
     from polyp_ssl.eval.report import main
 
     ckpt = make_ckpt(tmp_path / "tiny.ckpt")

@@ -138,6 +138,23 @@ class Tally:
 # ---------------------------------------------------------------- parsing helpers (pure)
 
 
+def load_coco(path: Path) -> dict[str, Any]:
+    """A seed-layout annotation file as a dict with lists `images` and `annotations`;
+    ConvertError `bad_json` naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("images"), list)
+        or not isinstance(obj.get("annotations", []), list)
+    ):
+        raise ConvertError(path, "bad_json", "expected an object with lists 'images' and 'annotations'")
+    return obj
+
+
 def parse_number(text: str | None, source: str | Path, field: str, id: str | None = None) -> float:
     if text is None or not text.strip():
         raise ConvertError(source, "missing_field", "missing value", id, field)

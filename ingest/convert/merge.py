@@ -30,6 +30,7 @@ from polyp_ssl.ingest.convert.common import (
     REPORT_NAME,
     SPLIT_RE,
     ConvertError,
+    load_coco,
     place_images,
     write_coco_atomic,
     write_json_atomic,
@@ -91,25 +92,10 @@ def _annotation_files(src: Source) -> dict[str, Path]:
     return found
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
-    if (
-        not isinstance(obj, dict)
-        or not isinstance(obj.get("images"), list)
-        or not isinstance(obj.get("annotations", []), list)
-    ):
-        raise ConvertError(path, "bad_json", "expected an object with lists 'images' and 'annotations'")
-    return obj
-
-
 def _own_dataset_id(files: dict[str, Path]) -> str | None:
     ids: set[Any] = set()
     for path in files.values():
-        ids |= {img.get("dataset_id") for img in _load(path)["images"] if isinstance(img, dict)}
+        ids |= {img.get("dataset_id") for img in load_coco(path)["images"] if isinstance(img, dict)}
     return ids.pop() if len(ids) == 1 and isinstance(next(iter(ids)), str) else None
 
 
@@ -167,7 +153,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
             }
         )
         for split, path in src.files.items():
-            obj = _load(path)
+            obj = load_coco(path)
             target = split if cfg.keep_splits else cfg.split
             bucket = per_split.setdefault(target, {"images": [], "annotations": [], "videos": []})
             new_ids: dict[Any, int] = {}

@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from polyp_ssl.ingest.synth.generate import SynthConfig, check_output_dir, generate, validate
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
-from tqdm import tqdm
 
 log = logging.getLogger("polyp_ssl.synth")
 DEFAULTS = SynthConfig()

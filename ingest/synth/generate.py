@@ -20,6 +20,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from polyp_ssl.ingest.synth.camera import CameraParams
 from polyp_ssl.ingest.synth.polyps import PolypLabel, draw_labels
 from polyp_ssl.ingest.synth.render import FrameRenderer, build_world

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
 from polyp_ssl.ingest.synth.scene import smooth_noise
 
 HISTOLOGIES = ("AD", "HP", "SSL", "TSA")

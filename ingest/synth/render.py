@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
 from polyp_ssl.ingest.synth.camera import CameraParams, CameraPath, plan_path
 from polyp_ssl.ingest.synth.polyps import PolypLabel, draw_look, paste_sprite, render_sprite
 from polyp_ssl.ingest.synth.scene import lumen_map, mucosa_texture, noise_tile, smooth_noise, vignette

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from sklearn.metrics import average_precision_score
+
 from polyp_ssl.ingest.synth.descriptor import describe_tracklet
 from polyp_ssl.ingest.tracklets import Box, build_tracklets
-from sklearn.metrics import average_precision_score
 
 log = logging.getLogger(__name__)
 
