@@ -45,6 +45,8 @@ class SynthConfig:
     fps: int = 25
     jpeg_quality: int = 90
     camera: CameraParams = field(default_factory=CameraParams)
+    # (train, val, test) video counts; None: a quarter each to val and test (split_counts)
+    splits: tuple[int, int, int] | None = None
 
 
 def validate(cfg: SynthConfig) -> list[str]:
@@ -60,6 +62,8 @@ def validate(cfg: SynthConfig) -> list[str]:
         errors.append(f"--mp4 needs an even width and height (H.264 4:2:0), got {cfg.width} x {cfg.height}")
     if cfg.seed < 0:
         errors.append(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.splits is not None and (min(cfg.splits) < 0 or sum(cfg.splits) != cfg.videos):
+        errors.append(f"splits {cfg.splits} must be non-negative and add up to --videos {cfg.videos}")
     if not cfg.dataset_id or "/" in cfg.dataset_id or cfg.dataset_id.strip() != cfg.dataset_id:
         errors.append(
             f"--dataset-id must be a non-empty name without '/' or surrounding spaces, got {cfg.dataset_id!r}"
@@ -92,7 +96,7 @@ def plan_dataset(cfg: SynthConfig) -> list[VideoPlan]:
     3-5 in test, so that retrieval on val and test has several polyps per video) and labels
     balanced over the whole dataset."""
     rng = np.random.default_rng([cfg.seed, 0])
-    n_train, n_val, _ = split_counts(cfg.videos)
+    n_train, n_val, _ = cfg.splits or split_counts(cfg.videos)
     splits = ["train" if i < n_train else "val" if i < n_train + n_val else "test" for i in range(cfg.videos)]
     least = {"train": 1, "val": 2, "test": 3}
     counts = [int(rng.integers(least[s], 6)) for s in splits]
