@@ -306,31 +306,27 @@ def split_tracklet_count(root: str | Path, split: str) -> int:
 
 
 def _checked_samples(root: str | Path, paths: list[Path]) -> Iterator[dict[str, Any]]:
-    """The samples of `paths` in order; each shard's sha256 is compared with the catalog's before
-    any of its samples is used (a changed or replaced shard is refused, naming it)."""
+    """The samples of `paths` in order; each shard's bytes are hashed while they are read and
+    compared with the catalog's size and sha256 after its last sample, so a changed or replaced
+    shard stops the run (naming it) before any embeddings file is written."""
     import pyarrow.parquet as pq
 
+    from polyp_ssl.shards.locations import ShardIdentity
     from polyp_ssl.shards.reader import iter_samples
-    from polyp_ssl.shards.verify import file_sha256
 
     root = Path(root)
-    table_path = root / "catalog" / "shards.parquet"
-    t = pq.read_table(table_path, columns=["path", "sha256"]).to_pydict()
-    recorded = {str(root / p): h for p, h in zip(t["path"], t["sha256"], strict=True) if h}
+    t = pq.read_table(root / "catalog" / "shards.parquet", columns=["path", "n_bytes", "sha256"]).to_pydict()
+    recorded = {
+        str(root / p): ShardIdentity(int(n), h)
+        for p, n, h in zip(t["path"], t["n_bytes"], t["sha256"], strict=True)
+        if h
+    }
     for path in paths:
-        want = recorded.get(str(path))
-        if want is not None:
-            got, _ = file_sha256(path)
-            if got != want:
-                raise EmbedError(
-                    f"{path}: sha256 {got}, {table_path} says {want}: not the shard the catalog describes "
-                    "(changed or replaced since ingest; `polyp-ssl verify` checks every shard)"
-                )
         try:
-            for sample in iter_samples(path):
+            for sample in iter_samples([path], recorded):
                 sample[SHARD_KEY] = str(path)
                 yield sample
-        except (ValueError, tarfile.TarError, OSError) as e:  # a damaged tar, a repeated key
+        except (ValueError, tarfile.TarError, OSError) as e:  # a damaged tar, a repeated key, a changed shard
             text = str(e)
             raise EmbedError(text if text.startswith(str(path)) else f"{path}: {text}") from None
 

@@ -39,7 +39,7 @@ from polyp_ssl.ingest.plan import IngestParams, ShardTask, plan_split, select_pa
 from polyp_ssl.ingest.write import stats_path, video_row, write_shard
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
 from polyp_ssl.shards.lock import LockHeld, output_lock
-from polyp_ssl.shards.writer import file_sha256, write_atomic
+from polyp_ssl.shards.writer import file_sha256, fsync_dir, write_atomic
 
 log = logging.getLogger("ingest")
 ANNOTATION_RE = re.compile(r"^instances_(.+)\.json$")
@@ -561,18 +561,6 @@ def remove_staging(staging: str) -> None:
         os.rmdir(os.path.dirname(staging))  # .ingest-staging, when no other part uses it
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def swap_in(out: str, part: Part | None, splits: list[str]) -> None:
     """Replace this run's files in OUT by the complete new output in the staging folder.
@@ -657,9 +645,9 @@ def _swap(out: str, part: Part | None, files: list[str], splits: list[str]) -> N
         old = own_shard_files(out, splits, part) + own_catalog_files(catalog_dir)
         remove_files([f for f in old if f not in new])
         for folder in sorted(folders):
-            _fsync_dir(folder)
+            fsync_dir(folder)
         os.replace(new_manifest, os.path.join(out, manifest_rel))
-        _fsync_dir(catalog_dir)
+        fsync_dir(catalog_dir)
         crash_point("swap_moved")
     remove_staging(staging)
 

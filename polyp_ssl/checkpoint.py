@@ -29,6 +29,7 @@ import torch
 
 from polyp_ssl.encoders import ENCODER_TYPES, EncoderConfig, TrackletEncoder, build_encoder
 from polyp_ssl.reference_ckpt import ReferenceCheckpointError, is_reference_checkpoint, read_reference
+from polyp_ssl.shards.writer import fsync_dir
 
 EXPORT_FORMAT = "polyp-ssl-encoder"
 EXPORT_VERSION = 1  # the torch.save format, still read
@@ -382,7 +383,7 @@ def export_encoder(
             os.replace(tmp, out)
         else:
             _link_new(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -410,15 +411,3 @@ def _link_new(tmp: Path, out: Path) -> None:
             raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)") from None
         os.replace(tmp, out)
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -29,6 +29,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
+from polyp_ssl.shards.writer import fsync_dir
+
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "POLYP_SSL_TEST_CRASH_AT"
@@ -73,18 +75,6 @@ def temporaries(folder: str | os.PathLike[str]) -> list[Path]:
         return []
     return sorted(p for p in folder.glob(f"*.ckpt{TMP_MARK}*") if p.is_file())
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened (some platforms): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -137,7 +127,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, k
                     raise
                 os.replace(path, prev)  # no hard links here: a moment without last.ckpt, prev is kept
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException as exc:
         for leftover in (tmp, folder / f"{PREVIOUS}{TMP_MARK}{os.getpid()}"):
             with contextlib.suppress(OSError):

@@ -11,8 +11,10 @@ import re
 import stat
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
+
+from polyp_ssl.shards.locations import HashingReader, ShardChanged, ShardIdentity
 
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # schemes webdataset.gopen opens itself (pipe: commands, curl for http, gsutil, ...); any other
@@ -49,15 +51,24 @@ def safe_member_name(name: str) -> bool:
 PathArg = str | os.PathLike[str]
 
 
-def iter_samples(paths: Iterable[PathArg] | PathArg) -> Iterator[dict[str, Any]]:
+def iter_samples(
+    paths: Iterable[PathArg] | PathArg, identities: Mapping[str, ShardIdentity] | None = None
+) -> Iterator[dict[str, Any]]:
     """Raw samples of the shards at `paths`, in order. A key that reappears later in the same
-    shard (not consecutive) is an error, since webdataset would read it as two samples."""
+    shard (not consecutive) is an error, since webdataset would read it as two samples.
+
+    With `identities` (str(path) -> the catalog's size and sha256), the bytes of each listed shard
+    are hashed while they are read, and `ShardChanged` (a ValueError) is raised after its last
+    sample when they are not that shard: a consumer that commits its output only at the end (embed)
+    reads each shard once and still never keeps the result of a changed one."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     for path in paths:
         seen: set[str] = set()
         current: dict[str, Any] | None = None
-        with open(path, "rb") as stream:
+        with open(path, "rb") as raw:
+            expect = identities.get(str(path)) if identities else None
+            stream: Any = HashingReader(raw, expect) if expect is not None else raw
             for name, data in read_members(stream):
                 if not safe_member_name(name):
                     raise ValueError(f"{path}: member {name!r} is an absolute path or climbs with '..'")
@@ -74,6 +85,14 @@ def iter_samples(paths: Iterable[PathArg] | PathArg) -> Iterator[dict[str, Any]]
                 current[suffix] = data
             if current is not None:
                 yield current
+            if expect is not None:
+                try:
+                    stream.finish()
+                except ShardChanged as exc:
+                    raise ShardChanged(
+                        f"{path}: {exc}: not the shard the catalog describes (changed or replaced since "
+                        "ingest; `polyp-ssl verify` checks every shard)"
+                    ) from None
 
 
 def is_url(path: str) -> bool:

@@ -130,6 +130,21 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return sha.hexdigest()
 
 
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """fsync a folder so that a rename into it survives a power cut; a folder that cannot be
+    opened or synced (some platforms and file systems) is left as is: the rename is atomic anyway."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` via a temporary name, fsync and rename."""
     path = os.fspath(path)

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the raw dataset folder (SSS-VVV_frames/, SSS-VVV_annotations/, "
         "lesion_info.csv, video_info.csv)",
     )
-    p.add_argument("out_root", type=Path, help="output dataset root")
+    _common_options(p)
     p.add_argument(
         "--split-file",
         type=Path,
@@ -45,32 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         "dealt 3 train : 1 val : 1 test",
     )
     p.add_argument(
-        "--link",
-        choices=("hardlink", "symlink", "copy"),
-        default="hardlink",
-        help="how frames reach OUT_ROOT/images (hardlink falls back to copy across file systems)",
-    )
-    p.add_argument(
-        "--on-error",
-        choices=("fail", "skip"),
-        default="fail",
-        help="bad input: stop with an error naming file, id and field (fail), or leave the item "
-        "out and count it in OUT_ROOT/convert_report.json (skip)",
-    )
-    p.add_argument(
         "--empty-frames",
         choices=("keep", "drop"),
         default="keep",
         help="frames without any polyp: keep them as images without annotations, or drop them",
     )
-    p.add_argument(
-        "--follow-symlinks",
-        action="store_true",
-        help="read raw frames and XMLs through symbolic links whose target stays inside RAW_DIR; "
-        "default: a linked file or folder is refused, and a link leading outside is never followed",
-    )
-    p.add_argument("--workers", type=int, default=8, help="threads reading XMLs and placing frames (I/O)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -197,8 +197,9 @@ def clamp_corners(
     return (cx1, cy1, cx2 - cx1, cy2 - cy1), how
 
 
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows (values stripped) of a UTF-8 CSV; ConvertError naming the file otherwise."""
+def read_csv(path: Path, required: tuple[str, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows (values stripped) of a UTF-8 CSV; ConvertError naming the file otherwise,
+    and naming the first of the `required` columns the header lacks."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -210,6 +211,11 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise ConvertError(path, "bad_csv", f"unreadable CSV: {exc}") from None
     if not header:
         raise ConvertError(path, "empty_file", "empty CSV (no header)")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ConvertError(
+            path, "missing_field", f"no column {missing[0]!r} (header: {header})", field=missing[0]
+        )
     return header, rows
 
 

@@ -174,12 +174,7 @@ def parse_voc(data: bytes, source: str | Path, problems: Problems | None = None)
 def read_lesion_info(path: Path, problems: Problems) -> dict[str, Lesion]:
     if not path.is_file():
         raise ConvertError(path, "missing_file", "lesion_info.csv is missing (needed for size and histology)")
-    header, rows = read_csv(path)
-    missing = [c for c in LESION_FIELDS if c not in header]
-    if missing:
-        raise ConvertError(
-            path, "missing_field", f"no column {missing[0]!r} (header: {header})", field=missing[0]
-        )
+    _, rows = read_csv(path, LESION_FIELDS)
     lesions: dict[str, Lesion] = {}
     for line, row in enumerate(rows, start=2):
         uid = row["unique_object_id"]
