@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from polyp_ssl.ingest.faults import crash_point
+from polyp_ssl.ingest.write import STATS_VERSION
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
 from polyp_ssl.shards.writer import TMP_SUFFIX, write_atomic
 
@@ -65,10 +66,17 @@ def catalog_tables(
     empty_videos: list[dict[str, Any]],
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows of every table: shards in plan order, their rows in shard order; `errors` found
-    before the shards (annotation checks) come first; videos without samples are added."""
+    before the shards (annotation checks) come first; videos without samples are added. A stats
+    file of another version is refused: its rows may lack columns (e.g. the member spans) that
+    would otherwise come out null."""
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
     tables["errors"] = list(errors)
     for st in stats_list:
+        if st.get("version") != STATS_VERSION:
+            raise ValueError(
+                f"stats file of shard {st.get('shard')!r} is of version {st.get('version')!r}, "
+                f"this ingest writes {STATS_VERSION}: run the ingest again (--resume redoes that shard)"
+            )
         rows = st["rows"]
         tables["tracklets"] += rows["tracklets"]
         tables["frames"] += rows["frames"]

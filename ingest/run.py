@@ -36,7 +36,7 @@ from polyp_ssl.ingest.convert.common import read_report_rows
 from polyp_ssl.ingest.errors import ErrorRow, ErrorSink, IngestError, count_by_reason
 from polyp_ssl.ingest.faults import crash_point
 from polyp_ssl.ingest.plan import IngestParams, ShardTask, plan_split, select_part
-from polyp_ssl.ingest.write import stats_path, video_row, write_shard
+from polyp_ssl.ingest.write import STATS_VERSION, stats_path, video_row, write_shard
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
 from polyp_ssl.shards.lock import LockHeld, output_lock
 from polyp_ssl.shards.writer import file_sha256, fsync_dir, write_atomic
@@ -176,10 +176,16 @@ def shard_is_done(task: ShardTask) -> tuple[bool, str]:
     try:
         with open(spath, encoding="utf-8") as f:
             stats = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
         return False, f"unreadable stats file ({e})"
+    if not isinstance(stats, dict):
+        return False, "unreadable stats file (not a JSON object)"
     if stats.get("fingerprint") != task.fingerprint:
         raise StaleShard(task.rel_path)
+    if stats.get("version") != STATS_VERSION:
+        # written by another version of ingest (e.g. before the catalog had member spans): same
+        # input and options, but its rows are not the ones this version puts in the catalog
+        return False, f"stats file of version {stats.get('version')!r}, this ingest writes {STATS_VERSION}"
     if (
         not os.path.exists(tar)
         or os.path.getsize(tar) != stats.get("n_bytes")
@@ -559,7 +565,6 @@ def remove_staging(staging: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(staging))  # .ingest-staging, when no other part uses it
-
 
 
 def swap_in(out: str, part: Part | None, splits: list[str]) -> None:

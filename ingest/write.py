@@ -23,12 +23,15 @@ from polyp_ssl.ingest.faults import crash_point
 from polyp_ssl.ingest.plan import ShardTask
 from polyp_ssl.ingest.sources import FrameProblem, FrameRequest, iter_decord_video, iter_jpeg_folder
 from polyp_ssl.ingest.tracklets import Box, build_tracklets
-from polyp_ssl.shards.sample import TrackletSample, encode_sample, safe_key
+from polyp_ssl.shards.members import MemberSpan
+from polyp_ssl.shards.sample import JSON_EXT, TrackletSample, encode_sample, frame_ext, safe_key
 from polyp_ssl.shards.writer import ShardWriter, write_atomic
 
 log = logging.getLogger(__name__)
 
-STATS_VERSION = 1
+# 2: the tracklets and frames rows carry their members' byte spans (catalog version 3); resume
+# redoes a shard whose stats file is of another version
+STATS_VERSION = 2
 # Test hook: a worker process sleeps for an hour after finishing this many shards, so that a
 # test can kill the run part way (SIGKILL) and check --resume.
 PAUSE_ENV = "POLYP_SSL_INGEST_PAUSE_AFTER_SHARDS"
@@ -223,6 +226,20 @@ def video_row(video: VideoPlan, n_polyps: int, n_tracklets: int) -> dict[str, An
     }
 
 
+def add_spans(result: VideoResult, spans: dict[str, dict[str, MemberSpan]]) -> None:
+    """Fill the catalog's member spans into the video's rows: `json_*` of each tracklet row (by
+    sample_key), `jpeg_*` of each frame row (by tracklet and frame_index), from what
+    ShardWriter.write returned per sample key."""
+    key_of = {}
+    for t in result.tracklets:
+        key_of[t["tracklet_id"]] = t["sample_key"]
+        span = spans[t["sample_key"]][JSON_EXT]
+        t.update(json_offset=span.offset, json_size=span.size, json_crc32=span.crc32)
+    for f in result.frames:
+        span = spans[key_of[f["tracklet_id"]]][frame_ext(f["frame_index"])]
+        f.update(jpeg_offset=span.offset, jpeg_size=span.size, jpeg_crc32=span.crc32)
+
+
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write the task's shard and stats file; returns a short summary. In `fail` mode an input
     problem raises IngestError and leaves neither file behind."""
@@ -235,9 +252,11 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     with ShardWriter(tar_path) as writer:
         for video in task.videos:
             result = build_video(task, video, sink)
+            spans: dict[str, dict[str, MemberSpan]] = {}
             for meta, jpegs in result.samples:
-                writer.write(encode_sample(meta, jpegs))
+                spans[meta.key] = writer.write(encode_sample(meta, jpegs))
                 crash_point("sample_written")
+            add_spans(result, spans)
             rows["tracklets"] += result.tracklets
             rows["frames"] += result.frames
             rows["videos"].append(result.video)

@@ -97,7 +97,9 @@ HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay",
     "lr_schedule": f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}",
     "warmup_steps": "linear learning-rate warmup steps",
-    "open_videos": "videos each data stream keeps open and interleaves, so a batch spans many videos",
+    "open_videos": "--shard_access sequential: videos each data stream keeps open and interleaves",
+    "shard_access": "auto (random for local tar shards), random (read each frame at its catalog offset: "
+    "batches drawn from a global shuffle of the epoch's bags) or sequential (stream whole shards)",
     "max_steps": "stop after this many optimizer steps (-1: run max_epochs)",
     "limit_val_batches": "validation batches per run (fraction if <= 1.0, count if > 1)",
     "val_every_n_epochs": "validate every N epochs",

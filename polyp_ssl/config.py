@@ -19,6 +19,10 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 LR_SCHEDULES = ("none", "cosine")
 POOLINGS = ("cls", "mean")
 DECODE_ON = ("workers", "device")  # where training JPEGs are decoded (polyp_ssl.device_decode)
+# how training batches read shards: "random" reads each frame at its catalog byte span (batches as
+# diverse as a global shuffle), "sequential" streams whole shards per worker (pipe: and remote
+# bases, compressed shards), "auto" = random whenever the shards are local plain tar files
+SHARD_ACCESS = ("auto", "random", "sequential")
 # keys a run writes into its config.yaml that are results, not settings: accepted back by --config, ignored
 RUN_OUTPUT_KEYS = ("resolved_monitor",)
 
@@ -93,6 +97,7 @@ class TrainConfig:
     lr_schedule: str = "none"
     warmup_steps: int = 0
     open_videos: int = 4
+    shard_access: str = "auto"
     max_steps: int = -1
     limit_val_batches: float = 1.0
     val_every_n_epochs: int = 1
@@ -167,6 +172,10 @@ class TrainConfig:
             (self.im_size >= 8, f"--im_size {self.im_size}: too small"),
             (self.bbox_scale_factor > 0, f"--bbox_scale_factor {self.bbox_scale_factor}: use > 0"),
             (self.open_videos >= 1, f"--open_videos {self.open_videos}: use >= 1"),
+            (
+                self.shard_access in SHARD_ACCESS,
+                f"--shard_access {self.shard_access!r}: choose one of {SHARD_ACCESS}",
+            ),
             (
                 self.on_shard_error in ("fail", "warn"),
                 f"--on_shard_error {self.on_shard_error!r}: choose fail or warn",

@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
+import os
 import tarfile
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from polyp_ssl.bags import eligible_anchors, epoch_anchors, sample_bags, temporal_temperature
-from polyp_ssl.config import DECODE_ON
+from polyp_ssl.config import DECODE_ON, SHARD_ACCESS
 from polyp_ssl.device_decode import DevicePrefetcher, pack_jpegs
+from polyp_ssl.epoch_plan import EpochPlan, SplitFragments, plan_epoch, stream_batches
 from polyp_ssl.fragments import count_fragments, cut_tracklet, even_subsample, fragment_index_lists
+from polyp_ssl.loader_errors import ON_SHARD_ERROR, SKIP_REASONS, DataConfigError, ShardError
 from polyp_ssl.shards.locations import (
     HashingReader,
     ShardChanged,
@@ -44,6 +47,7 @@ from polyp_ssl.shards.locations import (
     local_size,
     shard_location,
 )
+from polyp_ssl.shards.members import MemberError, SpanReader
 from polyp_ssl.shards.reader import DecompressionBomb, open_shard, read_members, safe_member_name
 from polyp_ssl.shards.sample import (
     JpegSizeError,
@@ -55,6 +59,7 @@ from polyp_ssl.shards.sample import (
     sample_meta,
 )
 from polyp_ssl.shards.schema import SHARDS, TRACKLETS, VIDEOS
+from polyp_ssl.span_index import FrameMeta, SpanTable, build_span_index, local_paths
 from polyp_ssl.transforms import (
     Augment,
     CropParams,
@@ -68,38 +73,7 @@ from polyp_ssl.transforms import (
 
 log = logging.getLogger(__name__)
 
-
-class DataConfigError(ValueError):
-    """A data configuration that cannot work; the message says what to change."""
-
-
-ON_SHARD_ERROR = ("fail", "warn")
-# why a sample (or the rest of a shard) was skipped under --on_shard_error warn
-SKIP_REASONS = (
-    "truncated_shard",
-    "unreadable_shard",
-    "bad_json",
-    "json_mismatch",
-    "jpeg_missing",
-    "corrupt_jpeg",
-    "sample_missing_from_shard",
-    "shard_changed",  # size or sha256 differs from the catalog's shards table
-    "decompression_bomb",  # a compressed shard expands past shards.reader.expanded_limit
-    "duplicate_sample",  # a sample key seen twice in one shard
-)
-
-
-class ShardError(RuntimeError):
-    """A damaged shard or sample; the message names the shard, the sample key and the reason."""
-
-    def __init__(self, message: str, reason: str = "unreadable_shard") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-    @classmethod
-    def at(cls, shard: str, key: str | None, reason: str, detail: str) -> ShardError:
-        where = f"sample {key!r}" if key is not None else "before its first sample"
-        return cls(f"{shard}: {where}: {detail} [{reason}]", reason)
+__all__ = ["ON_SHARD_ERROR", "SKIP_REASONS", "DataConfigError", "ShardError"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +100,7 @@ class StreamParams:
     data_log: str | None = None
     on_shard_error: str = "fail"
     decode_on: str = "workers"  # or "device": workers ship JPEG bytes, the training process decodes
+    shard_access: str = "auto"  # polyp_ssl.config.SHARD_ACCESS
 
     @property
     def n_bags(self) -> int:
@@ -688,6 +663,24 @@ def take_batch(
     return chosen
 
 
+@dataclass
+class Row:
+    """One fragment of a batch, whichever path read it: its bag, codes, the JSON fields decoding
+    needs (a TrackletSample or polyp_ssl.span_index.FrameMeta), its frame indices and their JPEGs."""
+
+    bag: int
+    video: int  # video code
+    video_index: int  # index in the StreamIndex
+    tracklet: int
+    identity: int
+    position: float
+    meta: Any
+    frames: tuple[int, ...]
+    jpegs: dict[int, bytes]
+    shard: str  # where the JPEGs were read (for messages)
+    crop: Any = None  # CropParams, drawn when the batch is made
+
+
 # ---------------------------------------------------------------- the dataset
 
 
@@ -702,14 +695,40 @@ class SharedState:
         self.skip_batches = make("q", 0)
         self.skips = (ctx.Array if ctx is not None else mp.Array)("q", len(SKIP_REASONS))
 
-    def add_skip(self, reason: str) -> None:
+    def add_skip(self, reason: str, n: int = 1) -> None:
         with self.skips.get_lock():
-            self.skips[SKIP_REASONS.index(reason)] += 1
+            self.skips[SKIP_REASONS.index(reason)] += n
 
     def skip_counts(self) -> dict[str, int]:
         """Samples (or shard remainders) skipped so far, by reason, over all of this rank's streams."""
         with self.skips.get_lock():
             return {r: int(n) for r, n in zip(SKIP_REASONS, self.skips[:], strict=True) if n}
+
+
+META_CACHE = 4096  # tracklets whose crop geometry a worker keeps as lists (a few KB each)
+
+
+def resolve_access(mode: str, index: StreamIndex) -> str:
+    """`random` or `sequential` for --shard_access `mode` (polyp_ssl.config.SHARD_ACCESS): auto is
+    random when every shard is a local plain tar file, else sequential (said once in the log)."""
+    if mode not in SHARD_ACCESS:
+        raise DataConfigError(f"--shard_access {mode!r}: choose one of {SHARD_ACCESS}")
+    if mode == "sequential":
+        return mode
+    if local_paths(index) is not None:
+        return "random"
+    where = index.shard_base or index.root
+    if mode == "random":
+        raise DataConfigError(
+            f"--shard_access random: the shards under {where} are not local plain .tar files (a pipe:, "
+            "remote or compressed location has no offsets to read at); use --shard_access sequential"
+        )
+    log.info(
+        "shards under %s are not local .tar files: reading them sequentially (batches come from the "
+        "few videos each stream holds open; see --shard_access)",
+        where,
+    )
+    return "sequential"
 
 
 class BagStream(IterableDataset):
@@ -752,8 +771,44 @@ class BagStream(IterableDataset):
         self.stats: Counter = Counter()
         self.decode = decode_jpeg_bytes
         self.distinct_identities = params.sampler == "multipos"
-        if self.distinct_identities:  # fail here, in the main process, rather than in a worker
+        self.access = resolve_access(params.shard_access, index)
+        self.spans: SpanTable | None = None
+        self.frags: SplitFragments | None = None
+        if self.access == "random":
+            # built here, in the main process: workers inherit it, and a damaged JSON fails early
+            self.spans, self.frags = build_span_index(index, params, params.on_shard_error)
+            self.slot_of = {k: i for i, k in enumerate(self.spans.keys)}
+            for reason, n in self.build_skips.items():
+                if reason in SKIP_REASONS:
+                    self.stats[f"skipped_{reason}"] += n
+                    self.shared.add_skip(reason, n)
+            self.bad_slots: set[int] = set()
+            self.bad_shards: set[str] = set()
+            self._reader: SpanReader | None = None
+            self._reader_pid = -1
+            self._metas: OrderedDict[int, FrameMeta] = OrderedDict()
+            if self.distinct_identities:
+                self.check_split_identities()
+        elif self.distinct_identities:  # fail here, in the main process, rather than in a worker
             self.check_stream_identities(0)
+
+    def check_split_identities(self) -> None:
+        """multipos with random access: DataConfigError when the split holds fewer identities that
+        anchor a bag than the bags of a batch (every stream draws from the whole split)."""
+        p = self.params
+        every = {i for ids in self.index.video_identities for i in ids}
+        if len(every) < p.n_bags:
+            raise DataConfigError(
+                f"--sampler multipos: the split {self.index.split!r} has {len(every)} distinct identities "
+                f"(polyps) with a bag, fewer than the {p.n_bags} bags of a batch (--batch_size "
+                f"{p.batch_size} / --n_views {p.n_views}), and a batch holds each identity at most once; "
+                "lower --batch_size"
+            )
+
+    @property
+    def build_skips(self) -> Counter:
+        """Samples left out while the span index was built (--on_shard_error warn), by reason."""
+        return self.spans.skipped if self.spans is not None else Counter()
 
     def check_stream_identities(self, epoch: int) -> None:
         """multipos: DataConfigError when a stream's videos hold fewer distinct identities that
@@ -876,6 +931,9 @@ class BagStream(IterableDataset):
     def iter_stream(self, epoch: int, stream: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Exactly `per_worker` batches of stream `stream` in `epoch`; the first `skip` are formed
         (bags drawn) but not decoded nor yielded."""
+        if self.access == "random":
+            yield from self.iter_planned(epoch, stream, skip)
+            return
         p = self.params
         videos = assign_videos(self.index, self.n_streams, p.seed, epoch)[stream]
         temperature = temporal_temperature(epoch, p.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
@@ -945,6 +1003,165 @@ class BagStream(IterableDataset):
         if pool:
             self.stats["bags_left_at_epoch_end"] += sum(len(o.bags) for o in pool)
 
+    # ------------------------------------------------------------ random access: the epoch plan
+
+    def iter_planned(self, epoch: int, stream: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Exactly `per_worker` batches of stream `stream` in `epoch`, taken from the epoch's global
+        plan (polyp_ssl.epoch_plan: every bag of the split shuffled together), each frame read at
+        its catalog span; the first `skip` are not read at all (resuming costs nothing)."""
+        p = self.params
+        assert self.frags is not None
+        temperature = temporal_temperature(epoch, p.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
+        plan = plan_epoch(self.frags, p.sampler, p.n_views, p.n_bags, p.seed, epoch, temperature)
+        if plan.n_batches == 0:
+            raise DataConfigError(
+                f"epoch {epoch}: the {len(plan.bags)} bags of split {self.index.split!r} make no batch of "
+                f"{p.n_bags} bags (--batch_size / --n_views); lower --batch_size"
+            )
+        self.stats.update(plan.skipped)
+        nw = max(self.num_workers, 1)
+        ids = stream_batches(
+            plan.n_batches,
+            self.rank,
+            self.world_size,
+            stream - self.rank * nw,
+            self.num_workers,
+            self.per_worker,
+        )
+        for k, g in enumerate(ids):
+            if k < skip:
+                continue
+            yield self.planned_batch(plan, int(g), epoch, stream, k)
+
+    def planned_batch(self, plan: EpochPlan, g: int, epoch: int, stream: int, batch_i: int) -> dict:
+        """Global batch g of the plan. Under --on_shard_error warn a bag with a damaged frame is
+        replaced by the next readable bag of the plan (its identity new to the batch for multipos),
+        so batches stay full; under fail the damage is raised."""
+        p = self.params
+        bags = [int(b) for b in plan.batches[g]]
+        for _ in range(8 * p.n_bags + 8):
+            bags = self.replace_unusable(plan, g, bags)
+            rng = np.random.default_rng([p.seed, epoch, g, 3])
+            try:
+                batch = self.batch_from_rows(self.planned_rows(plan, bags), rng)
+            except ShardError as err:
+                self.damaged(err)  # raises under fail
+                self.mark_bad(err)
+                continue
+            if p.data_log:
+                with open(f"{p.data_log}.rank{self.rank}", "a") as fh:
+                    vids = sorted({self.index.video_ids[v] for v in self.frags.video_of(plan.bags[bags, 0])})
+                    fh.write(f"{epoch} {stream} {batch_i} {' '.join(vids)}\n")
+            return batch
+        raise RuntimeError(f"rank {self.rank}: batch {g} of epoch {epoch}: every replacement bag was damaged")
+
+    def mark_bad(self, err: ShardError) -> None:
+        """Remember damage so that no later batch of this stream reads it again: a changed or
+        unreadable shard whole, otherwise the sample."""
+        slot = self.slot_of.get(err.key) if err.key is not None else None
+        if slot is None:
+            raise err
+        if err.reason in ("shard_changed", "unreadable_shard"):
+            self.bad_shards.add(self.spans.shard[slot])
+        else:
+            self.bad_slots.add(slot)
+
+    def replace_unusable(self, plan: EpochPlan, g: int, bags: list[int]) -> list[int]:
+        if not self.bad_slots and not self.bad_shards:
+            return bags
+        slots, shard = self.frags.slot, self.spans.shard
+
+        def usable(b: int) -> bool:
+            return all(
+                int(slots[f]) not in self.bad_slots and shard[int(slots[f])] not in self.bad_shards
+                for f in plan.bags[b]
+            )
+
+        keep = [b for b in bags if usable(b)]
+        if len(keep) == len(bags):
+            return bags
+        identity = self.frags.identity
+        held = {int(identity[plan.bags[b, 0]]) for b in keep}
+        taken = set(keep)
+        n = plan.n_batches
+        for h in range(1, n + 1):
+            for b in plan.batches[(g + h) % n]:
+                b = int(b)
+                ide = int(identity[plan.bags[b, 0]])
+                if b in taken or (self.distinct_identities and ide in held) or not usable(b):
+                    continue
+                keep.append(b)
+                taken.add(b)
+                held.add(ide)
+                self.stats["bags_replaced_after_damage"] += 1
+                if len(keep) == len(bags):
+                    return keep
+        raise DataConfigError(
+            f"rank {self.rank}: too few readable bags left to fill a batch of {len(bags)} "
+            f"({len(self.bad_slots)} samples and {len(self.bad_shards)} shards skipped as damaged)"
+        )
+
+    def span_reader(self) -> SpanReader:
+        """This process's reader (file descriptors are not shared across the workers' fork)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader, self._reader_pid = SpanReader(), os.getpid()
+            self._metas.clear()
+        return self._reader
+
+    def frame_meta(self, slot: int) -> FrameMeta:
+        meta = self._metas.get(slot)
+        if meta is None:
+            meta = self._metas[slot] = self.spans.meta(slot)
+            if len(self._metas) > META_CACHE:
+                self._metas.popitem(last=False)
+        else:
+            self._metas.move_to_end(slot)
+        return meta
+
+    def planned_rows(self, plan: EpochPlan, bags: list[int]) -> list[Row]:
+        """The batch's rows with their JPEGs read at their spans (each frame once per batch)."""
+        sp, fr, ix = self.spans, self.frags, self.index
+        reader = self.span_reader()
+        read: dict[tuple[int, int], bytes] = {}
+        rows = []
+        for b, bag in enumerate(bags):
+            members = plan.bags[bag]
+            for f, v in zip(members, fr.video_of(members), strict=True):
+                slot = int(fr.slot[f])
+                meta = self.frame_meta(slot)
+                rel = sp.shard[slot]
+                url = ix.shard_url(rel)
+                frames = tuple(int(i) for i in fr.frames[f])
+                jpegs = {}
+                for i in frames:
+                    data = read.get((slot, i))
+                    if data is None:
+                        try:
+                            data = reader.read(sp.path[rel], sp.span(slot, i), sp.shard_bytes[rel])
+                        except MemberError as exc:
+                            raise ShardError.at(url, meta.key, exc.reason, f"frame {i}: {exc}") from None
+                        except OSError as exc:
+                            raise ShardError.at(
+                                url, meta.key, "unreadable_shard", f"cannot read ({exc})"
+                            ) from exc
+                        read[(slot, i)] = data
+                    jpegs[i] = data
+                rows.append(
+                    Row(
+                        b,
+                        int(ix.video_codes[v]),
+                        int(v),
+                        int(fr.tracklet[f]),
+                        int(fr.identity[f]),
+                        float(fr.position[f]),
+                        meta,
+                        frames,
+                        jpegs,
+                        url,
+                    )
+                )
+        return rows
+
     def _emit(self, pool: list[_OpenVideo], epoch: int, stream: int, batch_i: int, skip: int):
         p = self.params
         rng = np.random.default_rng([p.seed, epoch, stream, batch_i, 3])
@@ -959,61 +1176,73 @@ class BagStream(IterableDataset):
         yield batch
 
     def decode_batch(self, chosen: list[tuple[_OpenVideo, np.ndarray]], rng: np.random.Generator) -> dict:
-        """The batch dict of the chosen bags: only the JPEGs of the chosen fragments are decoded and
-        anchor-cropped here, or (decode_on device) packed with their crop windows for the training
-        process to decode (polyp_ssl.device_decode)."""
-        p = self.params
-        rows: list[tuple[_OpenVideo, _FragRef, CropParams]] = []
-        bag, video, tracklet, identity, position = [], [], [], [], []
+        """The batch dict of bags chosen from open videos (the sequential path)."""
+        rows = []
         for b, (ov, members) in enumerate(chosen):
+            shard = self.index.shard_url(self.index.video_shard[ov.index])
             for m in members:
                 fr = ov.frags[int(m)]
-                meta = ov.metas[fr.key]
-                params = draw_crop_params(
-                    p.bbox_scale_factor, rng, meta.params.get("crop_scale"), Augment.from_config(p)
+                sample = ov.samples[fr.key]
+                jpegs = {i: frame_jpeg(sample, i) for i in fr.frames}
+                rows.append(
+                    Row(
+                        b,
+                        ov.code,
+                        ov.index,
+                        fr.tracklet,
+                        fr.identity,
+                        fr.position,
+                        ov.metas[fr.key],
+                        fr.frames,
+                        jpegs,
+                        shard,
+                    )
                 )
-                rows.append((ov, fr, params))
-                bag.append(b)
-                video.append(ov.code)
-                tracklet.append(fr.tracklet)
-                identity.append(fr.identity)
-                position.append(fr.position)
+        return self.batch_from_rows(rows, rng)
+
+    def batch_from_rows(self, rows: list[Row], rng: np.random.Generator) -> dict:
+        """The batch dict of the rows (one per fragment, bag by bag): each fragment's anchor crop is
+        drawn here; only the rows' JPEGs are decoded and cropped, or (decode_on device) packed with
+        their crop windows for the training process to decode (polyp_ssl.device_decode)."""
+        p = self.params
+        augment = Augment.from_config(p)
+        for row in rows:
+            row.crop = draw_crop_params(p.bbox_scale_factor, rng, row.meta.params.get("crop_scale"), augment)
         out = self.encode_rows(rows) if p.decode_on == "device" else {"frames": self.decode_rows(rows)}
         out.update(
             {
-                "bag": torch.tensor(bag, dtype=torch.int64),
-                "video": torch.tensor(video, dtype=torch.int64),
-                "tracklet": torch.tensor(tracklet, dtype=torch.int64),
-                "identity": torch.tensor(identity, dtype=torch.int64),
-                "position": torch.tensor(position, dtype=torch.float32),
-                "videos_per_batch": torch.tensor(len({ov.index for ov, _ in chosen}), dtype=torch.int64),
+                "bag": torch.tensor([r.bag for r in rows], dtype=torch.int64),
+                "video": torch.tensor([r.video for r in rows], dtype=torch.int64),
+                "tracklet": torch.tensor([r.tracklet for r in rows], dtype=torch.int64),
+                "identity": torch.tensor([r.identity for r in rows], dtype=torch.int64),
+                "position": torch.tensor([r.position for r in rows], dtype=torch.float32),
+                "videos_per_batch": torch.tensor(len({r.video_index for r in rows}), dtype=torch.int64),
             }
         )
         return out
 
-    def decode_rows(self, rows: list[tuple[_OpenVideo, _FragRef, CropParams]]) -> torch.Tensor:
+    def decode_rows(self, rows: list[Row]) -> torch.Tensor:
         """uint8 [B, S, 3, im_size, im_size], each distinct JPEG decoded once, each resized frame
         written once into its slot of one preallocated batch (no stacking)."""
         p = self.params
         cache: dict[tuple[str, int], torch.Tensor] = {}
         cached_px = 0  # decoded images kept for reuse in this batch, bounded by DECODE_CACHE_PIXELS
         frames = batch_buffer((len(rows), p.fragment_length, 3, p.im_size, p.im_size))
-        for row, (ov, fr, params) in enumerate(rows):
-            meta = ov.metas[fr.key]
-            shard = self.index.shard_url(self.index.video_shard[ov.index])
-            for j, i in enumerate(fr.frames):
-                img = cache.get((fr.key, i))
+        for n, row in enumerate(rows):
+            meta, params = row.meta, row.crop
+            for j, i in enumerate(row.frames):
+                img = cache.get((meta.key, i))
                 if img is None:
-                    img = decode_frame(frame_jpeg(ov.samples[fr.key], i), meta, i, shard, self.decode)
+                    img = decode_frame(row.jpegs[i], meta, i, row.shard, self.decode)
                     if cached_px + img.shape[-1] * img.shape[-2] <= DECODE_CACHE_PIXELS:
-                        cache[(fr.key, i)] = img
+                        cache[(meta.key, i)] = img
                         cached_px += img.shape[-1] * img.shape[-2]
-                frames[row, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
+                frames[n, j].copy_(crop_resize(img, meta.boxes_in_crop[i], params, p.im_size))
             if params.hflip or params.vflip:
-                frames[row] = apply_flips(frames[row], params)
+                frames[n] = apply_flips(frames[n], params)
         return frames
 
-    def encode_rows(self, rows: list[tuple[_OpenVideo, _FragRef, CropParams]]) -> dict[str, Any]:
+    def encode_rows(self, rows: list[Row]) -> dict[str, Any]:
         """The rows' distinct JPEGs as bytes plus each frame's JPEG index, crop window and the
         rows' flips (the keys of polyp_ssl.device_decode); the windows come from the stored crop
         sizes in the sample JSON, so nothing is decoded here."""
@@ -1023,22 +1252,21 @@ class BagStream(IterableDataset):
         names: list[str] = []
         which: list[list[int]] = []
         windows: list[list[tuple[int, int, int, int]]] = []
-        for ov, fr, params in rows:
-            meta = ov.metas[fr.key]
-            shard = self.index.shard_url(self.index.video_shard[ov.index])
+        for row in rows:
+            meta = row.meta
             which.append([])
             windows.append([])
-            for i in fr.frames:
-                m = slot.get((fr.key, i))
+            for i in row.frames:
+                m = slot.get((meta.key, i))
                 if m is None:
-                    m = slot[(fr.key, i)] = len(jpegs)
-                    data = frame_jpeg(ov.samples[fr.key], i)
-                    check_frame(data, meta, i, shard)
+                    m = slot[(meta.key, i)] = len(jpegs)
+                    data = row.jpegs[i]
+                    check_frame(data, meta, i, row.shard)
                     jpegs.append(data)
-                    names.append(f"{shard}: sample {fr.key!r}: frame {i}")
+                    names.append(f"{row.shard}: sample {meta.key!r}: frame {i}")
                 which[-1].append(m)
                 w, h = meta.crop_sizes[i]
-                windows[-1].append(crop_window(meta.boxes_in_crop[i], params, w, h))
+                windows[-1].append(crop_window(meta.boxes_in_crop[i], row.crop, w, h))
         data, offsets = pack_jpegs(jpegs)
         return {
             "jpeg_data": data,
@@ -1046,7 +1274,7 @@ class BagStream(IterableDataset):
             "jpeg_names": names,
             "frame_jpeg": torch.tensor(which, dtype=torch.int64).view(len(rows), p.fragment_length),
             "frame_window": torch.tensor(windows, dtype=torch.int64).view(len(rows), p.fragment_length, 4),
-            "flips": torch.tensor([[pr.hflip, pr.vflip] for _, _, pr in rows], dtype=torch.bool).view(-1, 2),
+            "flips": torch.tensor([[r.crop.hflip, r.crop.vflip] for r in rows], dtype=torch.bool).view(-1, 2),
         }
 
 
@@ -1084,6 +1312,9 @@ class StreamLoader(DataLoader):
         workers = dataset.num_workers
         ctx = mp.get_context() if workers > 0 else None
         dataset.shared = SharedState(ctx)
+        for reason, n in dataset.build_skips.items():
+            if reason in SKIP_REASONS:
+                dataset.shared.add_skip(reason, n)
         kwargs: dict[str, Any] = {}
         if workers > 0:
             kwargs.update(

@@ -11,7 +11,16 @@ worker count. Also prints the machine's per-frame ceilings, measured in the same
 process on one thread: decode + anchor crop + resize of one stored crop (the least work a streaming
 frame needs) and of one full frame (a map-style frame). Prints one JSON object.
 
+The streaming loader with decoding in the workers runs with each --shard_access in the same run:
+`random` (the default: batches from the epoch's global shuffle, each frame read at its catalog
+byte span) and `sequential` (each stream reads whole shards and mixes its few open videos), with
+the batches' same-video bag-pair rate beside the global-shuffle expectation and the workers'
+peak memory. `--memory_frames N` adds a memory section on videos of REAL-Colon's size (N box
+frames each: about 46,000 frames with 13% boxed is 6,000), where an open video's JPEGs dominate a
+sequential worker's memory and a random-access worker holds one batch.
+
     python scripts/bench_loader.py --workers 1 2
+    python scripts/bench_loader.py --workers 2 --memory_frames 6000
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +49,7 @@ from polyp_ssl.shards.crops import enlarge_box
 from polyp_ssl.shards.sample import frame_jpeg, sample_meta
 from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index, iter_tar_samples
 from polyp_ssl.transforms import CropParams, crop_resize, crop_window, decode_jpeg_bytes, resize_uint8
-from tests.shard_factory import make_raw_root
+from tests.shard_factory import make_raw_root, make_root
 
 
 class FullFrameFragments(Dataset):
@@ -202,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=None, help="build the data here (reused if present)")
     ap.add_argument("--decode_on", nargs="+", default=["workers", "device"], choices=["workers", "device"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shard_access", nargs="+", default=["random", "sequential"])
+    ap.add_argument("--memory_frames", type=int, default=0, help="box frames per video of the memory section")
+    ap.add_argument("--memory_videos", type=int, default=5)
     a = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     base = a.root or Path(tmp.name)
@@ -265,16 +278,84 @@ def main(argv: list[str] | None = None) -> int:
                 raw = time_loader(StreamLoader(ds), n_batches, lambda x: {"frames": x["frame_jpeg"]})
                 row["stream_device_workers_only_fragments_per_s"] = round(raw, 2)
             else:
-                seen: dict = {}
-                fps = time_loader(StreamLoader(ds), n_batches, seen=seen)
-                row["stream_same_video_pair_rate"] = round(float(np.mean(seen["pair_rates"])), 4)
+                for access in a.shard_access:
+                    ds = BagStream(
+                        index, replace(params, shard_access=access), 0, 1, w, batches_per_worker=a.batches
+                    )
+                    seen: dict = {}
+                    fps_a = time_loader(StreamLoader(ds), n_batches, seen=seen)
+                    tag = "" if access == "random" else "_sequential"
+                    row[f"stream{tag}_same_video_pair_rate"] = round(float(np.mean(seen["pair_rates"])), 4)
+                    row[f"stream{tag}_worker_peak_mb"] = seen.get("worker_peak_mb", [])
+                    row[f"stream_{mode}{tag}_fragments_per_s"] = round(fps_a, 2)
+                    if access == "random":
+                        fps = fps_a
                 row["global_shuffle_pair_rate"] = round(global_shuffle_pair_rate(index.video_eligible), 4)
-                row["stream_worker_peak_mb"] = seen.get("worker_peak_mb", [])
-            row[f"stream_{mode}_fragments_per_s"] = round(fps, 2)
-            row[f"stream_{mode}_speedup"] = round(fps / map_fps, 2)
+                if len(a.shard_access) == 2:
+                    row["random_vs_sequential_throughput"] = round(
+                        row["stream_workers_fragments_per_s"]
+                        / row["stream_workers_sequential_fragments_per_s"],
+                        3,
+                    )
+            if mode != "workers" or "random" in a.shard_access:
+                row[f"stream_{mode}_fragments_per_s"] = round(fps, 2)
+                row[f"stream_{mode}_speedup"] = round(fps / map_fps, 2)
         result["per_workers"][str(w)] = row
+    if a.memory_frames:
+        result["memory"] = memory_section(base / "memory", a)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def memory_section(folder: Path, a) -> dict:
+    """Peak resident memory of one loader worker on long videos (a.memory_frames box frames each),
+    per --shard_access, at the paper's batch (60 fragments x 8 frames)."""
+    per_tracklet = 500
+    tracklets = max(1, a.memory_frames // per_tracklet)
+    polyps = 3
+    root = folder / "root"
+    if not (root / "catalog").exists():
+        make_root(
+            root,
+            videos={"train": a.memory_videos, "val": 1},
+            polyps_per_video=polyps,
+            tracklets_per_polyp=-(-tracklets // polyps),
+            frames_per_tracklet=per_tracklet,
+            videos_per_shard=1,
+            store_size=256,
+            jpeg_pool=16,
+            source_wh=(1240, 1080),
+            box_wh=(120.0, 100.0),
+        )
+    params = StreamParams(
+        batch_size=60,
+        n_views=5,
+        fragment_length=8,
+        fragment_stride=4,
+        fragment_drop_last=True,
+        min_tracklet_length=30,
+        im_size=a.im_size,
+        open_videos=4,
+    )
+    index = build_index(root, "train", params)
+    jpeg_bytes = [p.stat().st_size for p in (root / "shards" / "train").glob("*.tar")]
+    out: dict = {
+        "videos": len(index.video_ids),
+        "box_frames_per_video": int(
+            index.sample_frames and sum(index.sample_frames.values()) // len(index.video_ids)
+        ),
+        "mean_jpeg_kb": round(sum(jpeg_bytes) / max(1, sum(index.sample_frames.values())) / 1024, 1),
+        "batch": "60 fragments x 8 frames",
+        "open_videos": params.open_videos,
+    }
+    for access in a.shard_access:
+        ds = BagStream(index, replace(params, shard_access=access), 0, 1, 1, batches_per_worker=a.batches)
+        seen: dict = {}
+        time_loader(StreamLoader(ds), a.batches, seen=seen)
+        out[f"{access}_worker_peak_mb"] = seen.get("worker_peak_mb", [])
+        if ds.spans is not None:
+            out["span_index_mb"] = round(ds.spans.nbytes / 2**20, 2)
+    return out
 
 
 if __name__ == "__main__":

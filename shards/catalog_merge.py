@@ -80,7 +80,8 @@ def _read_part(path: Path, index: int, total: int) -> Part:
     if manifest.get("version") != CATALOG_VERSION:
         raise CatalogError(
             f"{mpath}: field 'version' is {manifest.get('version')!r}, "
-            f"expected catalog version {CATALOG_VERSION}"
+            f"expected catalog version {CATALOG_VERSION}; re-ingest that part with this version: "
+            f"`polyp-ssl ingest RAW_ROOT --out OUT --part {index}/{total} --overwrite`"
         )
     if manifest.get("part") != [index, total]:
         raise CatalogError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-CATALOG_VERSION = 2  # 2: position_in_video over the video's annotated frames
+CATALOG_VERSION = 3  # 2: position_in_video over the video's annotated frames; 3: member byte spans
 
 VIDEOS = pa.schema(
     [
@@ -54,6 +54,9 @@ TRACKLETS = pa.schema(
         ("histology", pa.string()),
         ("shard", pa.string()),  # path relative to the output root, e.g. shards/train/train-000000.tar
         ("sample_key", pa.string()),  # webdataset __key__ of the tracklet's sample in that shard
+        ("json_offset", pa.int64()),  # byte offset of the `{sample_key}.json` member's data in the shard
+        ("json_size", pa.int64()),  # its length in bytes
+        ("json_crc32", pa.int64()),  # CRC-32 of those bytes (zlib.crc32, unsigned)
     ]
 )
 
@@ -75,6 +78,9 @@ FRAMES = pa.schema(
         ("crop_y1", pa.int32()),
         ("stored_w", pa.int32()),  # size of the stored JPEG
         ("stored_h", pa.int32()),
+        ("jpeg_offset", pa.int64()),  # byte offset of the frame's JPEG member's data in the shard
+        ("jpeg_size", pa.int64()),  # its length in bytes
+        ("jpeg_crc32", pa.int64()),  # CRC-32 of those bytes (zlib.crc32, unsigned)
     ]
 )
 

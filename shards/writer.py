@@ -2,7 +2,8 @@
 
 Members get a fixed mtime, owner and mode, and are written in the order given (a sample's JSON
 first, then its frames). The shard is written under a temporary name, fsynced and renamed, so a
-file with the final name is always complete; its sha256 is computed while writing.
+file with the final name is always complete; its sha256 is computed while writing, and `write`
+returns where each member's data lies in the file (shards.members.MemberSpan), for the catalog.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import tarfile
 from collections.abc import Iterable
 from typing import Any, BinaryIO
+
+from polyp_ssl.shards.members import MemberSpan, crc32
 
 TAR_MTIME = 0
 TAR_MODE = 0o644
@@ -85,8 +88,11 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.GNU_FORMAT)
         return self
 
-    def write(self, sample: dict[str, Any]) -> None:
-        assert self._tar is not None, "ShardWriter used outside `with`"
+    def write(self, sample: dict[str, Any]) -> dict[str, MemberSpan]:
+        """Append the sample's members; returns the span of each member's data in the file, by
+        member suffix (`json`, `0000.jpg`, ...)."""
+        assert self._tar is not None and self._hashing is not None, "ShardWriter used outside `with`"
+        spans: dict[str, MemberSpan] = {}
         for name, data in sample_members(sample):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -95,8 +101,20 @@ class ShardWriter:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             info.type = tarfile.REGTYPE
+            # the data follows the member's header blocks (a GNU long-name header and its name
+            # blocks first, for a name over 100 bytes); positions are bytes written to the file
+            start = self._hashing.n_bytes
+            offset = start + len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
             self._tar.addfile(info, io.BytesIO(data))
+            end = offset + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if self._hashing.n_bytes != end:
+                raise RuntimeError(
+                    f"member {name!r}: {self._hashing.n_bytes - start} bytes written, expected "
+                    f"{end - start} (header and padded data); its span would be wrong"
+                )
+            spans[name.split(".", 1)[1]] = MemberSpan(offset, len(data), crc32(data))
         self.n_samples += 1
+        return spans
 
     def write_all(self, samples: Iterable[dict[str, Any]]) -> None:
         for sample in samples:

@@ -77,6 +77,10 @@ def make_eval_root(
                             "histology": HISTOLOGY[p % 5],
                             "shard": "",
                             "sample_key": tid.replace("#", "_"),
+                            # no shards here: no member spans
+                            "json_offset": None,
+                            "json_size": None,
+                            "json_crc32": None,
                         }
                     )
                     frags = [-1] if fragments_per_tracklet == 0 else list(range(fragments_per_tracklet))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,53 @@ def _write_tar(path: Path, samples: list[dict]) -> None:
                 info.mtime = 0
                 tar.addfile(info, io.BytesIO(data))
     tmp.rename(path)
+
+
+# the catalog's member span columns (tracklets: the JSON member; frames: the JPEG member); they
+# differ between two ingests whose shards differ, even when every other column agrees
+SPAN_COLUMNS = ("json_offset", "json_size", "json_crc32", "jpeg_offset", "jpeg_size", "jpeg_crc32")
+
+
+def tar_spans(path: Path) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(sample key, member suffix) -> (offset of the member's data, its size, CRC-32 of the data)
+    of every regular member of a tar, as tarfile reads them (independently of ShardWriter)."""
+    data = Path(path).read_bytes()
+    out = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            if m.isfile():
+                key, suffix = m.name.split(".", 1)
+                crc = zlib.crc32(data[m.offset_data : m.offset_data + m.size]) & 0xFFFFFFFF
+                out[(key, suffix)] = (m.offset_data, m.size, crc)
+    return out
+
+
+def fill_spans(root: Path, tracklets: list[dict], frames: list[dict]) -> None:
+    """Set the member span columns of catalog rows (json_* of tracklets, jpeg_* of frames) from
+    the tars under `root` they name; a member that is not there gets nulls."""
+    spans: dict[str, dict] = {}
+    key_of = {}
+    for t in tracklets:
+        if t["shard"] not in spans:
+            spans[t["shard"]] = tar_spans(Path(root) / t["shard"])
+        key_of[t["tracklet_id"]] = (t["shard"], t["sample_key"])
+        span = spans[t["shard"]].get((t["sample_key"], "json"), (None, None, None))
+        t["json_offset"], t["json_size"], t["json_crc32"] = span
+    for f in frames:
+        shard, key = key_of[f["tracklet_id"]]
+        span = spans[shard].get((key, f"{f['frame_index']:04d}.jpg"), (None, None, None))
+        f["jpeg_offset"], f["jpeg_size"], f["jpeg_crc32"] = span
+
+
+def respan_catalog(root: Path, catalog_sub: str = "catalog") -> None:
+    """Rewrite the member span columns of ROOT's tracklets and frames tables from its shards as
+    they are now: for tests that rewrite a shard and want the catalog to describe it."""
+    cat = Path(root) / catalog_sub
+    tracklets = pq.read_table(cat / "tracklets.parquet").to_pylist()
+    frames = pq.read_table(cat / "frames.parquet").to_pylist()
+    fill_spans(root, tracklets, frames)
+    pq.write_table(pa.Table.from_pylist(tracklets, schema=TABLES["tracklets"]), cat / "tracklets.parquet")
+    pq.write_table(pa.Table.from_pylist(frames, schema=TABLES["frames"]), cat / "frames.parquet")
 
 
 def make_root(
@@ -221,6 +269,7 @@ def make_root(
                     "last_video": None,
                 }
             )
+    fill_spans(out, rows["tracklets"], rows["frames"])
     cat = out / "catalog"
     cat.mkdir(parents=True, exist_ok=True)
     for name, schema in TABLES.items():

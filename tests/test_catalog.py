@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_factory import SPAN_COLUMNS, fill_spans
 
 from polyp_ssl.shards import catalog
 from polyp_ssl.shards.catalog import CatalogError, connect, query, read_manifest, read_table
@@ -180,6 +181,7 @@ def build_catalog(
         "shards": srows,
         "errors": erows,
     }
+    fill_spans(root, trows, frows)
     tables = {}
     for name, schema in TABLES.items():
         tables[name] = pa.Table.from_pylist(rows[name], schema=schema)
@@ -560,7 +562,8 @@ def test_verify_modified_shard(root, capsys):
     i = data.index(b"fakejpeg")
     data[i] ^= 0xFF  # same size, same members, other bytes
     path.write_bytes(bytes(data))
-    assert _verify_kinds(capsys, root) == {"checksum_mismatch": 1}
+    # the member whose byte changed no longer has the CRC-32 its catalog span records
+    assert _verify_kinds(capsys, root) == {"checksum_mismatch": 1, "span_mismatch": 1}
 
 
 def test_verify_missing_and_extra_shard(root, capsys):
@@ -653,7 +656,9 @@ def test_ingest_parts_merge_equals_single_run(tmp_path):
         cli("ingest", str(syn), "--out", str(parts), "--part", f"{i}/2", *common)
     cli("catalog", "merge", str(parts))
     cli("verify", str(parts), "--no-progress")
+    # where things are in the shards differs (other shards), not what they are
     shard_columns = {"shard", "path", "first_video", "last_video", "sha256", "n_bytes", "n_samples"}
+    shard_columns |= set(SPAN_COLUMNS)
     for name in TABLES:
         a, b = read_table(full, name), read_table(parts, name)
         keys = [(k, "ascending") for k in SORT_KEYS[name]]

@@ -21,7 +21,7 @@ from polyp_ssl.stream import (
     build_index,
     check_sample,
 )
-from tests.shard_factory import make_root
+from tests.shard_factory import make_root, respan_catalog
 from tests.test_train import TINY
 
 PARAMS = {
@@ -121,9 +121,43 @@ def reason_of(kind: str) -> str:
     return "json_mismatch" if kind.startswith("json_mismatch") else kind
 
 
-def make_stream(root: Path, mode: str, rank: int = 0, world: int = 1) -> BagStream:
-    params = StreamParams(**PARAMS, on_shard_error=mode)
+def make_stream(
+    root: Path, mode: str, rank: int = 0, world: int = 1, access: str = "sequential"
+) -> BagStream:
+    params = StreamParams(**PARAMS, on_shard_error=mode, shard_access=access)
     return BagStream(build_index(root, "train", params), params, rank, world)
+
+
+def record_spans(root: Path) -> None:
+    """Make the catalog describe the rewritten shards (sizes and member spans, where a member of
+    that name still exists), so that random access meets the damage inside the shard; a member
+    that is gone gets a null span, which reads as not the shard ingest wrote."""
+    catalog_agrees(root)
+    respan_catalog(root)
+
+
+ACCESS = ["sequential", "random"]
+# what each damage is under random access, which reads the catalog's spans: a member that is
+# gone leaves other bytes at its span (shard_changed); JSON damage is found before training starts
+RANDOM_REASON = {
+    "truncated_shard": "truncated_shard",
+    "corrupt_jpeg": "corrupt_jpeg",
+    "jpeg_missing": None,  # frame 5 is between strides: never read, so never missed (verify finds it)
+    "bad_json": "bad_json",
+    "json_mismatch_frames": "json_mismatch",
+    "json_mismatch_key": "json_mismatch",
+    "sample_missing_from_shard": "shard_changed",
+}
+
+
+def damage_for(root: Path, kind: str, access: str) -> tuple[str, str]:
+    """damage(), plus the spans re-recorded for random access; returns (key, expected reason)."""
+    key = damage(root, kind)
+    if access == "sequential":
+        return key, reason_of(kind)
+    if kind != "truncated_shard":
+        record_spans(root)
+    return key, RANDOM_REASON[kind]
 
 
 KINDS = [
@@ -137,32 +171,43 @@ KINDS = [
 ]
 
 
+@pytest.mark.parametrize("access", ACCESS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_fail_names_the_shard_and_the_sample(root, kind):
-    key = damage(root, kind)
-    ds = make_stream(root, "fail")
+def test_fail_names_the_shard_and_the_sample(root, kind, access):
+    key, reason = damage_for(root, kind, access)
+    if reason is None:
+        ds = make_stream(root, "fail", access=access)
+        assert len(list(ds)) == len(ds)
+        return
     with pytest.raises(ShardError) as info:
-        list(ds)
+        list(make_stream(root, "fail", access=access))
     msg = str(info.value)
-    assert SHARD in msg and repr(key) in msg and f"[{reason_of(kind)}]" in msg, msg
-    assert info.value.reason == reason_of(kind)
+    assert SHARD in msg and f"[{reason}]" in msg, msg
+    assert info.value.reason == reason
+    if not (access == "random" and kind == "truncated_shard"):  # random: any sample past the cut
+        assert repr(key) in msg, msg
 
 
+@pytest.mark.parametrize("access", ACCESS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_warn_skips_counts_and_keeps_the_epoch_length(root, kind):
-    key = damage(root, kind)
-    ds = make_stream(root, "warn")
+def test_warn_skips_counts_and_keeps_the_epoch_length(root, kind, access):
+    key, reason = damage_for(root, kind, access)
+    ds = make_stream(root, "warn", access=access)
     damaged_code = ds.index.samples[key][1] if key in ds.index.samples else None
     batches = list(ds)
     assert len(batches) == len(ds) > 0  # the stream keeps going over its other videos
+    assert all(b["frames"].shape[0] == PARAMS["batch_size"] for b in batches)
     counts = ds.shared.skip_counts()
-    assert counts.get(reason_of(kind), 0) >= 1 and sum(counts.values()) == sum(
+    assert (counts.get(reason, 0) >= 1 if reason else counts == {}) and sum(counts.values()) == sum(
         n for r, n in ds.stats.items() if r.startswith("skipped_")
     )
-    if kind == "truncated_shard":  # the rest of the shard counts as missing samples
+    if kind == "truncated_shard" and access == "sequential":  # the rest of the shard counts as missing
         assert counts["sample_missing_from_shard"] >= 1
-    if damaged_code is not None and kind != "truncated_shard":
-        for b in batches:  # no fragment of the damaged sample reached a batch
+    # no fragment of the damaged sample reached a batch (random access reads frames as batches
+    # need them: there, damage inside a frame is found when a batch first reads that frame)
+    checked = access == "sequential" or kind.startswith(("bad_json", "json_mismatch"))
+    if damaged_code is not None and kind != "truncated_shard" and checked:
+        for b in batches:
             assert damaged_code not in b["tracklet"].tolist()
 
 
@@ -257,10 +302,13 @@ def damage_every_train_shard(root: Path, kind: str) -> dict[str, str]:
     }
 
 
-def test_cli_fail_stops_with_the_message_not_a_traceback(root, tmp_path, capsys):
+@pytest.mark.parametrize("access", ACCESS)
+def test_cli_fail_stops_with_the_message_not_a_traceback(root, tmp_path, capsys, access):
     keys = damage_every_train_shard(root, "bad_json")
-    args = cli_args(root, tmp_path / "runs")
-    args[args.index("--num_workers") + 1] = "1"  # the error comes from a DataLoader worker
+    args = cli_args(root, tmp_path / "runs", "--shard_access", access)
+    if access == "random":  # the JSONs are read (and refused) before training starts
+        record_spans(root)
+    args[args.index("--num_workers") + 1] = "1"  # sequential: the error comes from a DataLoader worker
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("polyp-ssl train: error: damaged data:") and "Traceback" not in err
@@ -306,7 +354,7 @@ def test_cli_names_a_frame_that_does_not_decode_in_either_decode_mode(root, tmp_
             shard,
             [(n, d[:40] + bytes(range(256)) * 2 + d[-20:] if n.endswith(".jpg") else d) for n, d in members],
         )
-    catalog_agrees(root)
+    record_spans(root)
     assert main(cli_args(root, tmp_path / "runs", "--decode_on", decode_on)) == 1
     err = capsys.readouterr().err
     assert "polyp-ssl train: error: damaged data:" in err and "does not decode" in err
@@ -325,6 +373,7 @@ def test_a_jpeg_whose_size_disagrees_with_the_json_is_named(root, decode_on):
                 members, key, lambda o: o.update(crop_sizes=[[w + 1, h] for w, h in o["crop_sizes"]])
             )
         write_members(shard, members)
+    record_spans(root)
     params = StreamParams(**PARAMS, decode_on=decode_on)
     ds = BagStream(build_index(root, "train", params), params)
     with pytest.raises(ShardError) as info:

@@ -21,6 +21,7 @@ from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
 from polyp_ssl.eval.report import main as report_main
 from polyp_ssl.fragments import cut_tracklet
 from polyp_ssl.shards.sample import TrackletSample
+from polyp_ssl.shards.schema import CATALOG_VERSION
 from polyp_ssl.transforms import load_frames
 from tests.embed_factory import make_ckpt, tracklet_rows
 from tests.shard_factory import make_root
@@ -256,7 +257,11 @@ def test_an_older_catalog_is_refused_with_the_reingest_command(tmp_path, ckpt, c
     for run in runs:
         assert run() == 2
         err = capsys.readouterr().err
-        assert str(manifest) in err and "field 'version' is 1" in err and "catalog version 2" in err
+        assert (
+            str(manifest) in err
+            and "field 'version' is 1" in err
+            and f"catalog version {CATALOG_VERSION}" in err
+        )
         assert "polyp-ssl ingest RAW_ROOT --out ROOT --overwrite" in err and "Traceback" not in err
     assert not (root / "embeddings").exists() or not list((root / "embeddings").glob("*.parquet"))
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import make_root
+from shard_factory import respan_catalog
 
 from polyp_ssl.ingest.cli import main as ingest_main
 from polyp_ssl.shards.catalog import connect
@@ -59,8 +60,10 @@ def ingested(tmp_path_factory):
 
 
 def replace_shard(root: Path, rel: str, data: bytes) -> None:
-    """Put `data` in place of shard `rel` and make the catalog's shards table agree with it."""
+    """Put `data` in place of shard `rel` and make the catalog's shards table and member spans
+    agree with it."""
     (root / rel).write_bytes(data)
+    respan_catalog(root)
     path = root / "catalog" / "shards.parquet"
     table = pq.read_table(path)
     rows = table.to_pylist()

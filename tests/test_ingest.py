@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import default_videos, make_root
 from PIL import Image
+from shard_factory import SPAN_COLUMNS
 
 from polyp_ssl.ingest.cli import main as ingest_main
 from polyp_ssl.shards.reader import iter_samples
@@ -273,6 +274,10 @@ def test_catalog_reconciles(ingested):
     assert manifest["parameters"]["crop_scale"] == 5.0
 
 
+def _without_spans(table):
+    return table.select([c for c in table.column_names if c not in SPAN_COLUMNS])
+
+
 def test_mp4_source_gives_the_same_tracklets_and_close_crops(ingested, tmp_path):
     root, _ = ingested
     out = tmp_path / "out"
@@ -283,7 +288,7 @@ def test_mp4_source_gives_the_same_tracklets_and_close_crops(ingested, tmp_path)
     a, b = read_catalog(root), read_catalog(out)
     cols = ["tracklet_id", "video_id", "start_frame", "end_frame", "n_frames", "sample_key", "shard"]
     assert a["tracklets"].select(cols).equals(b["tracklets"].select(cols))
-    assert a["frames"].equals(b["frames"])
+    assert _without_spans(a["frames"]).equals(_without_spans(b["frames"]))  # other JPEG bytes
     diffs = []
     for pa_, pb in zip(shard_paths(root), shard_paths(out), strict=True):
         for sa, sb in zip(iter_samples([pa_]), iter_samples([pb]), strict=True):
@@ -314,7 +319,8 @@ def test_jpeg_draft_gives_the_same_geometry_and_close_crops(ingested, tmp_path):
     assert run_ingest(root, "--out", outs[0], "--store-size", "16") == 0
     assert run_ingest(root, "--out", outs[1], "--store-size", "16", "--jpeg-draft") == 0
     a, b = read_catalog(outs[0]), read_catalog(outs[1])
-    assert a["frames"].equals(b["frames"]) and a["tracklets"].equals(b["tracklets"])
+    for name in ("frames", "tracklets"):  # the same but for the spans of the (other) JPEG bytes
+        assert _without_spans(a[name]).equals(_without_spans(b[name])), name
     diffs = []
     for sa, sb in zip(iter_samples(shard_paths(outs[0])), iter_samples(shard_paths(outs[1])), strict=True):
         assert sample_meta(sb).params["jpeg_draft"] is True

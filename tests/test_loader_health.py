@@ -71,13 +71,29 @@ def test_no_file_handle_leak_when_shards_are_damaged(root, tmp_path):
     shutil.copytree(root, damaged)
     shard = damaged / "shards" / "train" / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    params = StreamParams(**{**PARAMS, "on_shard_error": "warn"})
+    params = StreamParams(**{**PARAMS, "on_shard_error": "warn", "shard_access": "sequential"})
     ds = BagStream(build_index(damaged, "train", params), params, batches_per_worker=20)
     run_epochs(ds, range(1))
     fds = open_fds()
     run_epochs(ds, range(1, 4))
     assert open_fds() == fds
     assert ds.shared.skip_counts()["truncated_shard"] >= 4  # read (and closed) once per pass
+
+
+def test_random_access_keeps_a_bounded_set_of_shard_files_open_across_epochs(root, tmp_path):
+    damaged = tmp_path / "root"
+    shutil.copytree(root, damaged)
+    shard = damaged / "shards" / "train" / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    params = StreamParams(**{**PARAMS, "on_shard_error": "warn"})
+    ds = BagStream(build_index(damaged, "train", params), params, batches_per_worker=20)
+    assert ds.access == "random"
+    before = open_fds()
+    run_epochs(ds, range(1))
+    fds = open_fds()
+    run_epochs(ds, range(1, 4))
+    assert open_fds() == fds <= before + ds.span_reader().max_open
+    assert ds.shared.skip_counts()["truncated_shard"] >= 1  # each damaged sample counted once
 
 
 def test_worker_loader_keeps_its_handles_across_epochs(root):
@@ -108,7 +124,9 @@ def test_open_videos_are_bounded_by_the_setting(root, monkeypatch, open_videos, 
         return ov
 
     monkeypatch.setattr(stream_mod, "open_video", counting)
-    params = StreamParams(**{**PARAMS, "open_videos": open_videos, "batch_size": batch_size})
+    params = StreamParams(
+        **{**PARAMS, "open_videos": open_videos, "batch_size": batch_size, "shard_access": "sequential"}
+    )
     ds = BagStream(build_index(root, "train", params), params, batches_per_worker=30)
     run_epochs(ds, range(3))
     bound = max(open_videos, params.n_bags)
@@ -118,7 +136,7 @@ def test_open_videos_are_bounded_by_the_setting(root, monkeypatch, open_videos, 
 
 
 def test_every_batch_spans_the_open_videos(root):
-    params = StreamParams(**{**PARAMS, "open_videos": 3, "batch_size": 6})
+    params = StreamParams(**{**PARAMS, "open_videos": 3, "batch_size": 6, "shard_access": "sequential"})
     ds = BagStream(build_index(root, "train", params), params, batches_per_worker=12)
     spans = [int(b["videos_per_batch"]) for b in ds]
     assert max(spans) <= 3 and sum(s == 3 for s in spans) >= len(spans) // 2

@@ -35,6 +35,7 @@ MP = StreamParams(
     aug_anchorcrop=True,
     max_epochs=4,
     sampler="multipos",
+    shard_access="sequential",  # the pool of open videos (random access: tests/test_random_access.py)
 )
 
 

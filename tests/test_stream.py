@@ -26,6 +26,10 @@ P = StreamParams(
     aug_anchorcrop=True,
     max_epochs=4,
 )
+# the sequential reader's own design (each stream owns a disjoint part of the videos): what the
+# loader does for pipe: and remote shard bases; the random access default is tested in
+# tests/test_random_access.py
+P_SEQ = StreamParams(**{**P.__dict__, "shard_access": "sequential"})
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +76,11 @@ def test_one_stream_epoch_anchors_every_fragment_exactly_once(root):
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (3, 0), (2, 2)])
 def test_every_rank_yields_len_batches_of_disjoint_videos(root, world, workers):
-    index = build_index(root, "train", P)
+    index = build_index(root, "train", P_SEQ)
     seen = []
     lengths = set()
     for rank in range(world):
-        loader, batches = run_rank(index, P, rank, world, workers)
+        loader, batches = run_rank(index, P_SEQ, rank, world, workers)
         assert len(batches) == len(loader)
         lengths.add(len(batches))
         seen.append({int(v) for b in batches for v in b["video"]})
@@ -98,11 +102,11 @@ def test_more_streams_than_videos_and_shards_still_yields(root):
 
 def test_one_shard_many_streams_disjoint(tmp_path):
     r = make_root(tmp_path, videos={"train": 4}, videos_per_shard=10)
-    index = build_index(r, "train", P)
+    index = build_index(r, "train", P_SEQ)
     assert len(set(index.video_shard)) == 1
     parts = assign_videos(index, 4, seed=1, epoch=0)
     assert sorted(v for part in parts for v in part) == list(range(4))
-    seen = [{int(v) for b in run_rank(index, P, rank, 2, 0)[1] for v in b["video"]} for rank in range(2)]
+    seen = [{int(v) for b in run_rank(index, P_SEQ, rank, 2, 0)[1] for v in b["video"]} for rank in range(2)]
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
@@ -284,7 +288,7 @@ def test_shards_through_fsspec_urls(root):
     local = build_index(root, "train", P)
     remote = build_index(root, "train", P, shard_base="memory://polyp/root")
     assert remote.shard_url(remote.video_shard[0]).startswith("memory://polyp/root/shards/")
-    _, a = run_rank(local, P, 0, 1, 1)
+    _, a = run_rank(local, P_SEQ, 0, 1, 1)  # remote bases are read sequentially
     _, b = run_rank(remote, P, 0, 1, 1)
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):

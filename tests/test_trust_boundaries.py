@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -256,28 +257,43 @@ def substitute_same_size(root: Path) -> None:
     (root / SHARD).write_bytes(new)
 
 
-def test_a_substituted_shard_of_the_same_size_is_named_fail(root):
+# the sequential reader hashes every byte it streams; random access checks each member's CRC-32
+CHANGED_TEXT = {"sequential": "sha256", "random": "CRC-32"}
+OTHER_SIZE = {
+    "sequential": r"\d+ bytes, the catalog says \d+.*\[shard_changed\]",
+    "random": r"the file is \d+ bytes, the catalog's shards table says \d+.*\[shard_changed\]",
+}
+
+
+@pytest.mark.parametrize("access", ["sequential", "random"])
+def test_a_substituted_shard_of_the_same_size_is_named_fail(root, access):
     substitute_same_size(root)
+    p = replace(params(), shard_access=access)
     with pytest.raises(ShardError) as info:
-        list(BagStream(build_index(root, "train", params()), params()))
-    assert info.value.reason == "shard_changed" and SHARD in str(info.value) and "sha256" in str(info.value)
+        list(BagStream(build_index(root, "train", p), p))
+    assert info.value.reason == "shard_changed" and SHARD in str(info.value)
+    assert CHANGED_TEXT[access] in str(info.value)
 
 
-def test_a_substituted_shard_is_counted_in_warn_and_the_epoch_keeps_its_length(root):
+@pytest.mark.parametrize("access", ["sequential", "random"])
+def test_a_substituted_shard_is_counted_in_warn_and_the_epoch_keeps_its_length(root, access):
     substitute_same_size(root)
-    ds = BagStream(build_index(root, "train", params("warn")), params("warn"))
+    p = replace(params("warn"), shard_access=access)
+    ds = BagStream(build_index(root, "train", p), p)
     assert len(list(ds)) == len(ds) > 0
     assert ds.shared.skip_counts().get("shard_changed", 0) >= 1
 
 
-def test_a_shard_of_another_size_is_named_after_its_own_damage(root):
+@pytest.mark.parametrize("access", ["sequential", "random"])
+def test_a_shard_of_another_size_is_named_after_its_own_damage(root, access):
+    p = replace(params(), shard_access=access)
     data = (root / SHARD).read_bytes()
     (root / SHARD).write_bytes(data + bytes(10240))  # valid tar, more end padding
-    with pytest.raises(ShardError, match=r"\d+ bytes, the catalog says \d+.*\[shard_changed\]"):
-        list(BagStream(build_index(root, "train", params()), params()))
+    with pytest.raises(ShardError, match=OTHER_SIZE[access]):
+        list(BagStream(build_index(root, "train", p), p))
     (root / SHARD).write_bytes(data[: len(data) // 2])  # truncated: its own reason comes first
     with pytest.raises(ShardError) as info:
-        list(BagStream(build_index(root, "train", params()), params()))
+        list(BagStream(build_index(root, "train", p), p))
     assert info.value.reason == "truncated_shard"
 
 
