@@ -410,4 +410,3 @@ def _link_new(tmp: Path, out: Path) -> None:
         if out.exists():
             raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)") from None
         os.replace(tmp, out)
-

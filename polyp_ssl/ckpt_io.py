@@ -76,7 +76,6 @@ def temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in folder.glob(f"*.ckpt{TMP_MARK}*") if p.is_file())
 
 
-
 def _write_all(fd: int, data: memoryview) -> None:
     done = 0
     while done < len(data):

@@ -111,10 +111,16 @@ _WHOLE_FRAME = (
 )
 _WANDB = "a wandb logging setting; here it names the wandb run when --logger wandb is chosen"
 _ENCODERS_NOT_BUILT = (
-    ("sfe-v2", "the reference's factory cannot build it (it reads --loss_gamma, which its parser lacks); "
-     "use --encoder_type sfe (a per-frame ResNet, mean of frame features)"),
-    ("mve-v2", "the reference's factory cannot build it (it reads --loss_gamma, which its parser lacks); "
-     "use --encoder_type mve (transformer over frame features, no CLS) or hmve"),
+    (
+        "sfe-v2",
+        "the reference's factory cannot build it (it reads --loss_gamma, which its parser lacks); "
+        "use --encoder_type sfe (a per-frame ResNet, mean of frame features)",
+    ),
+    (
+        "mve-v2",
+        "the reference's factory cannot build it (it reads --loss_gamma, which its parser lacks); "
+        "use --encoder_type mve (transformer over frame features, no CLS) or hmve",
+    ),
     ("shmve", "the reference has no factory for it either ('Unknown encoder type'); use hmve"),
 )
 
@@ -128,18 +134,34 @@ S, N, R = "same", "notice", "refused"
 # polypsense.e2e.cli, in its order: 67 flags.
 TRAIN_FLAGS: dict[str, RefFlag] = _t(
     RefFlag("dataset_root", "str", None, S, "an ingested root (`polyp-ssl ingest`)"),
-    RefFlag("mode", "str", None, S, "train only",
-            refused_values=(("eval", "`polyp-ssl train` only trains; evaluate with `polyp-ssl eval`"),)),
+    RefFlag(
+        "mode",
+        "str",
+        None,
+        S,
+        "train only",
+        refused_values=(("eval", "`polyp-ssl train` only trains; evaluate with `polyp-ssl eval`"),),
+    ),
     RefFlag("lr", "float", None, S),
-    RefFlag("weight_decay", "float", None, S,
-            "the reference parses it but its hmve optimiser always uses 1e-4 (our default); here the "
-            "value given is used"),
+    RefFlag(
+        "weight_decay",
+        "float",
+        None,
+        S,
+        "the reference parses it but its hmve optimiser always uses 1e-4 (our default); here the "
+        "value given is used",
+    ),
     RefFlag("max_epochs", "int", None, S),
     RefFlag("warmup_epochs", "int", None, N, "the reference parses it and never reads it"),
     RefFlag("resume", "store_true", None, S, "continues {runs_dir}/{exp_name}/checkpoints/last.ckpt"),
-    RefFlag("ckpt_path", "str", None, R,
-            "a run continues only its own last checkpoint: use --resume with the run's --exp_name "
-            "(and --runs_dir)"),
+    RefFlag(
+        "ckpt_path",
+        "str",
+        None,
+        R,
+        "a run continues only its own last checkpoint: use --resume with the run's --exp_name "
+        "(and --runs_dir)",
+    ),
     RefFlag("devices", "str", "auto", S),
     RefFlag("num_nodes", "int", 1, S),
     RefFlag("num_workers", "int", 4, S, "default min(8, usable CPUs) here (8: the seed command's value)"),
@@ -155,26 +177,50 @@ TRAIN_FLAGS: dict[str, RefFlag] = _t(
     RefFlag("min_tracklet_length", "int", None, S),
     RefFlag("im_size", "int", None, S),
     RefFlag("n_views", "int", None, S, "bag size K + 1"),
-    RefFlag("eval_n_views", "int", None, N,
-            "views of the reference's validation loss; validation here is retrieval mAP on whole val "
-            "tracklets"),
+    RefFlag(
+        "eval_n_views",
+        "int",
+        None,
+        N,
+        "views of the reference's validation loss; validation here is retrieval mAP on whole val tracklets",
+    ),
     RefFlag("eval_batch_size", "int", None, S, "whole validation tracklets per batch"),
-    RefFlag("eval_fragment_length", "int", None, N,
-            "fragment length of the reference's validation loss; validation here embeds whole tracklets"),
+    RefFlag(
+        "eval_fragment_length",
+        "int",
+        None,
+        N,
+        "fragment length of the reference's validation loss; validation here embeds whole tracklets",
+    ),
     RefFlag("train_subset_ratio", "float", None, N, "the reference parses it and never reads it"),
     RefFlag("do_upsample", "store_true", False, N, "the reference parses it and never reads it"),
     RefFlag("sampler", "str", None, S, "also 'tracklet' here"),
     RefFlag("sampler_ttb_tmin", "float", None, S),
     RefFlag("sampler_ttb_tmax", "float", None, S),
     RefFlag("aug_resize", "store_true", False, R, _WHOLE_FRAME),
-    RefFlag("aug_anchorcrop", "store_true", False, S,
-            "the deterministic anchor crop; required (the whole frame is not stored)"),
-    RefFlag("aug_normalize", "store_true", False, N,
-            "the reference's training never passes it to its data module; here the encoder always "
-            "normalises (mean 0.45, std 0.225)"),
+    RefFlag(
+        "aug_anchorcrop",
+        "store_true",
+        False,
+        S,
+        "the deterministic anchor crop; required (the whole frame is not stored)",
+    ),
+    RefFlag(
+        "aug_normalize",
+        "store_true",
+        False,
+        N,
+        "the reference's training never passes it to its data module; here the encoder always "
+        "normalises (mean 0.45, std 0.225)",
+    ),
     RefFlag("eval_aug_resize", "store_true", False, R, _WHOLE_FRAME),
-    RefFlag("eval_aug_anchorcrop", "store_true", False, S,
-            "the deterministic anchor crop in validation; required (the whole frame is not stored)"),
+    RefFlag(
+        "eval_aug_anchorcrop",
+        "store_true",
+        False,
+        S,
+        "the deterministic anchor crop in validation; required (the whole frame is not stored)",
+    ),
     RefFlag("encoder_type", "str", None, S, "hmve (also sfe, mve here)", refused_values=_ENCODERS_NOT_BUILT),
     RefFlag("d_proj", "int", None, S),
     RefFlag("sfe_ckpt", "str", None, N, _NOT_HMVE),
@@ -199,17 +245,37 @@ TRAIN_FLAGS: dict[str, RefFlag] = _t(
     RefFlag("hmve_dropout", "float", None, S),
     RefFlag("hmve_use_feature_norm", "store_true", False, S, "LayerNorm after the adapter"),
     RefFlag("hmve_use_encoder_norm", "store_true", False, S, "final LayerNorm of the transformer encoder"),
-    RefFlag("hmve_mask_intra_fragment_frames", "store_true", False, S,
-            "the cross-fragment frame MIL-NCE term ignores pairs of frames of the same fragment"),
-    RefFlag("loss_type", "str", None, S,
-            "the reference's hmve always trains MIL-NCE; supervised / temporally-aware here are our "
-            "losses"),
+    RefFlag(
+        "hmve_mask_intra_fragment_frames",
+        "store_true",
+        False,
+        S,
+        "the cross-fragment frame MIL-NCE term ignores pairs of frames of the same fragment",
+    ),
+    RefFlag(
+        "loss_type",
+        "str",
+        None,
+        S,
+        "the reference's hmve always trains MIL-NCE; supervised / temporally-aware here are our losses",
+    ),
     RefFlag("loss_temperature", "float", None, S),
-    RefFlag("loss_lambda", "float", None, S,
-            "the temporally-aware loss's lambda (stored as loss_ta_lambda); the reference reads it "
-            "only in its sfe-v2 / mve-v2 encoders", target="loss_ta_lambda"),
-    RefFlag("loss_milnce_weights", "float+", None, S,
-            "1 to 3 weights (missing = 0); the reference's hmve needs exactly 3"),
+    RefFlag(
+        "loss_lambda",
+        "float",
+        None,
+        S,
+        "the temporally-aware loss's lambda (stored as loss_ta_lambda); the reference reads it "
+        "only in its sfe-v2 / mve-v2 encoders",
+        target="loss_ta_lambda",
+    ),
+    RefFlag(
+        "loss_milnce_weights",
+        "float+",
+        None,
+        S,
+        "1 to 3 weights (missing = 0); the reference's hmve needs exactly 3",
+    ),
     RefFlag("exp_id", "str", None, S, _WANDB.replace("names the wandb run", "is the wandb run id")),
     RefFlag("exp_name", "str", None, S),
 )

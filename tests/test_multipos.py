@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from polyp_ssl.stream import (
-    BagStream,
-    DataConfigError,
-    StreamLoader,
-    StreamParams,
-    _FragRef,
-    _OpenVideo,
-    build_index,
-    can_fill,
-    take_batch,
-)
+from polyp_ssl.stream import BagStream, DataConfigError, StreamLoader, StreamParams, build_index
+from polyp_ssl.video_pool import _FragRef, _OpenVideo, can_fill, take_batch
 from tests.shard_factory import make_root
 
 # 4 bags per batch from a pool of 2 open videos: a batch needs a second bag of some videos, and
