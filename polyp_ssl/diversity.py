@@ -53,3 +53,26 @@ def batch_same_video_pair_rate(bag: torch.Tensor, video: torch.Tensor) -> torch.
     views = n // n_bags
     same = (video[:, None] == video[None, :]) & (bag[:, None] != bag[None, :])
     return same.sum().float() / float(views * views * n_bags * (n_bags - 1))
+
+
+def bag_positive_rates(bags: np.ndarray, identity: np.ndarray, tracklet: np.ndarray) -> dict[str, float]:
+    """How noisy a sampler's bags are as positives: over the members other than the anchor (bags
+    [N, n_views] of fragment ids, anchor first; per-fragment identity codes, -1 unknown, and
+    tracklet codes), the fraction that show the anchor's polyp (`same_identity`, members and
+    anchors of known identity only) and the fraction from the anchor's own tracklet
+    (`same_tracklet`). A temporal bag is right when `same_identity` is high, and informative
+    beyond the tracklet sampler's positives when `same_tracklet` is well below 1."""
+    bags = np.asarray(bags, dtype=np.int64)
+    if bags.size == 0 or bags.shape[1] < 2:
+        return {"same_identity": float("nan"), "same_tracklet": float("nan"), "members": 0}
+    identity, tracklet = np.asarray(identity), np.asarray(tracklet)
+    anchor, members = bags[:, :1], bags[:, 1:]
+    a_id, m_id = identity[anchor], identity[members]
+    known = (a_id >= 0) & (m_id >= 0)
+    same_id = (a_id == m_id) & known
+    same_trk = tracklet[anchor] == tracklet[members]
+    return {
+        "same_identity": float(same_id.sum() / max(known.sum(), 1)),
+        "same_tracklet": float(same_trk.mean()),
+        "members": int(members.size),
+    }

@@ -241,6 +241,39 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def bag_noise(root: Path, a: argparse.Namespace) -> dict:
+    """How noisy each sampler's positives are on the training split at the runs' settings: per
+    sampler the fraction of bag members (anchor excluded) that show the anchor's polyp and the
+    fraction from the anchor's own tracklet (polyp_ssl.diversity.bag_positive_rates), for the
+    temporal temperature bags at the first and the last trained epoch and at the schedule's end."""
+    from polyp_ssl.bags import temporal_temperature
+    from polyp_ssl.diversity import bag_positive_rates
+    from polyp_ssl.epoch_plan import epoch_bags
+    from polyp_ssl.span_index import build_span_index
+    from polyp_ssl.stream import StreamParams, build_index, epoch_batches
+
+    p = StreamParams(batch_size=a.batch_size, n_views=a.n_views, max_epochs=a.max_epochs)
+    index = build_index(root, "train", p)
+    _, frags = build_span_index(index, p)
+    per_epoch = epoch_batches(index.total_anchors, p.n_bags, 1, 0)[1]
+    last = max(0, (a.max_steps - 1) // per_epoch)
+    out: dict = {"steps_per_epoch": per_epoch, "epochs_trained": last + 1}
+    settings = (
+        ("temporal_first_epoch", "temporaltemperaturebag", 0),
+        ("temporal_last_epoch", "temporaltemperaturebag", last),
+        ("temporal_end_of_schedule", "temporaltemperaturebag", a.max_epochs),
+        ("tracklet", "tracklet", 0),
+        ("multipos", "multipos", 0),
+    )
+    for name, sampler, epoch in settings:
+        t = temporal_temperature(epoch, a.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
+        bags, _ = epoch_bags(frags, sampler, p.n_views, 0, epoch, t)
+        rates = bag_positive_rates(bags, frags.identity, frags.tracklet)
+        row = {k: round(v, 4) if isinstance(v, float) else v for k, v in rates.items()}
+        out[name] = {"temperature": round(t, 3), **row} if sampler == "temporaltemperaturebag" else row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = build_parser().parse_args(argv)
@@ -293,6 +326,9 @@ def _main(a: argparse.Namespace) -> int:
         if not (root / "catalog").is_dir():
             raise CompareError(f"--root {root}: no catalog/ (run polyp-ssl ingest first)")
     summary["dataset_root"] = str(root)
+    if not a.dry_run:
+        summary["bag_noise"] = bag_noise(root, a)
+        log.info("bag positives on the training split: %s", json.dumps(summary["bag_noise"]))
     baseline, init_run = baseline_row(a.baseline, a.arms, a.seeds)
 
     steps: dict = {}

@@ -49,3 +49,16 @@ def test_the_tensor_version_equals_the_bag_level_count():
         assert abs(float(got) - same_video_pair_rate(bag_videos(bag, video))) < 1e-6
     one = batch_same_video_pair_rate(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     assert float(one) == 0.0
+
+
+def test_bag_positive_rates_against_a_hand_count():
+    from polyp_ssl.diversity import bag_positive_rates
+
+    identity = np.array([0, 0, 1, -1, 1, 0])
+    tracklet = np.array([0, 1, 2, 3, 2, 0])
+    bags = np.array([[0, 1, 2], [2, 4, 3], [5, 0, 1]])
+    r = bag_positive_rates(bags, identity, tracklet)
+    # known pairs: (0,1) same, (0,2) no, (2,4) same, (2,3) unknown, (5,0) same, (5,1) same -> 4 / 5
+    assert r["same_identity"] == 4 / 5
+    # same tracklet: (0,1) no, (0,2) no, (2,4) yes, (2,3) no, (5,0) yes, (5,1) no -> 2 / 6
+    assert r["same_tracklet"] == 2 / 6 and r["members"] == 6

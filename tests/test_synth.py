@@ -392,3 +392,24 @@ def test_default_dataset_properties(tmp_path):
     assert s["splits"]["test"]["polyps"] >= 2 * s["splits"]["test"]["videos"]
     assert 0.3 < s["totals"]["frames_with_polyp_fraction"] < 0.95
     print(f"default dataset generated in {seconds:.1f} s")
+
+
+def test_appearance_transfer_is_one_when_tracklets_of_a_polyp_look_alike_and_zero_when_not():
+    from polyp_ssl.ingest.synth.stats import appearance_transfer
+
+    rng = np.random.default_rng(0)
+    polyp = {"a": rng.normal(size=8), "b": rng.normal(size=8)}
+    ids = ["a", "a", "b", "b"]
+    videos = ["v"] * 4
+    # each tracklet = its polyp's look plus a little noise per half: tracklets of a polyp look alike
+    first = np.stack([polyp[i] + 0.01 * rng.normal(size=8) for i in ids])
+    second = np.stack([polyp[i] + 0.01 * rng.normal(size=8) for i in ids])
+    alike = appearance_transfer(first, second, ids, videos)
+    assert alike["transfer"] > 0.95 and alike["cross_pairs"] == 2
+    # each tracklet a look of its own (a polyp's tracklets as unlike as two polyps)
+    looks = rng.normal(size=(4, 8))
+    first = looks + 0.01 * rng.normal(size=(4, 8))
+    second = looks + 0.01 * rng.normal(size=(4, 8))
+    unlike = appearance_transfer(first, second, ids, videos)
+    assert abs(unlike["transfer"]) < 0.5 and unlike["within"] > 0.99
+    assert appearance_transfer(np.zeros((0, 8)), np.zeros((0, 8)), [], [])["transfer"] is None

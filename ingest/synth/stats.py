@@ -123,7 +123,44 @@ def retrieval_map(descriptors: np.ndarray, identities: Sequence[str]) -> tuple[f
     return (float(np.mean(aps)) if aps else None), len(aps), excluded
 
 
-def _describe(root: Path, coco: dict, tracklets: list[Tracklet]) -> np.ndarray:
+def appearance_transfer(
+    first: np.ndarray, second: np.ndarray, identities: Sequence[str], videos: Sequence[str]
+) -> dict:
+    """Does a polyp look alike across its tracklets as within one? From each tracklet's two
+    halves' descriptors (`first`, `second`), mean cosine similarities: `within` (a tracklet's two
+    halves), `cross` (halves of two tracklets of the same polyp) and `other` (halves of different
+    polyps of the same video), and `transfer` = (cross - other) / (within - other): 1 when
+    tracklet-level invariance already covers a polyp's other tracklets (a tracklet sampler then
+    learns what temporal bags would add), 0 when a polyp's tracklets look as unlike as two polyps."""
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    a, b = unit(first), unit(second)
+    ids, vids = np.asarray(identities), np.asarray(videos)
+    n = len(ids)
+    if n == 0:
+        return {"within": None, "cross": None, "other": None, "transfer": None, "cross_pairs": 0}
+    within = float(np.mean(np.sum(a * b, axis=1)))
+    sim = a @ b.T  # first half of i vs second half of j (a pair's two directions both count)
+    off = ~np.eye(n, dtype=bool)
+    same_id = (ids[:, None] == ids[None, :]) & off
+    other = (ids[:, None] != ids[None, :]) & (vids[:, None] == vids[None, :])
+    cross = float(sim[same_id].mean()) if same_id.any() else None
+    oth = float(sim[other].mean()) if other.any() else None
+    known = cross is not None and oth is not None and within > oth
+    transfer = (cross - oth) / (within - oth) if known else None
+    return {
+        "within": round(within, 4),
+        "cross": round(cross, 4) if cross is not None else None,
+        "other": round(oth, 4) if oth is not None else None,
+        "transfer": round(transfer, 4) if transfer is not None else None,
+        "cross_pairs": int(same_id.sum() // 2),
+    }
+
+
+def _describe(root: Path, coco: dict, tracklets: list[Tracklet], part: str = "all") -> np.ndarray:
     images = {im["id"]: im for im in coco["images"]}
     cache: dict[int, np.ndarray] = {}
 
@@ -138,7 +175,10 @@ def _describe(root: Path, coco: dict, tracklets: list[Tracklet]) -> np.ndarray:
 
     out = []
     for tr in tracklets:
-        out.append(describe_tracklet([load(b.image_id) for b in tr.boxes], [b.bbox for b in tr.boxes]))
+        boxes = tr.boxes
+        half = max(1, len(boxes) // 2)
+        boxes = {"all": boxes, "first": boxes[:half], "second": boxes[half:] or boxes[-1:]}[part]
+        out.append(describe_tracklet([load(b.image_id) for b in boxes], [b.bbox for b in boxes]))
         if len(cache) > 4096:
             cache.clear()
     return np.stack(out) if out else np.zeros((0, 1), np.float32)
@@ -240,13 +280,17 @@ def dataset_stats(root: str | Path, appearance_split: str = "test") -> dict:
     if app:
         desc = _describe(root, cocos[appearance_split], app)
         m, q, x = retrieval_map(desc, [t.identity for t in app])
+        halves = [_describe(root, cocos[appearance_split], app, part) for part in ("first", "second")]
+        transfer = appearance_transfer(*halves, [t.identity for t in app], [t.video for t in app])
     else:
         m, q, x = None, 0, 0
+        transfer = appearance_transfer(np.zeros((0, 1)), np.zeros((0, 1)), [], [])
     out.update(
         appearance_split=appearance_split,
         appearance_map=round(m, 4) if m is not None else None,
         appearance_queries=q,
         appearance_excluded=x,
+        appearance_transfer=transfer,
     )
     return out
 
