@@ -122,7 +122,8 @@ HELP: dict[str, str] = {
     "logger": f"metrics logger: {', '.join(LOGGERS)} (csv needs no account nor network)",
     "runs_dir": "folder of runs",
     "log_every_n_steps": "logging interval in steps",
-    "data_log": "debug: append the videos of every batch to FILE.rankR",
+    "data_log": "debug: append a line per batch to FILE.rankR: epoch, stream, batch, plan batch "
+    "(-1 with sequential access), the batch's videos",
     "decode_on": "where training JPEGs are decoded: workers = in the loader workers (CPU); device = the "
     "workers ship JPEG bytes and crop windows, the training process decodes them on its device (nvJPEG on "
     "a GPU), so few CPU cores feed a fast GPU",

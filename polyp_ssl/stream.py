@@ -487,7 +487,7 @@ class BagStream(IterableDataset):
             if p.data_log:
                 with open(f"{p.data_log}.rank{self.rank}", "a") as fh:
                     vids = sorted({self.index.video_ids[v] for v in self.frags.video_of(plan.bags[bags, 0])})
-                    fh.write(f"{epoch} {stream} {batch_i} {' '.join(vids)}\n")
+                    fh.write(f"{epoch} {stream} {batch_i} {g} {' '.join(vids)}\n")
             return batch
         raise RuntimeError(f"rank {self.rank}: batch {g} of epoch {epoch}: every replacement bag was damaged")
 
@@ -608,7 +608,7 @@ class BagStream(IterableDataset):
         if p.data_log:
             with open(f"{p.data_log}.rank{self.rank}", "a") as fh:
                 vids = sorted({self.index.video_ids[ov.index] for ov, _ in chosen})
-                fh.write(f"{epoch} {stream} {batch_i} {' '.join(vids)}\n")
+                fh.write(f"{epoch} {stream} {batch_i} -1 {' '.join(vids)}\n")
         yield batch
 
     def decode_batch(self, chosen: list[tuple[_OpenVideo, np.ndarray]], rng: np.random.Generator) -> dict:

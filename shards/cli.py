@@ -296,7 +296,8 @@ def _verify_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl verify",
         description="Re-hash every shard listed in the catalog; compare sha256, byte size and sample count; "
-        "check every tracklet's sample is in its shard; report shard files the catalog does not list. "
+        "check every tracklet's sample is in its shard and every catalog byte span (offset, size, CRC-32) "
+        "is its member's; report shard files the catalog does not list. "
         "Exit 0 only when everything matches.",
     )
     p.add_argument("root", help="ingested root (holds catalog/ and shards/)")

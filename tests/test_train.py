@@ -195,7 +195,8 @@ def test_resume_equivalence(root, tmp_path):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(root, tmp_path):
+@pytest.mark.parametrize("access", ["random", "sequential"])
+def test_ddp_two_cpu_processes(root, tmp_path, access):
     data_log = tmp_path / "seen"
     cmd = [
         sys.executable,
@@ -214,6 +215,8 @@ def test_ddp_two_cpu_processes(root, tmp_path):
         "ddp",
         "--data_log",
         str(data_log),
+        "--shard_access",
+        access,
         *TINY,
     ]
     cmd[cmd.index("--devices") + 1] = "2"
@@ -222,6 +225,11 @@ def test_ddp_two_cpu_processes(root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [Path(f"{data_log}.rank{r}").read_text().splitlines() for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) > 0  # the same number of steps
-    videos = [{v for line in lines for v in line.split()[3:]} for lines in ranks]
-    assert videos[0] and videos[1] and not videos[0] & videos[1]
+    if access == "sequential":  # each rank reads its own videos
+        videos = [{v for line in lines for v in line.split()[4:]} for lines in ranks]
+        assert videos[0] and videos[1] and not videos[0] & videos[1]
+    else:  # rank r takes the plan's batches r, r + 2, ...: together the plan, no batch twice
+        plan = [[int(line.split()[3]) for line in lines] for lines in ranks]
+        assert plan[0] == list(range(0, 2 * len(plan[0]), 2))
+        assert all(b == a + 1 or b == 0 for a, b in zip(plan[0], plan[1], strict=True))  # 0: wrapped
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt").exists()
