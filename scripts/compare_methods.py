@@ -156,6 +156,26 @@ def summarise(results_path: Path, arms: list[str], seeds: list[int], init_label:
     return out
 
 
+def paired_rows(results_path: Path, baseline: str) -> dict:
+    """From one report's latest rows: the baseline minus each other row, per metric of METRICS,
+    with its paired 95% interval (the report gives row minus baseline; signs and bounds flipped)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(results_path).to_pylist()
+    latest = max(r["created"] for r in table)
+    out: dict = {}
+    for r in table:
+        if r["created"] != latest or r["checkpoint"] == baseline or (r["task"], r["metric"]) not in METRICS:
+            continue
+        if r.get("diff_vs_baseline") is None:
+            continue
+        out.setdefault(r["checkpoint"], {})[f"{r['task']}/{r['metric']}"] = {
+            "baseline_minus_row": -r["diff_vs_baseline"],
+            "ci": [-r["diff_ci_high"], -r["diff_ci_low"]],
+        }
+    return out
+
+
 def make_synth(data: Path, a: argparse.Namespace) -> dict[str, int]:
     """Generate the synthetic videos with the paper's split proportions (see the module doc)."""
     from polyp_ssl.ingest.synth import generate as gen
@@ -222,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_epochs", type=int, default=50,
                     help="length of the bag temperature schedule; must not end a run before max_steps")
     ap.add_argument("--baseline", default="init", help="'init' (the shared initialisation) or an arm")
+    ap.add_argument(
+        "--paired_vs",
+        default=None,
+        help="an arm: also report, seed by seed, that arm minus every other arm of the same seed "
+        "(and the seed's init), paired over the same resampled test polyps (OUT/report_vs_ARM_sSEED)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu", "cuda", "auto"])
     ap.add_argument("--backbone", default=None, help="default resnet18 on cpu, resnet50 on gpu")
     ap.add_argument("--im_size", type=int, default=96)
@@ -360,6 +386,21 @@ def _main(a: argparse.Namespace) -> int:
         if not all(summary["same_init_per_seed"].values()):
             log.warning("arms of one seed start from different weights: %s", summary["same_init_per_seed"])
         summary.update(summarise(report / "results.parquet", a.arms, a.seeds, f"{init_run}/init"))
+    if a.paired_vs:
+        if a.paired_vs not in a.arms:
+            raise CompareError(f"--paired_vs {a.paired_vs!r}: not one of the arms ({', '.join(a.arms)})")
+        summary["paired_vs"] = {"arm": a.paired_vs, "seeds": {}}
+        for seed in a.seeds:
+            names = [run_name(arm, seed) for arm in a.arms]
+            ckpts = [runs / n / "checkpoints" / "last.ckpt" for n in names]
+            ckpts.append(runs / names[0] / "checkpoints" / "init.ckpt")
+            out_s = out / f"report_vs_{a.paired_vs}_s{seed}"
+            base = f"{run_name(a.paired_vs, seed)}/last"
+            summary["seconds"][f"report_vs/s{seed}"] = run(
+                report_command(ckpts, root, out_s, base, a), a.dry_run, f"report vs {base}"
+            )
+            if not a.dry_run:
+                summary["paired_vs"]["seeds"][str(seed)] = paired_rows(out_s / "results.parquet", base)
     print(json.dumps(_finite(summary), default=str))
     return 0
 

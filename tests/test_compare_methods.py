@@ -23,10 +23,35 @@ TINY_TRAIN = (
     "--eval_batch_size 4 --open_videos 2 --lr 0.001 --log_every_n_steps 1"
 )
 TINY = [
-    "--synth", "--scale", "0.05", "--synth_frames", "240", "--synth_width", "128", "--synth_height", "112",
-    "--store_size", "48", "--seeds", "0", "1", "--arms", "ntssl", "tracklet", "--max_steps", "2",
-    "--im_size", "32", "--batch_size", "8", "--n_views", "2", "--train_args", TINY_TRAIN,
-    "--report_args", "--tasks retrieval,reid --ci_resamples 200",
+    "--synth",
+    "--scale",
+    "0.05",
+    "--synth_frames",
+    "240",
+    "--synth_width",
+    "128",
+    "--synth_height",
+    "112",
+    "--store_size",
+    "48",
+    "--seeds",
+    "0",
+    "1",
+    "--arms",
+    "ntssl",
+    "tracklet",
+    "--max_steps",
+    "2",
+    "--im_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--n_views",
+    "2",
+    "--train_args",
+    TINY_TRAIN,
+    "--report_args",
+    "--tasks retrieval,reid --ci_resamples 200",
 ]
 
 
@@ -74,8 +99,18 @@ def test_dry_run_plans_every_arm_and_seed_at_equal_steps(tmp_path):
 
 
 def test_gpu_defaults_to_resnet50(tmp_path):
-    r = compare("--synth", "--out", str(tmp_path / "c"), "--dry_run", "--device", "gpu", "--arms", "ntssl",
-                "--seeds", "0")
+    r = compare(
+        "--synth",
+        "--out",
+        str(tmp_path / "c"),
+        "--dry_run",
+        "--device",
+        "gpu",
+        "--arms",
+        "ntssl",
+        "--seeds",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
     train = next(shlex.split(x) for x in r.stdout.splitlines() if " train " in x)
     assert train[train.index("--sfe_backbone_arch") + 1] == "resnet50"
@@ -127,8 +162,24 @@ def test_end_to_end_two_arms_two_seeds(tmp_path):
                 assert e["diff_vs_baseline"] == pytest.approx(e["value"] - init["value"], abs=1e-9)
                 low, high = e["diff_ci"]
                 assert low - 1e-9 <= e["diff_vs_baseline"] <= high + 1e-9
-    # a second call reuses the data and the trained runs (same steps) and reports again
-    r2 = compare("--out", str(out), *TINY)
+    noise = summary["bag_noise"]
+    assert noise["tracklet"]["same_tracklet"] == 1.0 and noise["tracklet"]["same_identity"] == 1.0
+    assert 0 <= noise["temporal_first_epoch"]["same_identity"] <= 1
+    # a second call reuses the data and the trained runs (same steps) and reports again, here
+    # also seed by seed against ntssl
+    r2 = compare("--out", str(out), *TINY, "--paired_vs", "ntssl")
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "already trained to 2 steps" in r2.stderr
-    assert json.loads(r2.stdout.strip().splitlines()[-1])["arms"] == summary["arms"]
+    s2 = json.loads(r2.stdout.strip().splitlines()[-1])
+    assert s2["arms"] == summary["arms"]
+    for s in ("0", "1"):
+        rows = s2["paired_vs"]["seeds"][s]
+        assert set(rows) == {f"tracklet_s{s}/last", f"ntssl_s{s}/init", "hand-made descriptor"}
+        for key in ("retrieval/mAP", "reid/AUROC"):
+            d = rows[f"tracklet_s{s}/last"][key]
+            want = (
+                summary["arms"]["ntssl"][key]["seeds"][s]["value"]
+                - summary["arms"]["tracklet"][key]["seeds"][s]["value"]
+            )
+            assert d["baseline_minus_row"] == pytest.approx(want, abs=1e-9)
+            assert d["ci"][0] - 1e-9 <= d["baseline_minus_row"] <= d["ci"][1] + 1e-9
