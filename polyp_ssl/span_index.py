@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from polyp_ssl.epoch_plan import SplitFragments
 from polyp_ssl.fragments import cut_tracklet
 from polyp_ssl.loader_errors import DataConfigError, ShardError
-from polyp_ssl.shards.members import MemberError, MemberSpan, SpanReader, local_shard_path
+from polyp_ssl.shards.members import MemberError, MemberSpan, SpanReader, local_shard_path, overlapping_spans
 from polyp_ssl.shards.sample import SampleError, parse_sample
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def build_span_index(
             strict=True,
         )
     }
+    _check_no_overlap(root, by_key, tid_arr, spans_all)
     # the tracklets of each video in catalog (shard) order, as the sequential reader meets them
     per_video: dict[int, list[str]] = {}
     for k, (v, _, _) in index.samples.items():
@@ -284,6 +285,27 @@ def _assemble(
         np.asarray(f_ide, dtype=np.int64),
     )
     return table, frags
+
+
+def _check_no_overlap(root: Path, by_key: dict, frame_tids: np.ndarray, frame_spans: np.ndarray) -> None:
+    """DataConfigError when two catalog spans of one shard overlap (shards.members.overlapping_spans),
+    naming the catalog table, the tracklet and the field."""
+    shard_of = {tid: shard for tid, shard, _ in by_key.values()}
+    # per shard: (table, offset column, tracklet id, offset, size)
+    per_shard: dict[str, list[tuple[str, str, str, int, int]]] = {}
+    for tid, shard, span in by_key.values():
+        per_shard.setdefault(shard, []).append(("tracklets", "json_offset", tid, span.offset, span.size))
+    for tid, (off, size, _) in zip(frame_tids, frame_spans, strict=True):
+        per_shard.setdefault(shard_of[tid], []).append(("frames", "jpeg_offset", tid, int(off), int(size)))
+    for shard, spans in per_shard.items():
+        pair = overlapping_spans(np.array([s[3] for s in spans]), np.array([s[4] for s in spans]))
+        if pair is not None:
+            (_, _, tid_a, off_a, size_a), (table, column, tid, off, size) = spans[pair[0]], spans[pair[1]]
+            raise DataConfigError(
+                f"{root / 'catalog' / table}.parquet: tracklet {tid!r}: field {column!r}: the span "
+                f"{off}+{size} in {shard} overlaps one of tracklet {tid_a!r} at {off_a}+{size_a}; members "
+                "of a tar never overlap (not ingest's catalog; `polyp-ssl verify ROOT` checks every span)"
+            )
 
 
 def _check_rows(meta: Any, catalog_frames: int | None, frame_index: np.ndarray) -> None:

@@ -231,15 +231,17 @@ class BagStream(IterableDataset):
     def check_split_identities(self) -> None:
         """multipos with random access: DataConfigError when the split holds fewer identities that
         anchor a bag than the bags of a batch (every stream draws from the whole split)."""
-        p = self.params
         every = {i for ids in self.index.video_identities for i in ids}
-        if len(every) < p.n_bags:
-            raise DataConfigError(
-                f"--sampler multipos: the split {self.index.split!r} has {len(every)} distinct identities "
-                f"(polyps) with a bag, fewer than the {p.n_bags} bags of a batch (--batch_size "
-                f"{p.batch_size} / --n_views {p.n_views}), and a batch holds each identity at most once; "
-                "lower --batch_size"
-            )
+        if len(every) < self.params.n_bags:
+            raise self.too_few_identities(f"the split {self.index.split!r} has", len(every), "")
+
+    def too_few_identities(self, scope: str, n: int, remedy: str) -> DataConfigError:
+        p = self.params
+        return DataConfigError(
+            f"--sampler multipos: {scope} {n} distinct identities (polyps) with a bag, fewer than the "
+            f"{p.n_bags} bags of a batch (--batch_size {p.batch_size} / --n_views {p.n_views}), and a "
+            f"batch holds each identity at most once; lower --batch_size{remedy}"
+        )
 
     @property
     def build_skips(self) -> Counter:
@@ -262,12 +264,7 @@ class BagStream(IterableDataset):
                     if len(every) < p.n_bags
                     else f"stream {stream} of {self.n_streams} (ranks x workers) gets videos with"
                 )
-                raise DataConfigError(
-                    f"--sampler multipos: {scope} {len(have)} distinct identities (polyps) with a bag, "
-                    f"fewer than the {p.n_bags} bags of a batch (--batch_size {p.batch_size} / --n_views "
-                    f"{p.n_views}), and a batch holds each identity at most once; lower --batch_size, or "
-                    "use fewer devices or --num_workers"
-                )
+                raise self.too_few_identities(scope, len(have), ", or use fewer devices or --num_workers")
 
     def __len__(self) -> int:
         return self.length

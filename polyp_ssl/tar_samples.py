@@ -4,7 +4,6 @@ before use (the loader's sequential path, and validation).
 
 from __future__ import annotations
 
-import logging
 import tarfile
 import zlib
 from collections import Counter
@@ -29,9 +28,6 @@ from polyp_ssl.shards.sample import (
     jpeg_size,
     sample_meta,
 )
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------- reading shards
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -22,9 +21,6 @@ from polyp_ssl.transforms import (
     anchor_crop,
     decode_jpeg_bytes,
 )
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------- validation: whole tracklets
 

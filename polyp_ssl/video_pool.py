@@ -5,7 +5,6 @@ videos (`take_batch`). Pure logic over samples already in memory.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +19,6 @@ from polyp_ssl.shards.sample import (
 )
 from polyp_ssl.stream_index import StreamIndex, StreamParams
 from polyp_ssl.tar_samples import PARSED_META
-
-log = logging.getLogger(__name__)
 
 
 def assign_videos(index: StreamIndex, n_streams: int, seed: int, epoch: int) -> list[list[int]]:

@@ -18,7 +18,10 @@ import os
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from urllib.parse import urlparse
+
+import numpy as np
+
+from polyp_ssl.shards.reader import is_url
 
 # a single member larger than this is not read into memory (a frame's JPEG is a few hundred KB;
 # the sample JSON is capped at 16 MiB by shards.sample)
@@ -36,6 +39,24 @@ class MemberSpan:
 
 def crc32(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def overlapping_spans(offsets: np.ndarray, sizes: np.ndarray) -> tuple[int, int] | None:
+    """The indices of two spans of one shard that overlap (the first such pair in offset order),
+    or None. Members of a tar never overlap, so the spans of a catalog that does are not ingest's;
+    refusing them keeps what a batch reads bounded by the distinct bytes of its shards (a catalog
+    cannot point every frame at one large region). Spans with a negative offset or size (null in
+    the catalog) are ignored here and refused when read."""
+    offsets, sizes = np.asarray(offsets, np.int64), np.asarray(sizes, np.int64)
+    ok = np.flatnonzero((offsets >= 0) & (sizes >= 0))
+    if len(ok) < 2:
+        return None
+    order = ok[np.argsort(offsets[ok], kind="stable")]
+    ends = offsets[order] + sizes[order]
+    bad = np.flatnonzero(offsets[order][1:] < ends[:-1])
+    if not len(bad):
+        return None
+    return int(order[bad[0]]), int(order[bad[0] + 1])
 
 
 class MemberError(OSError):
@@ -56,12 +77,11 @@ class MemberError(OSError):
 def local_shard_path(url: str) -> str | None:
     """The local file behind a shard location (shards.locations.shard_location), or None when
     it is not one that can be read at offsets: a `pipe:` command, a remote URL, or a compressed
-    shard (`.tar.gz`, `.tgz`, ...)."""
-    if url.startswith("file:"):
-        url = urlparse(url).path if url.startswith("file://") else url[len("file:") :]
-    elif ":" in url.split("/", 1)[0] and not os.path.isabs(url):
-        return None  # pipe:, http:, s3:, ... (a Windows drive letter is not supported either)
-    return url if url.endswith(".tar") else None
+    shard (`.tar.gz`, `.tgz`, ...). Local means what shards.reader.open_shard opens with open()."""
+    if is_url(url):
+        return None
+    path = url.removeprefix("file:")
+    return path if path.endswith(".tar") else None
 
 
 class SpanReader:

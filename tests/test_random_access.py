@@ -272,3 +272,30 @@ def test_decode_on_device_ships_the_same_jpegs(small):
     dec = decode_batch_on(enc, "cpu", P.im_size)
     assert torch.equal(a["tracklet"], enc["tracklet"])
     assert (a["frames"].float() - dec["frames"].float()).abs().mean() < 2.0
+
+
+def test_a_catalog_whose_spans_overlap_is_refused_before_any_read(small):
+    """Spans are data: every frame pointed at one region would make a batch read that region once
+    per frame; tar members never overlap, so overlapping spans are refused naming table and field."""
+    path = small / "catalog" / "frames.parquet"
+    rows = pq.read_table(path).to_pylist()
+    first = rows[0]
+    for r in rows[1:4]:
+        r["jpeg_offset"], r["jpeg_size"], r["jpeg_crc32"] = (
+            first["jpeg_offset"],
+            first["jpeg_size"],
+            first["jpeg_crc32"],
+        )
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    with pytest.raises(DataConfigError, match=r"frames\.parquet: tracklet .*field 'jpeg_offset'.*overlaps"):
+        BagStream(build_index(small, "train", P), P)
+
+
+def test_overlapping_spans_against_a_hand_count():
+    from polyp_ssl.shards.members import overlapping_spans
+
+    assert overlapping_spans(np.array([0, 10, 20]), np.array([10, 10, 5])) is None  # touching is fine
+    assert overlapping_spans(np.array([20, 0, 5]), np.array([5, 10, 3])) == (1, 2)
+    assert overlapping_spans(np.array([-1, -1]), np.array([-1, -1])) is None  # nulls: refused on read
