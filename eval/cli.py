@@ -192,9 +192,14 @@ def _out_dir(
     args: argparse.Namespace, root: Path | None, emb_path: str | Path | None, default_name: str
 ) -> Path:
     """--out as given; else a folder named by what produced the result (eval.outputs.output_name),
-    prefixed by --exp_name: two runs that differ in any input never share a folder."""
+    prefixed by --exp_name: two runs that differ in any input never share a folder. --exp_name
+    is one plain name (shards.ids), so the folder stays inside `{runs_dir or root}/eval`."""
     if args.out:
         return Path(args.out)
+    if args.exp_name:
+        from polyp_ssl.shards.ids import path_component
+
+        path_component(args.exp_name, "--exp_name")  # UnsafeIdError (a ValueError): exit 2
     name = f"{args.exp_name}_{default_name}" if args.exp_name else default_name
     if args.runs_dir:
         return Path(args.runs_dir) / "eval" / name
@@ -605,8 +610,10 @@ def probe_main(argv: list[str] | None = None) -> int:
             print(f"probe task: {args.task} ({why}; --task overrides)")
         _apply_reference(p, args, ["size", "histology"])
         if args.data_fragment_drop_last and args.data_fragment_padding_mode:
-            raise CliError("--data_fragment_padding_mode with --data_fragment_drop_last: a dropped fragment "
-                           "is not padded (the reference refuses this pair too)")
+            raise CliError(
+                "--data_fragment_padding_mode with --data_fragment_drop_last: a dropped fragment "
+                "is not padded (the reference refuses this pair too)"
+            )
         return _probe(args)
 
     return _run("polyp-ssl probe", run)

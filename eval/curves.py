@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polyp_ssl.shards.textio import TextInputError, csv_rows, shown
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
@@ -62,7 +64,7 @@ def version_files(run: str | Path) -> list[Path]:
     if logs.is_dir():
         for d in logs.iterdir():
             m = _VERSION_RE.match(d.name)
-            if m and (d / METRICS_FILE).is_file():
+            if m and (d / METRICS_FILE).exists():  # a FIFO here is refused by name when read
                 found.append((int(m.group(1)), d / METRICS_FILE))
     if not found:
         raise CurvesError(
@@ -79,9 +81,11 @@ def read_metrics_csv(path: str | Path) -> dict[str, dict[int, float]]:
     if path.stat().st_size > MAX_CSV_BYTES:
         raise CurvesError(f"{path}: {path.stat().st_size} bytes, more than a metrics log ({MAX_CSV_BYTES})")
     out: dict[str, dict[int, float]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
+    # strict and bounded (shards.textio): a FIFO refused, a quoting error, a line or field too long,
+    # bytes that are not UTF-8, a control character: one line naming the file and the line
+    rows = csv_rows(path, "metrics CSV", encoding="utf-8")
+    try:
+        header = next(rows, (1, None))[1]
         if not header or "step" not in header:
             raise CurvesError(f"{path}: no `step` column in the header: not a Lightning metrics.csv")
         step_col = header.index("step")
@@ -90,18 +94,18 @@ def read_metrics_csv(path: str | Path) -> dict[str, dict[int, float]]:
             for i, name in enumerate(header)
             if name not in ("step", "epoch") and not name.endswith("_epoch")
         ]
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
+        for line, row in rows:
             if len(row) != len(header):
                 raise CurvesError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
             step = _number(row[step_col], path, line, "step")
             if step is None or step < 0 or not float(step).is_integer():
-                raise CurvesError(f"{path}: line {line}, field 'step': {row[step_col]!r} is not a step")
+                raise CurvesError(f"{path}: line {line}, field 'step': {shown(row[step_col])} is not a step")
             for i, name in cols:
                 v = _number(row[i], path, line, header[i])
                 if v is not None:
                     out.setdefault(name, {})[int(step)] = v
+    except TextInputError as e:
+        raise CurvesError(str(e)) from None
     return out
 
 
@@ -219,7 +223,8 @@ def _number(text: str, path: Path, line: int, column: str) -> float | None:
     try:
         v = float(text)
     except ValueError:
-        raise CurvesError(f"{path}: line {line}, field {column!r}: {text!r} is not a number") from None
+        where = f"{path}: line {line}, field {shown(column)}"
+        raise CurvesError(f"{where}: {shown(text)} is not a number") from None
     return v if math.isfinite(v) else None
 
 

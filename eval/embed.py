@@ -47,10 +47,12 @@ from typing import Any
 
 import numpy as np
 
+from polyp_ssl.config import MAX_IM_SIZE
 from polyp_ssl.eval import embeddings as emb_io
 from polyp_ssl.eval.embeddings import read_metadata, write_embeddings
 from polyp_ssl.fragments import even_subsample, fragment_index_lists
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
 from polyp_ssl.shards.locations import UnsafeLocation, check_shard_value, shard_location
 from polyp_ssl.shards.sample import (
@@ -102,13 +104,13 @@ class EmbedParams:
     min_tracklet_frames: int = DEFAULT_MIN_TRACKLET_FRAMES
 
 
-
 def sha256_file(path: str | Path) -> str:
     """polyp_ssl.checkpoint.sha256_file, imported when used: that module imports torch, and
     `polyp-ssl embed --help` should not wait for it."""
     from polyp_ssl.checkpoint import sha256_file as _sha256_file
 
     return _sha256_file(path)
+
 
 def protocol_string(params: EmbedParams | dict[str, Any]) -> str:
     """A one-line name of the evaluation protocol, e.g. `paper: min 30 frames, stride 4, all frames`."""
@@ -282,11 +284,11 @@ def split_shards(root: str | Path, split: str) -> list[Path]:
             paths.append(Path(shard_location(rel, root)))
     except UnsafeLocation as exc:
         raise EmbedError(str(exc)) from None
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise EmbedError(f"shards named in {table_path} are missing: {missing[:3]}")
     for r, p in zip(rows, paths, strict=True):
-        size = p.stat().st_size
+        size = check_regular(p, "shard").st_size  # a FIFO or device in place of a shard: refused by name
         if r["n_bytes"] is not None and size != r["n_bytes"]:
             raise EmbedError(
                 f"{p}: {size} bytes, {table_path} says {r['n_bytes']}: not the shard the catalog describes "
@@ -489,7 +491,7 @@ def resolve_source(
         label = sanitize_name(f"init_{etype}_{arch}".rstrip("_"))
         return EncoderSource("init", spec, f"init-{ident}", label, config)
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device is refused by name when read (sha256_file)
         raise EmbedError(f"--encoder_ckpt {path}: no such file")
     return EncoderSource("checkpoint", str(path), sha256_file(path), sanitize_name(_ckpt_label(path)))
 
@@ -525,24 +527,41 @@ _ARCH_SPEC = re.compile(r"^(sfe|mve|hmve)[-_:](resnet\d+)$")
 def init_config(spec: str) -> dict[str, Any]:
     """The config of the encoder to build at initialisation, from a checkpoint, a YAML/JSON
     config file (the run's resolved config) or an architecture spec such as `hmve-resnet18`."""
+    from polyp_ssl.checkpoint import MAX_INIT_PARAMS, CheckpointError, check_model_config
+
     m = _ARCH_SPEC.match(spec)
     if m:
-        return {"encoder_type": m.group(1), "sfe_backbone_arch": m.group(2), "sfe_d_model": None}
+        config = {"encoder_type": m.group(1), "sfe_backbone_arch": m.group(2), "sfe_d_model": None}
+        where = f"init:{spec}"
+    else:
+        config, where = _init_config_file(spec), spec
+    try:  # the check of every model config, before anything is built; random weights: a tighter bound
+        check_model_config({**config, "sfe_d_model": None}, where, max_params=MAX_INIT_PARAMS)
+    except CheckpointError as e:
+        raise EmbedError(str(e)) from None
+    return config
+
+
+def _init_config_file(spec: str) -> dict[str, Any]:
+    """The flat config of an `init:` file: a checkpoint's (checked as every checkpoint is), or a
+    YAML/JSON run config."""
     path = Path(spec)
     if not path.is_file():
         raise EmbedError(f"init:{spec}: neither a file nor an architecture spec like hmve-resnet18")
     if path.suffix in (".ckpt", ".pt", ".pth"):
-        from polyp_ssl.checkpoint import load_encoder
+        from polyp_ssl.checkpoint import CheckpointError, load_encoder
 
-        _, config = load_encoder(path, map_location="cpu")
+        try:
+            _, config = load_encoder(path, map_location="cpu")
+        except CheckpointError as e:
+            raise EmbedError(str(e)) from None
         return flat_config(config)
-    text = path.read_text()
-    if path.suffix == ".json":
-        config = json.loads(text)
-    else:
-        import yaml
+    from polyp_ssl.shards.textio import TextInputError, load_config_file
 
-        config = yaml.safe_load(text)
+    try:  # bounded, aliases and python tags refused, nesting bounded: one line naming the file
+        config = load_config_file(path, "init: config")
+    except TextInputError as e:
+        raise EmbedError(f"init:{e}") from None
     if not isinstance(config, dict):
         raise EmbedError(f"{path}: config is not a mapping")
     return flat_config(config)
@@ -576,9 +595,7 @@ def build_init_encoder(config: dict[str, Any], seed: int):
         raise EmbedError(f"cannot build the encoder at initialisation: {e}") from e
 
 
-def load_source_encoder(
-    source: EncoderSource, init_seed: int, expect_type: str | None, pooling: str = "cls"
-):
+def load_source_encoder(source: EncoderSource, init_seed: int, expect_type: str | None, pooling: str = "cls"):
     """(encoder module, config dict) of a checkpoint, init or zoo source."""
     if source.kind == "zoo":
         from polyp_ssl.eval.zoo import ZooError, get_spec, make_zoo_encoder
@@ -592,12 +609,14 @@ def load_source_encoder(
             raise EmbedError(str(e)) from None
         return encoder, {"im_size": source.config["im_size"]}
     if source.kind == "checkpoint":
-        from polyp_ssl.checkpoint import load_encoder
+        from polyp_ssl.checkpoint import CheckpointError, load_encoder
 
         try:
             encoder, config = load_encoder(source.spec, map_location="cpu")
         except EmbedError:
             raise
+        except CheckpointError as e:  # names the file and the field already
+            raise EmbedError(f"cannot load the encoder: {e}") from None
         except Exception as e:  # a bad checkpoint is reported, not traced
             raise EmbedError(f"{source.spec}: cannot load the encoder ({type(e).__name__}: {e})") from e
         config = flat_config(config)
@@ -625,8 +644,8 @@ def resolve_params(
         if bbox_scale_factor is not None
         else float(data.get("bbox_scale_factor") or DEFAULT_BBOX_SCALE)
     )
-    if im < 8:
-        raise EmbedError(f"--data_im_size must be >= 8, got {im}")
+    if not 8 <= im <= MAX_IM_SIZE:  # a checkpoint's im_size passed check_model_config already
+        raise EmbedError(f"--data_im_size must be in [8, {MAX_IM_SIZE}], got {im}")
     if scale <= 0:
         raise EmbedError(f"--data_bbox_scale_factor must be > 0, got {scale}")
     return EmbedParams(**{**asdict(params), "im_size": im, "bbox_scale_factor": scale})

@@ -24,7 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from polyp_ssl.shards.files import NotRegularFileError, check_regular
 from polyp_ssl.shards.schema import embeddings_schema
+from polyp_ssl.shards.textio import TextInputError, loads_json
 
 META_KEY = b"polyp_ssl"
 _LEGACY_META_KEY = b"polyp_ssl.embeddings"
@@ -41,6 +43,72 @@ KEY_COLUMNS = (
 
 class EmbeddingsError(ValueError):
     """A file that cannot serve as embeddings for the asked task; the message names file and field."""
+
+
+# What reading a file may allocate, from the rows and dimensions its Parquet footer declares:
+# float32 vectors plus about ROW_OVERHEAD_BYTES a row for the key columns (string columns are read
+# dictionary-encoded, so a row costs a pointer whatever its strings). A file may declare at most
+# EXPANSION times its own size, or MIN_DECLARED_BYTES: float vectors barely compress, so only a
+# collapsed (constant) set or a bomb declares much more than it holds.
+ROW_OVERHEAD_BYTES = 96
+MIN_DECLARED_BYTES = 512 << 20
+EXPANSION = 64
+STRING_COLUMNS = KEY_COLUMNS[:5]
+
+
+def declared_bytes(rows: int, dim: int) -> int:
+    """Bytes `read_embeddings` allocates for `rows` rows of `dim`-dimensional vectors."""
+    return int(rows) * (int(dim) * 4 + ROW_OVERHEAD_BYTES)
+
+
+def check_declared_size(path: Path, dim: int) -> int:
+    """The row count of the Parquet footer of `path`, once rows x dim is known to fit the bound
+    (`declared_bytes` at most max(MIN_DECLARED_BYTES, EXPANSION x the file's size)); checked
+    before any data is read, so a small file declaring millions of vectors is refused by name."""
+    try:
+        md = pq.read_metadata(path)
+    except Exception as e:
+        raise EmbeddingsError(f"{path}: not a Parquet file ({type(e).__name__}: {e})") from e
+    rows = sum(md.row_group(i).num_rows for i in range(md.num_row_groups))
+    if rows != md.num_rows or rows < 0:
+        raise EmbeddingsError(f"{path}: the footer declares {md.num_rows} rows, its row groups {rows}")
+    size = path.stat().st_size
+    need, bound = declared_bytes(rows, dim), max(MIN_DECLARED_BYTES, EXPANSION * size)
+    if need > bound:
+        raise EmbeddingsError(
+            f"{path}: field 'vector': the file declares {rows} rows x {dim} dimensions ({need / 2**30:.1f} "
+            f"GiB to read) in {size} bytes, more than {EXPANSION}x its size (at least "
+            f"{MIN_DECLARED_BYTES >> 20} MiB) that embeddings may expand to; refused before reading"
+        )
+    return rows
+
+
+def _object_column(column: pa.ChunkedArray) -> np.ndarray:
+    """A string column read dictionary-encoded as an object array whose rows share the
+    dictionary's str objects (None for null): memory per row is a pointer."""
+    parts = []
+    for chunk in column.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            parts.append(np.asarray(chunk.to_pylist(), dtype=object))
+            continue
+        values = np.empty(len(chunk.dictionary) + 1, dtype=object)
+        values[:-1] = chunk.dictionary.to_pylist()
+        idx = chunk.indices.fill_null(len(values) - 1).to_numpy(zero_copy_only=False)
+        parts.append(values[idx])
+    return np.concatenate(parts) if parts else np.empty(0, dtype=object)
+
+
+def check_finite_vectors(path: Path, vectors: np.ndarray, tracklet_id: np.ndarray) -> None:
+    """EmbeddingsError naming the file, the first row (and its tracklet) and the field when a
+    vector holds a NaN or an infinity (every task compares vectors: one NaN spoils them all)."""
+    finite = np.isfinite(vectors).all(axis=1)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite)
+    raise EmbeddingsError(
+        f"{path}: row {int(bad[0])} (tracklet {tracklet_id[bad[0]]!r}): field 'vector' has a non-finite "
+        f"value ({bad.size} of {finite.size} rows do); re-embed with a checkpoint whose weights are finite"
+    )
 
 
 @dataclass
@@ -138,17 +206,30 @@ def write_embeddings(
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The file's embedding metadata; {} when it has none."""
+    check_regular(path, "embeddings file")  # pyarrow opens the path: never a FIFO or device
     raw = pq.read_schema(path).metadata or {}
     blob = raw.get(META_KEY) or raw.get(_LEGACY_META_KEY)
-    return json.loads(blob) if blob else {}
+    if not blob:
+        return {}
+    try:  # size and nesting bounded before parsing: a deep blob is a named error, not a RecursionError
+        meta = loads_json(blob, f"{path}: metadata {META_KEY.decode()}", max_bytes=16 << 20)
+    except TextInputError as e:
+        raise EmbeddingsError(str(e)) from None
+    if not isinstance(meta, dict):
+        raise EmbeddingsError(f"{path}: metadata {META_KEY.decode()} is not a JSON object")
+    return meta
 
 
 def read_embeddings(path: str | Path, split: str | None = None, root: str | Path | None = None) -> Embeddings:
     """Read and check an embeddings file; `split` keeps that split's rows (none is an error),
     `root` checks the file was made from that ingested root's catalog."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EmbeddingsError(f"{path}: no such embeddings file")
+    try:
+        check_regular(path, "embeddings file")  # pyarrow opens the path: never a FIFO or device
+    except NotRegularFileError as e:
+        raise EmbeddingsError(str(e)) from None
     try:
         schema = pq.read_schema(path)
     except Exception as e:
@@ -164,16 +245,23 @@ def read_embeddings(path: str | Path, split: str | None = None, root: str | Path
             raise EmbeddingsError(
                 f"{path}: not an embeddings file: column {f.name!r} is {got}, expected {f.type}"
             )
+    declared = check_declared_size(path, dim)
     meta = read_metadata(path)
     if not meta:
         raise EmbeddingsError(f"{path}: not an embeddings file (no {META_KEY.decode()} metadata)")
     if root is not None:
         check_dataset(path, meta, root)
-    table = pq.read_table(path, schema=expected)
+    try:
+        table = pq.ParquetFile(path, read_dictionary=list(STRING_COLUMNS)).read(columns=expected.names)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise EmbeddingsError(f"{path}: cannot read its rows ({type(e).__name__}: {e})") from e
     n = table.num_rows
+    if n != declared:
+        raise EmbeddingsError(f"{path}: {n} rows read, the footer declares {declared}")
     flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     vectors = np.asarray(flat, dtype=np.float32).reshape(n, dim)
-    cols = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in KEY_COLUMNS[:5]}
+    cols = {c: _object_column(table.column(c)) for c in STRING_COLUMNS}
+    check_finite_vectors(path, vectors, cols["tracklet_id"])
     emb = Embeddings(
         path,
         **cols,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,19 @@ import numpy as np
 from polyp_ssl.eval.plots import save_figure
 
 METHODS = ("pca", "tsne")
+log = logging.getLogger(__name__)
+# unit vectors closer than this in every coordinate are one point (a collapsed embedding)
+COLLAPSED_SPREAD = 1e-9
+
+
+def is_collapsed(vectors: np.ndarray) -> bool:
+    """Whether the L2-normalised rows of `vectors` ([N, D], N >= 1) are all the same point: a
+    collapsed embedding (a model that maps every input to one vector). Such a set has no spread to
+    project, and t-SNE's gradient or PCA's variance ratio divide by it."""
+    x = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.where(norms > 0, norms, 1.0)
+    return bool(x.shape[0] and float(np.ptp(x, axis=0).max(initial=0.0)) <= COLLAPSED_SPREAD)
 
 
 def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
@@ -28,6 +42,9 @@ def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.nd
     n = x.shape[0]
     if n == 1:
         return np.zeros((1, 2))
+    if is_collapsed(x):
+        log.warning("the %d vectors are one point (a collapsed embedding): projected to the origin", n)
+        return np.zeros((n, 2))
     if method == "pca":
         from sklearn.decomposition import PCA
 

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polyp_ssl.shards.files import open_regular
+from polyp_ssl.shards.textio import TextInputError, load_json
+
 log = logging.getLogger(__name__)
 
 ZOO_PREFIX = "zoo:"
@@ -207,9 +210,11 @@ def _hf_weights(folder: Path, spec: ZooSpec) -> tuple[Path, dict[str, Any]]:
     if not cfg_path.is_file():
         raise ZooError(f"{folder}: not a Hugging Face snapshot (no config.json)")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ZooError(f"{cfg_path}: not JSON ({e})") from None
+        config = load_json(cfg_path, "Hugging Face config", max_bytes=1 << 20)
+    except TextInputError as e:  # not JSON, too large, nested too deep: names the file
+        raise ZooError(str(e)) from None
+    except OSError as e:
+        raise ZooError(f"{cfg_path}: not readable ({e})") from None
     if not isinstance(config, dict):
         raise ZooError(f"{cfg_path}: not a JSON object")
     if config.get("model_type") != spec.hf_model_type:
@@ -235,9 +240,16 @@ def weights_file(path: Path, spec: ZooSpec) -> Path:
 
 def read_tensors(path: Path) -> dict[str, Any]:
     """The mapping stored in a weights file: safetensors, or a torch file read with
-    weights_only=True (tensors and plain containers only; nothing is unpickled)."""
+    weights_only=True (tensors and plain containers only; nothing is unpickled). The file passes
+    the checkpoint file check first (size, zip records, safetensors header spans)."""
     import torch
 
+    from polyp_ssl.checkpoint import CheckpointError, check_checkpoint_file
+
+    try:
+        check_checkpoint_file(path, "weights file")
+    except CheckpointError as e:
+        raise ZooError(str(e)) from None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -275,7 +287,7 @@ def weights_sha256(path: Path, spec: ZooSpec) -> str:
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "weights file") as f:  # a FIFO or device (/dev/zero): refused by name
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

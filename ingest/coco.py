@@ -8,7 +8,6 @@ so every annotation of the file ends up either in a `VideoPlan` or in an error r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polyp_ssl.ingest.errors import ErrorRow, ErrorSink, IngestError
+from polyp_ssl.shards.files import NotRegularFileError
 from polyp_ssl.shards.ids import id_problem, path_component
+from polyp_ssl.shards.textio import MAX_ANNOTATION_BYTES, TextInputError, loads_json, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,15 @@ def _fatal(source: str, reason: str, detail: str, field_: str | None = None) -> 
 def read_annotation_file(path: str) -> dict[str, Any]:
     """The parsed file; a structural problem raises IngestError whatever the error policy."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        obj = json.loads(text)
+        raw = read_bounded(path, "annotation file", MAX_ANNOTATION_BYTES, "JSON")
+        obj = loads_json(raw, path, MAX_ANNOTATION_BYTES)  # size and depth bounded before parsing
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise _fatal(path, "missing_file", "annotation file not found") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise _fatal(path, "bad_json", f"not valid JSON: {e}") from None
+    except NotRegularFileError as e:  # a FIFO or device: refused by name, never waited on
+        raise _fatal(path, "not_regular_file", e.strerror) from None
+    except TextInputError as e:  # not UTF-8 JSON, too large, nested too deep
+        raise _fatal(path, "bad_json", e.detail if e.line is None else f"line {e.line}: {e.detail}") from None
     if not isinstance(obj, dict):
         raise _fatal(path, "bad_json", f"top level is a {type(obj).__name__}, not an object")
     where = _lone_surrogate(obj, "") if _MAYBE_SURROGATE.search(text) else None

@@ -11,6 +11,8 @@ time this process reaches POINT) or `POINT:N` (the N-th time). Points:
                      (the old output is partly replaced; the next ingest finishes the swap)
     convert_image_placed        a converter placed one frame in OUT/images
     convert_annotation_written  a converter renamed one annotation file into place
+    staged_moved     split / merge: one file of a staged set was renamed into place (the next
+                     writer of the root finishes the swap)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ POINTS = (
     "swap_moved",
     "convert_image_placed",
     "convert_annotation_written",
+    "staged_moved",
 )
 _reached: Counter[str] = Counter()
 

@@ -6,7 +6,8 @@ will not start (existing output without --resume/--overwrite, a stale shard, bad
 writer holding OUT's lock).
 
 Crash safety: the run holds OUT's write lock (`shards.lock`) throughout; worker processes die with
-the ingest process (`worker_init`); `--overwrite` builds the new output in a staging folder and
+the ingest process (`worker_init`), and the next run waits for (or kills) those of a killed run
+before it writes (`ingest.workers`); `--overwrite` builds the new output in a staging folder and
 swaps it in only once complete (`swap_in`, rolled forward by `finish_interrupted_swap`).
 """
 
@@ -36,6 +37,11 @@ from polyp_ssl.ingest.convert.common import read_report_rows
 from polyp_ssl.ingest.errors import ErrorRow, ErrorSink, IngestError, count_by_reason
 from polyp_ssl.ingest.faults import crash_point
 from polyp_ssl.ingest.plan import IngestParams, ShardTask, plan_split, select_part
+from polyp_ssl.ingest.staged import pending_swap
+from polyp_ssl.ingest.workers import OldWorkersAlive, stop_old_workers
+from polyp_ssl.ingest.workers import clear as clear_worker_records
+from polyp_ssl.ingest.workers import register as register_worker
+from polyp_ssl.ingest.workers import registry_dir as worker_registry_dir
 from polyp_ssl.ingest.write import STATS_VERSION, stats_path, video_row, write_shard
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
 from polyp_ssl.shards.lock import LockHeld, output_lock
@@ -195,8 +201,9 @@ def shard_is_done(task: ShardTask) -> tuple[bool, str]:
     return True, ""
 
 
-def run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[str]:
-    """Run the tasks; returns the shards written. Raises the first worker exception."""
+def run_tasks(tasks: list[ShardTask], workers: int, progress: bool, registry: str | None = None) -> list[str]:
+    """Run the tasks; returns the shards written. Raises the first worker exception. With
+    `registry`, each worker records itself there (ingest.workers) until the pool has ended."""
     written: list[str] = []
     bar = tqdm(total=sum(t.n_boxes for t in tasks), unit="frame", desc="ingest", disable=not progress)
     try:
@@ -206,8 +213,10 @@ def run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[str]
                 bar.update(task.n_boxes)
             return written
         ctx = multiprocessing.get_context("forkserver")
+        if registry is not None:
+            os.makedirs(registry, exist_ok=True)
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=(os.getpid(),)
+            max_workers=workers, mp_context=ctx, initializer=worker_init, initargs=(os.getpid(), registry)
         ) as pool:
             try:
                 _run_in_pool(pool, tasks, written, bar)
@@ -225,6 +234,8 @@ def run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[str]
         raise _WorkerFailed(written) from e
     finally:
         bar.close()
+        if registry is not None and workers > 1:  # the pool has ended: its workers are gone
+            clear_worker_records(registry)
 
 
 def _run_in_pool(pool: ProcessPoolExecutor, tasks: list[ShardTask], written: list[str], bar: Any) -> None:
@@ -245,13 +256,15 @@ def _run_in_pool(pool: ProcessPoolExecutor, tasks: list[ShardTask], written: lis
             bar.update(futures[fut].n_boxes)
 
 
-def worker_init(parent_pid: int) -> None:
+def worker_init(parent_pid: int, registry: str | None = None) -> None:
     """Pool initializer: a worker never outlives the ingest process that started it.
 
     Its OS parent is the forkserver, which exits when the ingest process dies; the parent-death
     signal kills the worker then. A watchdog thread also polls the ingest process itself (covers
-    non-Linux systems and a forkserver that lingers). Ctrl-C is the ingest process's to handle:
-    it stops the workers, so they ignore SIGINT.
+    non-Linux systems and a forkserver that lingers). Since that takes a moment, the worker also
+    records itself in `registry`, so that the next ingest of the output waits for it (or kills
+    it) before writing (ingest.workers). Ctrl-C is the ingest process's to handle: it stops the
+    workers, so they ignore SIGINT.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
@@ -260,6 +273,8 @@ def worker_init(parent_pid: int) -> None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):  # no prctl: the watchdog alone
             log.debug("prctl(PR_SET_PDEATHSIG) not available")
+    if registry is not None:  # before the check below: a parent dying after it finds the record
+        register_worker(registry, parent_pid)
     if not process_alive(parent_pid):  # it died before the signal was set
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=_watchdog, args=(parent_pid,), name="parent-watchdog", daemon=True).start()
@@ -327,6 +342,11 @@ def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
         )
     if os.path.exists(out) and not os.path.isdir(out):
         raise IngestRefused(f"--out {out} is a file, not a folder")
+    if (marker := pending_swap(root)) is not None:
+        raise IngestRefused(
+            f"{marker}: a split, merge or convert of {root} was interrupted while putting its annotation "
+            "files in; run that command again (it finishes the swap) before ingesting"
+        )
     splits = list(cfg.splits or find_splits(root))
     if not splits:
         raise IngestRefused(f"no annotation files {root}/annotations/instances_*.json")
@@ -371,6 +391,11 @@ def _ingest_locked(
     params: IngestParams,
 ) -> dict[str, Any]:
     part = cfg.part
+    # the workers of a killed ingest of OUT may still write for a moment: none is left from here on
+    try:
+        stop_old_workers(out)
+    except OldWorkersAlive as exc:
+        raise IngestRefused(str(exc)) from None
     staging = staging_dir_of(out, part)
     for folder in (os.path.dirname(staging), staging):
         if os.path.islink(folder):  # never walked or emptied: it could lead anywhere
@@ -412,9 +437,9 @@ def _ingest_locked(
     for split in splits:
         path = os.path.join(root, "annotations", f"instances_{split}.json")
         sources[split] = path
+        videos, n_ann = load_split(path, split, sink)  # first: names a FIFO or bad file as such
         if os.path.exists(path):
             inputs[os.path.relpath(path, root)] = file_sha256(path)
-        videos, n_ann = load_split(path, split, sink)
         all_videos[split] = videos
         n_annotations_total += n_ann
     drop_shared_identities([v for s in splits for v in all_videos[s]], sink, sources)
@@ -481,7 +506,8 @@ def _ingest_locked(
         log.info("resume: %d of %d shards already done", len(tasks) - len(todo), len(tasks))
 
     try:
-        run_tasks(todo, cfg.workers, progress=cfg.progress)
+        registry = worker_registry_dir(out, part.dir_name if part else None)
+        run_tasks(todo, cfg.workers, progress=cfg.progress, registry=registry)
     except _WorkerFailed as e:
         cause = e.__cause__
         own = own_shard_files(write_root, splits, part)

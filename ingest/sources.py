@@ -4,6 +4,11 @@
 `{videos_dir}/{sequence_id}.mp4` with decord (sorted frame order, `get_batch` on chunks). A
 reader is created inside the worker that uses it. A frame that cannot be had is yielded as a
 `FrameProblem` instead of an image, so the caller decides (fail, or skip its boxes).
+
+Both read only regular files (a FIFO or device is a `not_regular_file` problem, never waited on)
+whose bytes are what they must be (ingest.media: JPEG/PNG frames; MP4/MOV, Matroska or AVI
+videos, decoded from the checked descriptor): anything else, a playlist named `.mp4` say, is a
+`wrong_media_type` problem naming the file and what it looks like.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from PIL import Image
+
+from polyp_ssl.ingest.media import MediaTypeError, check_image_file, open_video_reader
+from polyp_ssl.shards.files import NotRegularFileError, open_regular
 
 DECORD_CHUNK = 16
 
@@ -34,6 +42,11 @@ class FrameProblem:
 
 
 LinkPolicy = bool | tuple[str, ...]
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """The error-row reason of a refused input file: not a regular file, or not what its name says."""
+    return "not_regular_file" if isinstance(exc, NotRegularFileError) else "wrong_media_type"
 
 
 def link_targets(dirs: list[str] | None) -> LinkPolicy:
@@ -92,7 +105,7 @@ def iter_jpeg_folder(
             detail = f"frame file of frame_id {req.frame_id} {problem}"
             yield req, FrameProblem(path, "file_name", "symlink", detail)
             continue
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             yield (
                 req,
                 FrameProblem(
@@ -101,12 +114,17 @@ def iter_jpeg_folder(
             )
             continue
         try:
-            img = Image.open(path)
-            if req.reduce > 1 and img.format == "JPEG":
-                img.draft("RGB", (-(-img.width // req.reduce), -(-img.height // req.reduce)))
-            img.load()  # reads the file and closes it
+            with open_regular(path, f"frame file of frame_id {req.frame_id}") as f:
+                check_image_file(f, path)
+                img = Image.open(f)
+                if req.reduce > 1 and img.format == "JPEG":
+                    img.draft("RGB", (-(-img.width // req.reduce), -(-img.height // req.reduce)))
+                img.load()
             if img.mode != "RGB":
                 img = img.convert("RGB")
+        except (NotRegularFileError, MediaTypeError) as e:
+            yield req, FrameProblem(path, "file_name", _refusal_reason(e), str(e))
+            continue
         except Exception as e:  # PIL raises many types for a corrupt file
             yield (
                 req,
@@ -132,15 +150,17 @@ def iter_decord_video(
         for req in requests:
             yield req, FrameProblem(video_path, "sequence_id", "symlink", f"video file {problem}")
         return
-    if not os.path.isfile(video_path):
+    if not os.path.lexists(video_path):
         for req in requests:
             yield req, FrameProblem(video_path, "sequence_id", "missing_video", "video file not found")
         return
     try:
-        import decord
-
-        reader = decord.VideoReader(video_path, ctx=decord.cpu(0), num_threads=1)
+        reader = open_video_reader(video_path, num_threads=1)
         n_frames = len(reader)
+    except (NotRegularFileError, MediaTypeError) as e:
+        for req in requests:
+            yield req, FrameProblem(video_path, "sequence_id", _refusal_reason(e), str(e))
+        return
     except Exception as e:
         for req in requests:
             yield req, FrameProblem(video_path, "sequence_id", "unreadable_video", f"cannot open video: {e}")

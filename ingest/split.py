@@ -11,11 +11,12 @@ without a box goes with its video's first polyp (identity ids sorted), and a vid
 polyp goes to the first split. Image and annotation ids are numbered again from 1.
 
 Files: the annotation files the split reads are first kept in `ROOT/annotations/source/`
-(moved there once, atomically: a folder renamed into place); each split's
-`annotations/instances_{name}.json` is then written under a temporary name and renamed; last,
-the `instances_*.json` files that are not among the new splits are removed (their content is in
-`source/`). A rerun reads `source/` again, so rerunning after a crash, or with other fractions,
-gives what an uninterrupted run gives.
+(moved there once, atomically: a folder renamed into place); the splits'
+`annotations/instances_{name}.json` are then written complete into the root's staging folder
+and put in together (ingest.staged: all of them or none, also on a full disk; the error names
+the file), and the `instances_*.json` files that are not among the new splits are removed
+(their content is in `source/`). A rerun reads `source/` again, so rerunning after a crash, or
+with other fractions, gives what an uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -33,14 +34,44 @@ from typing import Any
 import numpy as np
 
 from polyp_ssl.ingest.convert.common import SPLIT_RE, ConvertError, load_coco, write_coco_atomic
+from polyp_ssl.ingest.staged import StagedFiles, finish_interrupted
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.ids import text_problem
 from polyp_ssl.shards.labels import histology_binary, size_binary
+from polyp_ssl.shards.textio import shown
 
 log = logging.getLogger(__name__)
 
 _ANN_RE = re.compile(r"^instances_(.+)\.json$")
 SOURCE_DIR = "source"
 STRATA = ("size", "histology")
+
+
+# (field, required) of the records split reads ids from; each id is an int or plain text
+IMAGE_ID_FIELDS = (("id", True), ("dataset_id", False), ("sequence_id", False))
+VIDEO_ID_FIELDS = (("dataset_id", False), ("sequence_id", False))
+ANNOTATION_ID_FIELDS = (("image_id", True), ("identity_id", True))
+
+
+def _check_record(path: Path, record: Any, where: str, id_fields: tuple[tuple[str, bool], ...]) -> None:
+    """ConvertError naming the file, the record (`images[3]`) and the field when `record` is not an
+    object, lacks a required id, or has an id that is not a whole number or plain text (a list,
+    an object, a boolean, a string with a control character)."""
+    if not isinstance(record, dict):
+        raise ConvertError(path, "bad_type", f"the record is a {type(record).__name__}, not an object", where)
+    for key, required in id_fields:
+        if key not in record or record[key] is None:
+            if required:
+                raise ConvertError(path, "missing_field", f"no {key!r}", where, key)
+            continue
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConvertError(
+                path, "bad_type", f"{shown(value)} is a {type(value).__name__}, not an id", where, key
+            )
+        problem = text_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise ConvertError(path, "bad_id", f"{shown(value)} {problem}", where, key)
 
 
 def assign(polyps: dict[str, str], fractions: list[float], names: list[str], seed: int) -> dict[str, str]:
@@ -128,6 +159,7 @@ def split_root(
     if stratify not in (None, *STRATA):
         raise ValueError(f"--stratify must be one of {STRATA}, got {stratify!r}")
     root = Path(root)
+    finish_interrupted(root)  # a split or merge killed while putting its files in: finish that first
     files = source_files(root)
     loaded = {s: load_coco(p) for s, p in files.items()}
 
@@ -139,31 +171,28 @@ def split_root(
     videos_meta: dict[tuple[Any, Any], dict] = {}
     for s, obj in loaded.items():
         for i, img in enumerate(obj["images"]):
-            if not isinstance(img, dict) or (s, img.get("id")) in images:
-                raise ConvertError(
-                    files[s], "bad_image", "image record not an object or id repeated", f"images[{i}]", "id"
-                )
+            _check_record(files[s], img, f"images[{i}]", IMAGE_ID_FIELDS)
+            if (s, img["id"]) in images:
+                raise ConvertError(files[s], "bad_image", "image id repeated", f"images[{i}]", "id")
             images[(s, img["id"])] = img
-        for v in obj.get("videos") or []:
+        for i, v in enumerate(obj.get("videos") or []):
             if isinstance(v, dict):
+                _check_record(files[s], v, f"videos[{i}]", VIDEO_ID_FIELDS)
                 videos_meta.setdefault((v.get("dataset_id"), v.get("sequence_id")), v)
         for i, ann in enumerate(obj["annotations"]):
-            if not isinstance(ann, dict) or (s, ann.get("image_id")) not in images:
+            _check_record(files[s], ann, f"annotations[{i}]", ANNOTATION_ID_FIELDS)
+            if (s, ann["image_id"]) not in images:
                 raise ConvertError(
                     files[s],
                     "missing_image",
                     "image_id names no image of the file",
-                    f"annotation {ann.get('id') if isinstance(ann, dict) else i}",
+                    f"annotations[{i}]",
                     "image_id",
                 )
-            ident = ann.get("identity_id")
-            if not isinstance(ident, str | int) or isinstance(ident, bool) or ident == "":
+            ident = ann["identity_id"]
+            if ident == "":
                 raise ConvertError(
-                    files[s],
-                    "bad_type",
-                    f"identity_id {ident!r} is not a string",
-                    f"annotation {ann.get('id')}",
-                    "identity_id",
+                    files[s], "bad_type", "identity_id is empty", f"annotations[{i}]", "identity_id"
                 )
             ident = str(ident)
             img = images[(s, ann["image_id"])]
@@ -211,18 +240,18 @@ def split_root(
         "stratify": stratify,
         "sources": sorted(files),
     }
-    for n in names:
-        write_coco_atomic(
-            ann_dir / f"instances_{n}.json",
-            dict(info, split=n),
-            out[n]["images"],
-            out[n]["annotations"],
-            out[n]["videos"],
-        )
-    for p in sorted(ann_dir.iterdir()):
-        m = _ANN_RE.match(p.name)
-        if m and p.is_file() and m.group(1) not in names:
-            p.unlink()
+    # all split files or none: written complete into the staging folder, then put in together
+    with StagedFiles(root) as staged:
+        for n in names:
+            with staged.writing(f"annotations/instances_{n}.json") as path:
+                write_coco_atomic(
+                    path, dict(info, split=n), out[n]["images"], out[n]["annotations"], out[n]["videos"]
+                )
+        for p in sorted(ann_dir.iterdir()):
+            m = _ANN_RE.match(p.name)
+            if m and p.is_file() and m.group(1) not in names:
+                staged.remove_on_commit(f"annotations/{p.name}")
+        staged.commit()
     summary: dict[str, Any] = {}
     for n in names:
         polyps = {str(a["identity_id"]) for a in out[n]["annotations"]}
@@ -281,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if not isinstance(exc, ConvertError) else 1
     except OSError as exc:
         print(f"polyp-ssl split: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if getattr(exc, "bad_input", False) else 1  # a FIFO or device given as input
     for n, c in summary.items():
         print(
             f"{n}: {c['polyps']} polyps, {c['videos']} videos, {c['images']} images, "

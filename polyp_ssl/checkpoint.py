@@ -27,8 +27,11 @@ from typing import Any
 
 import torch
 
+from polyp_ssl.config import setting_range_problem
 from polyp_ssl.encoders import ENCODER_TYPES, EncoderConfig, TrackletEncoder, build_encoder
 from polyp_ssl.reference_ckpt import ReferenceCheckpointError, is_reference_checkpoint, read_reference
+from polyp_ssl.shards.files import check_regular, open_regular
+from polyp_ssl.shards.textio import loads_json
 from polyp_ssl.shards.writer import fsync_dir
 
 EXPORT_FORMAT = "polyp-ssl-encoder"
@@ -48,7 +51,7 @@ def encoder_config_from(config: dict[str, Any]) -> EncoderConfig:
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -58,6 +61,29 @@ MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint file read whole (a ResNet-50 run
 MAX_ZIP_RECORDS = 100_000  # records of a torch zip file (one per tensor storage, plus a few)
 MAX_ENCODER_PARAMS = 1_000_000_000  # what a config may ask for (the paper's encoder: ~27 M)
 MIN_BYTES_PER_PARAM = 2  # every weight is stored in the file (bfloat16 at the least)
+# what a config with no weights behind it (`init:CONFIG`) may build: 0.8 GB in float32 (the largest
+# allow-listed backbone, wide_resnet101_2, is 125 M)
+MAX_INIT_PARAMS = 200_000_000
+MAX_SAFETENSORS_HEADER = 16 << 20  # an exported encoder's header: a few KiB; a ViT-L's: ~100 KiB
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+# settings of a run config, besides the encoder's own, whose size drives memory where a model from a
+# file is used (embedding: im_size and the crop; training from it: batch, views, fragments, projector)
+MODEL_SIZE_SETTINGS = (
+    "im_size",
+    "bbox_scale_factor",
+    "batch_size",
+    "n_views",
+    "fragment_length",
+    "fragment_stride",
+    "eval_n_views",
+    "eval_batch_size",
+    "eval_fragment_length",
+    "val_max_frames",
+    "d_proj",
+)
 # torchvision backbones an encoder may name, with their parameter count (without `fc`) and feature size
 BACKBONES = {
     "resnet18": (11_176_512, 512),
@@ -73,17 +99,23 @@ BACKBONES = {
 }
 
 
-def check_checkpoint_file(path: Path) -> None:
-    """Refuse, before torch.load reads anything, a file larger than MAX_CHECKPOINT_BYTES and a
-    torch zip file whose records could make it allocate more than the file holds: more than
-    MAX_ZIP_RECORDS records, a record whose declared size exceeds the file, or records whose
-    sizes add up to more than the file (records that overlap). The zip central directory is read
-    with `zipfile`, nothing is extracted. CheckpointError names the file and the record."""
-    size = path.stat().st_size
+def check_checkpoint_file(path: Path, what: str = "checkpoint") -> None:
+    """The one check of a weights file (a checkpoint, an exported encoder, zoo or backbone weights)
+    before torch.load or safetensors reads anything: a file larger than MAX_CHECKPOINT_BYTES is
+    refused; a safetensors file's header (`check_safetensors_header`) must describe tensors that lie
+    within the file; a torch zip file may not have records that could make it allocate more than
+    the file holds: more than MAX_ZIP_RECORDS records, a record whose declared size exceeds the
+    file, or records whose sizes add up to more than the file (records that overlap). The zip
+    central directory is read with `zipfile`, nothing is extracted. CheckpointError names the
+    file and the record."""
+    size = check_regular(path, what).st_size  # a FIFO or device (/dev/zero): refused, never read
     if size > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(
-            f"{path}: {size} bytes, more than the {MAX_CHECKPOINT_BYTES} a checkpoint may have"
-        )
+        raise CheckpointError(f"{path}: {size} bytes, more than the {MAX_CHECKPOINT_BYTES} a {what} may have")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # a safetensors file (a torch zip starts with PK, a torch pickle with 0x80)
+        check_safetensors_header(path, size)
+        return
     import zipfile
 
     if not zipfile.is_zipfile(path):
@@ -134,6 +166,117 @@ def _zip_record_count(path: Path, size: int) -> int:
     return int.from_bytes(record[32:40], "little")
 
 
+def check_safetensors_header(path: Path, size: int) -> None:
+    """The header of a safetensors file of `size` bytes, checked before any tensor is read: at most
+    MAX_SAFETENSORS_HEADER bytes of JSON, every tensor a known dtype whose shape's bytes equal its
+    data_offsets span, each span inside the data, the spans together no larger than the data."""
+    with open_regular(path, "checkpoint") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_SAFETENSORS_HEADER or n > size - 8:
+            raise CheckpointError(
+                f"{path}: safetensors header of {n} bytes (the file has {size}, the limit is "
+                f"{MAX_SAFETENSORS_HEADER})"
+            )
+        text = f.read(n)
+    try:
+        header = loads_json(text, path)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: safetensors header is not JSON ({str(e)[:100]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    data = size - 8 - n
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            total += _tensor_span(path, str(name)[:100], entry, data)
+    if total > data:
+        raise CheckpointError(
+            f"{path}: safetensors tensors declare {total} bytes, more than the {data} bytes of data "
+            "(tensors that overlap)"
+        )
+
+
+def _tensor_span(path: Path, name: str, entry: Any, data: int) -> int:
+    """Bytes of one safetensors header entry, checked against the `data` bytes of the file."""
+    where = f"{path}: safetensors tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: its header entry is not an object")
+    shape, offsets, dtype = entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 64
+        or not all(type(d) is int and 0 <= d < 1 << 63 for d in shape)
+    ):
+        raise CheckpointError(f"{where}: field 'shape' is not a list of at most 64 sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data
+    ):
+        raise CheckpointError(
+            f"{where}: field 'data_offsets' {str(offsets)[:60]} is not a span within the {data} bytes of data"
+        )
+    span = offsets[1] - offsets[0]
+    itemsize = SAFETENSORS_DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
+    if itemsize is not None:
+        count = 1
+        for d in sorted(shape):  # a 0 first: no product grows past the data
+            count *= d
+            if count * itemsize > data:
+                break
+        if count * itemsize != span:
+            raise CheckpointError(
+                f"{where}: field 'shape' {str(shape)[:60]} of {dtype} does not fit its {span} byte span"
+            )
+    return span
+
+
+def check_model_config(
+    config: Any,
+    where: str | os.PathLike[str],
+    file_size: int | None = None,
+    max_params: int = MAX_ENCODER_PARAMS,
+) -> EncoderConfig:
+    """The one check of a model configuration read from a file (a checkpoint's, an exported
+    encoder's, an `init:` config), before anything is built or allocated: a mapping; the encoder
+    type and backbone are names of the allow-lists (ENCODER_TYPES, BACKBONES), not lists or tagged
+    objects; the sizes that drive memory where the model is used (MODEL_SIZE_SETTINGS such as
+    im_size, sfe_d_model, hmve_dropout) within polyp_ssl.config.SETTING_BOUNDS; the encoder's
+    estimated parameters (`estimate_encoder_params`) at most `max_params`, and, for weights from a
+    file of `file_size` bytes, no more than it can hold at MIN_BYTES_PER_PARAM bytes each.
+    CheckpointError: one line naming `where` (the file) and the field."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: its config is a {type(config).__name__}, not a mapping of settings")
+    choices = {"encoder_type": ENCODER_TYPES, "sfe_backbone_arch": tuple(sorted(BACKBONES))}
+    for name, allowed in choices.items():
+        value = config.get(name, getattr(EncoderConfig, name))
+        if not isinstance(value, str) or value not in allowed:
+            kind = "" if isinstance(value, str) else f" (a {type(value).__name__}, not a name)"
+            raise CheckpointError(
+                f"{where}: config field {name!r} = {str(value)[:60]!r}{kind}: one of {', '.join(allowed)}"
+            )
+    for name in ("sfe_d_model", "hmve_dropout", *MODEL_SIZE_SETTINGS):
+        problem = setting_range_problem(name, config[name]) if name in config else None
+        if problem:
+            raise CheckpointError(f"{where}: config field {name!r} = {problem}")
+    cfg = EncoderConfig.from_flat(config)
+    try:
+        n = estimate_encoder_params(cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    too_many = n > max_params
+    if too_many or (file_size is not None and n * MIN_BYTES_PER_PARAM > file_size):
+        held = f"the file ({file_size} bytes) cannot hold them" if file_size is not None else ""
+        limit = f"the limit is {max_params}" if too_many else ""
+        raise CheckpointError(
+            f"{where}: its config asks for an encoder of about {n} parameters ({cfg.encoder_type}, "
+            f"{cfg.sfe_backbone_arch}, hmve_d_model {cfg.hmve_d_model}, hmve_n_layers {cfg.hmve_n_layers}, "
+            f"hmve_d_feedforward {cfg.hmve_d_feedforward}); " + " and ".join(filter(None, (held, limit)))
+        )
+    return cfg
+
+
 def estimate_encoder_params(cfg: EncoderConfig) -> int:
     """Parameters of the encoder `cfg` describes, computed from its settings without building it;
     CheckpointError (naming the field) for an unknown backbone or an encoder type, width, depth or
@@ -165,22 +308,9 @@ def estimate_encoder_params(cfg: EncoderConfig) -> int:
 
 
 def check_encoder_fits(path: Path, cfg: EncoderConfig, state: dict[str, Any]) -> None:
-    """Before the encoder is built: its estimated size bounded (MAX_ENCODER_PARAMS, and never more
-    weights than the file can hold at MIN_BYTES_PER_PARAM bytes each), then every tensor of `state`
-    compared with the shapes of the same encoder built on the meta device (no memory), naming the
-    first key that is missing, unexpected or of another shape."""
-    try:
-        n = estimate_encoder_params(cfg)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    size = path.stat().st_size if path.is_file() else None
-    if n > MAX_ENCODER_PARAMS or (size is not None and n * MIN_BYTES_PER_PARAM > size):
-        raise CheckpointError(
-            f"{path}: its config asks for an encoder of about {n} parameters ({cfg.encoder_type}, "
-            f"{cfg.sfe_backbone_arch}, hmve_d_model {cfg.hmve_d_model}, hmve_n_layers {cfg.hmve_n_layers}, "
-            f"hmve_d_feedforward {cfg.hmve_d_feedforward}); the file ({size} bytes) cannot hold them"
-            + (f" and the limit is {MAX_ENCODER_PARAMS}" if n > MAX_ENCODER_PARAMS else "")
-        )
+    """Before the encoder is built (its config passed `check_model_config`): every tensor of
+    `state` compared with the shapes of the same encoder built on the meta device (no memory),
+    naming the first key that is missing, unexpected or of another shape."""
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_encoder(cfg).state_dict().items()}
@@ -248,9 +378,9 @@ def read_encoder_state(path: str | os.PathLike[str], map_location: Any = "cpu") 
         if obj.get("version") != EXPORT_VERSION:
             raise CheckpointError(f"{path}: exported encoder version {obj.get('version')!r} is not supported")
         try:
-            config = json.loads(obj["config_json"])
+            config = loads_json(obj["config_json"], path)
             state = obj["state_dict"]
-        except (KeyError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: exported encoder file is incomplete ({e})") from e
         return state, config
     if is_reference_checkpoint(obj):
@@ -282,7 +412,8 @@ def load_encoder(
     """The trained tracklet encoder (eval mode) and the run's config. Pretrained backbone weights are
     not resolved again: the checkpoint holds every weight."""
     state, config = read_encoder_state(path, map_location)
-    cfg = replace(encoder_config_from(config), sfe_backbone_weights=None)
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    cfg = replace(check_model_config(config, path, size), sfe_backbone_weights=None)
     check_encoder_fits(Path(path), cfg, state)
     try:
         encoder = build_encoder(cfg)
@@ -314,7 +445,7 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     """An exported encoder (version 2): metadata checked first, tensors read only after."""
     from safetensors import safe_open
 
-    check_checkpoint_file(path)  # the size bound of every checkpoint (a safetensors file is no zip)
+    check_checkpoint_file(path)  # the size bound of every checkpoint and the header's tensor spans
 
     def opened():
         return safe_open(str(path), framework="pt", device="cpu")
@@ -333,13 +464,14 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         version = str(meta.get("version"))[:20]
         raise CheckpointError(f"{path}: exported encoder version {version!r} is not supported")
     try:
-        config = json.loads(meta["config_json"])
-    except (KeyError, ValueError, RecursionError) as e:
+        config = loads_json(meta["config_json"], path)
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{path}: exported encoder metadata field 'config_json' is missing or not JSON ({e})"
         ) from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: exported encoder metadata field 'config_json' is not a JSON object")
+    check_model_config(config, path, path.stat().st_size)  # before any tensor is read
     try:
         with opened() as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)

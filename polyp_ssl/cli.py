@@ -30,6 +30,7 @@ from polyp_ssl.config import (
 )
 from polyp_ssl.reference_flags import TRAIN_FLAGS, add_flag, apply_reference_values, flag_help
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.textio import TextInputError, load_json, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_crop_scale(bbox_scale_factor: float, root: str | Path, flag: str = "--bbox_scale_factor") -> None:
     """ValueError when the anchor crop is wider than the stored crop of an ingested root (the crop
     would be clamped to the stored window without a word)."""
-    import json
-
     manifest = Path(root) / "catalog" / "manifest.json"
     try:
-        params = json.loads(manifest.read_text()).get("parameters") or {}
-    except (OSError, ValueError, AttributeError):
+        params = load_json(manifest, "catalog manifest", max_bytes=16 << 20).get("parameters") or {}
+    except (OSError, ValueError, AttributeError):  # TextInputError (too deep, not JSON) included
         return  # no readable catalog: the run's own checks name the problem
     crop_scale = params.get("crop_scale")
     if isinstance(crop_scale, int | float) and bbox_scale_factor > crop_scale + 1e-9:
@@ -209,6 +208,29 @@ def check_crop_scale(bbox_scale_factor: float, root: str | Path, flag: str = "--
             f"`polyp-ssl ingest RAW_ROOT --out {root} --overwrite --crop-scale {bbox_scale_factor:g}` or "
             f"pass {flag} <= {crop_scale:g}"
         )
+
+
+def check_run_folder(runs_dir: str | Path, exp_name: object, source: str = "--exp_name") -> Path:
+    """The run folder `{runs_dir}/{exp_name}`, always inside `runs_dir`: `exp_name` must be one
+    plain folder name (shards.ids: no '/', not '..', no control characters), and an existing run
+    folder that is a link must not lead outside `runs_dir`. ValueError naming the setting and
+    where it came from (`source`: the flag or the config file) otherwise; checked before
+    anything is written."""
+    from polyp_ssl.shards.ids import UnsafeIdError, path_component
+
+    try:
+        path_component(exp_name, source)
+    except UnsafeIdError as exc:
+        raise ValueError(f"{exc} (the run folder is {{runs_dir}}/{{exp_name}}, inside --runs_dir)") from None
+    run_dir = Path(runs_dir) / str(exp_name)
+    if run_dir.is_symlink():
+        real, base = Path(os.path.realpath(run_dir)), Path(os.path.realpath(runs_dir))
+        if not real.is_relative_to(base) or real == base:
+            raise ValueError(
+                f"{source} {exp_name!r}: the run folder {run_dir} is a link to {real}, outside --runs_dir "
+                f"{runs_dir}; remove the link or choose another --exp_name"
+            )
+    return run_dir
 
 
 def check_config_file(loaded: dict[Any, Any], name: str) -> dict[str, Any]:
@@ -236,9 +258,11 @@ def resolve_config(argv: list[str]) -> TrainConfig:
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
     if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        try:  # a FIFO refused by name; size, nesting, aliases and python tags bounded/refused
+            loaded = load_yaml(config_file, "config file") or {}
+        except TextInputError as exc:  # names the file and the line
+            raise ValueError(f"--config {exc}") from None
+        except OSError as exc:
             raise ValueError(f"--config {config_file}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {config_file}: expected a mapping of settings")
@@ -247,9 +271,18 @@ def resolve_config(argv: list[str]) -> TrainConfig:
     own = {f.name for f in fields(TrainConfig)}
     values = apply_reference_values(values, TRAIN_FLAGS, "polyp-ssl train", own)
     cfg = TrainConfig.from_dict(values)
+    exp_source = (
+        "--exp_name" if "exp_name" in args or not config_file else f"--config {config_file}: exp_name"
+    )
+    check_run_folder(cfg.runs_dir, cfg.exp_name, exp_source)
     if not cfg.dataset_root:
         raise ValueError("--dataset_root is required")
     cfg.validate()
+    from polyp_ssl.checkpoint import check_model_config  # imports torch: not for --help
+
+    # the allow-listed backbones and the size estimate of every model config (CheckpointError: exit 2)
+    settings = f"--config {config_file} with the flags" if config_file else "the flags"
+    check_model_config(cfg.to_dict(), settings)
     check_crop_scale(cfg.bbox_scale_factor, cfg.dataset_root)
     return cfg
 
@@ -576,6 +609,17 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}{cause}" + (f" ({hint})" if hint else "")
 
 
+def _kept_line(cfg: TrainConfig | None) -> str:
+    """Which checkpoint a failed run leaves to continue from (its last.ckpt, never overwritten
+    by the failure), for the end of its one error line."""
+    from polyp_ssl.ckpt_io import LAST
+
+    if cfg is None:
+        return ""
+    last = Path(cfg.runs_dir) / cfg.exp_name / "checkpoints" / LAST
+    return f" ({last} is the last good checkpoint)" if last.is_file() else ""
+
+
 def _interrupted_line(cfg: TrainConfig | None) -> str:
     from polyp_ssl.ckpt_io import LAST, previous_path
 
@@ -604,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from polyp_ssl.datamodule import read_failure_notes
     from polyp_ssl.device_decode import FrameDecodeError
+    from polyp_ssl.module import NonFiniteLossError
     from polyp_ssl.stream import DataConfigError, ShardError
 
     started = time.time()
@@ -626,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return 2
+    except NonFiniteLossError as exc:
+        print(f"polyp-ssl train: error: {exc}{_kept_line(cfg)}", file=sys.stderr)
+        if debug:
+            raise
+        return 1
     except (Interrupted, KeyboardInterrupt, SIGTERMException):
         print(_interrupted_line(cfg), file=sys.stderr)
         if debug:

@@ -7,6 +7,7 @@ command line keeps its meaning; the extra fields cover the trainer (devices, pre
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -25,6 +26,112 @@ DECODE_ON = ("workers", "device")  # where training JPEGs are decoded (polyp_ssl
 SHARD_ACCESS = ("auto", "random", "sequential")
 # keys a run writes into its config.yaml that are results, not settings: accepted back by --config, ignored
 RUN_OUTPUT_KEYS = ("resolved_monitor",)
+
+# The largest anchor-crop side polyp-ssl trains or embeds at (the paper: 232; the zoo's largest input:
+# 518). A frame is 3 * im_size**2 bytes before the backbone, whose activations grow with its square.
+MAX_IM_SIZE = 1024
+_BIG = 1 << 40  # a step or frame count no run reaches
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The plausible values of a numeric setting: a finite number in [lo, hi] (`lo_open`: > lo), or
+    exactly -1 where `minus_one` (the settings whose -1 means "whole tracklet" or "no limit")."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    minus_one: bool = False
+
+    def text(self) -> str:
+        low = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+        return f"a finite number {low} and <= {self.hi:g}" + (", or -1" if self.minus_one else "")
+
+    def holds(self, value: float) -> bool:
+        if self.minus_one and value == -1:
+            return True
+        finite = isinstance(value, int) or math.isfinite(value)  # an int of 400 digits is no float
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return finite and above and value <= self.hi
+
+
+# numeric settings -> their plausible values; checked (`check_setting_ranges`) before any loop, any
+# allocation or any model uses them, for a train config (file or flags) and for a model config read
+# from a checkpoint, an exported encoder or an `init:` config (polyp_ssl.checkpoint)
+SETTING_BOUNDS: dict[str, Bound] = {
+    "num_workers": Bound(0, 256),
+    "max_epochs": Bound(1, 1_000_000),
+    "batch_size": Bound(1, 1 << 16),
+    "fragment_length": Bound(1, 100_000, minus_one=True),
+    "fragment_stride": Bound(1, 100_000),
+    "bbox_scale_factor": Bound(0, 100, lo_open=True),
+    "min_tracklet_length": Bound(0, _BIG),
+    "im_size": Bound(8, MAX_IM_SIZE),
+    "eval_n_views": Bound(1, 1024),
+    "eval_batch_size": Bound(1, 1 << 16),
+    "eval_fragment_length": Bound(1, 100_000, minus_one=True),
+    "sfe_d_model": Bound(1, 1 << 16),
+    "d_proj": Bound(1, 1 << 16),
+    "hmve_d_model": Bound(1, 1 << 16),
+    "hmve_d_feedforward": Bound(1, 1 << 20),
+    "hmve_n_heads": Bound(1, 1024),
+    "hmve_n_layers": Bound(1, 1024),
+    "hmve_dropout": Bound(0, 1),
+    "lr": Bound(0, 100),
+    "loss_temperature": Bound(0, 1000, lo_open=True),
+    "loss_milnce_weights": Bound(0, 1e6),
+    "loss_ta_lambda": Bound(0, 1e6),
+    "sampler_ttb_tmin": Bound(0, 1e6, lo_open=True),
+    "sampler_ttb_tmax": Bound(0, 1e6, lo_open=True),
+    "n_views": Bound(2, 1024),
+    "seed": Bound(0, (1 << 32) - 1),
+    "weight_decay": Bound(0, 100),
+    "warmup_steps": Bound(0, _BIG),
+    "open_videos": Bound(1, 1024),
+    "max_steps": Bound(-1, _BIG),
+    "limit_val_batches": Bound(0, _BIG),
+    "val_every_n_epochs": Bound(1, 1_000_000),
+    "val_max_frames": Bound(1, 100_000),
+    "num_nodes": Bound(1, 65536),
+    "ckpt_every_n_steps": Bound(0, _BIG),
+    "log_every_n_steps": Bound(1, _BIG),
+}
+
+
+def setting_range_problem(name: str, value: Any) -> str | None:
+    """Why `value` is not a plausible value of the numeric setting `name`, as "VALUE: needs ..."
+    (None: it is, or `name` has no bound). A number is a real int or float (not a bool, not a
+    string); a list setting (loss_milnce_weights) is checked value by value. The value is rendered
+    in at most a few dozen characters."""
+    bound = SETTING_BOUNDS.get(name)
+    if bound is None or (value is None and name == "sfe_d_model"):
+        return None
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return f"{str(v)[:40]!r} (a {type(v).__name__}): needs {bound.text()}"
+        if not bound.holds(v):
+            return f"{_number_text(v)}: needs {bound.text()}"
+    return None
+
+
+def _number_text(v: float) -> str:
+    """`v` in a few characters: 6 significant digits past 10**12, the order of magnitude of an
+    integer too large for a float."""
+    if isinstance(v, int) and abs(v) < 10**12:
+        return str(v)
+    try:
+        return f"{v:.6g}"
+    except OverflowError:
+        return f"an integer of {v.bit_length()} bits"
+
+
+def check_setting_ranges(values: dict[str, Any], where: str = "") -> None:
+    """ValueError (one line: `where`, the setting, its value, its bounds) for the first numeric
+    setting of `values` out of its SETTING_BOUNDS; settings without a bound are not looked at."""
+    for name, value in values.items():
+        problem = setting_range_problem(name, value)
+        if problem:
+            raise ValueError(f"{where}setting {name!r} = {problem}")
 
 
 def default_num_workers(cpus: int | None = None) -> int:
@@ -137,6 +244,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a message naming the setting for a configuration that cannot work."""
+        for name in SETTING_BOUNDS:
+            problem = setting_range_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"--{name} {problem}")
         checks = [
             (self.sampler in SAMPLERS, f"--sampler {self.sampler!r}: choose one of {SAMPLERS}"),
             (self.loss_type in LOSSES, f"--loss_type {self.loss_type!r}: choose one of {LOSSES}"),
@@ -237,6 +348,12 @@ def unknown_setting_message(name: str, known: set[str] | list[str], where: str =
 _NUMBER = (int, float)
 
 
+def _shown(value: Any) -> str:
+    from polyp_ssl.shards.textio import shown
+
+    return shown(value)
+
+
 def _coerce(name: str, value: Any, type_text: str) -> Any:
     """`value` of a YAML setting as the field's type, or ValueError naming the key, the value and the
     expected type (the argparse wording of the same flag on the command line)."""
@@ -249,7 +366,8 @@ def _coerce(name: str, value: Any, type_text: str) -> Any:
 
     def bad() -> ValueError:
         got = type(value).__name__
-        return ValueError(f"{name}: invalid {base} value: {value!r} (expected {base}, got {got})")
+        shown = _shown(value)  # truncated: a value from a file may be a huge string or tree
+        return ValueError(f"{name}: invalid {base} value: {shown} (expected {base}, got {got})")
 
     if base == "bool":
         if isinstance(value, bool):
@@ -296,4 +414,5 @@ def check_setting_types(values: dict[str, Any], where: str = "") -> dict[str, An
                 raise ValueError(f"{where}{exc}") from None
         else:
             out[key] = value
+    check_setting_ranges(out, where)
     return out

@@ -117,7 +117,7 @@ def run_command(name: str, rest: list[str]) -> int:
         if debug_enabled():
             raise
         print(f"{prog}: {describe_oserror(exc)}", file=sys.stderr)
-        return 1
+        return 2 if getattr(exc, "bad_input", False) else 1  # a FIFO given as input, say
     except Exception as exc:
         if debug_enabled():
             raise

@@ -20,6 +20,7 @@ SKIP_REASONS = (
     "shard_changed",  # size or sha256 differs from the catalog's shards table
     "decompression_bomb",  # a compressed shard expands past shards.reader.expanded_limit
     "duplicate_sample",  # a sample key seen twice in one shard
+    "span_mismatch",  # the tar header before a catalog span names another member (spans swapped)
 )
 
 

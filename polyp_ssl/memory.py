@@ -120,12 +120,17 @@ def cuda_free_bytes(index: int) -> int | None:
 
 
 def _largest_batch(fits: Any, batch_size: int, n_views: int) -> int:
-    """The largest multiple of n_views below batch_size for which `fits(batch)` holds (0: none)."""
-    best = 0
-    for batch in range(n_views, batch_size, n_views):
-        if fits(batch):
-            best = batch
-    return best
+    """The largest multiple of n_views below batch_size for which `fits(batch)` holds (0: none).
+    The estimate grows with the batch, so a bisection over the multiples finds it in O(log) calls
+    whatever batch_size says."""
+    lo, hi = 0, (batch_size - 1) // n_views  # multiples k * n_views with k in [1, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * n_views):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * n_views
 
 
 def memory_verdict(

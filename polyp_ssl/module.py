@@ -34,6 +34,36 @@ DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
 LR_SCHEDULES = ("constant", "none", "cosine")  # "none" = "constant"
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss term, or weights that cannot be checkpointed. Raised
+    alike on every rank at the same step (the check is collective), so no rank waits for another;
+    `polyp-ssl train` ends with it as one line and exit 1, and no checkpoint is written."""
+
+    def __init__(self, message: str, step: int, term: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.term = term
+
+
+def first_non_finite(tree: Any, prefix: str = "", depth: int = 0) -> str | None:
+    """The name of the first floating tensor in `tree` (nested dicts, lists of tensors, such as a
+    checkpoint's state_dict or optimizer states) holding a NaN or an infinity, or None."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and tree.numel() and not bool(torch.isfinite(tree).all()):
+            return prefix or "tensor"
+        return None
+    if depth > 8:  # checkpoints nest a few levels; nothing deeper is a model's state
+        return None
+    items = (
+        tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else ()
+    )
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def plain_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config as plain JSON types (str/int/float/bool/None/list/dict), so that checkpoints load
     with ``torch.load(weights_only=True)``; paths and other objects become strings."""
@@ -157,8 +187,65 @@ class NTSSLModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_step_start = None  # do not count validation or loader start-up as step time
 
+    def _non_finite_terms(self, out: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+        """The loss terms computed (TERM_NAMES order, then the weighted sum `loss`) and, per rank,
+        which of them are not finite: ``[world, terms]`` bool (gathered: every rank decides alike)."""
+        names = [n for n in (*TERM_NAMES, "loss") if n in out]
+        flags = torch.stack([~torch.isfinite(out[n].detach()).all() for n in names]).to(torch.uint8)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return names, self.all_gather(flags).reshape(-1, len(names)).bool()
+        return names, flags.reshape(1, -1).bool()
+
+    def check_finite_loss(self, out: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """NonFiniteLossError at the first step whose loss (any term, any rank) is NaN or infinite,
+        before its backward pass: nothing non-finite reaches the weights nor a checkpoint. Costs
+        one device synchronisation a step (and, with several ranks, a gather of a few bytes)."""
+        names, bad = self._non_finite_terms(out)
+        if not bool(bad.any()):
+            return
+        rank, _ = (int(v) for v in bad.nonzero()[0])
+        terms = [n for n, b in zip(names, bad[rank].tolist(), strict=True) if b]
+        here = self.trainer.global_rank if self._trainer is not None else 0
+        values = ", ".join(f"{n} = {float(out[n].detach()):g}" if rank == here else n for n in terms)
+        weights = first_non_finite(dict(self.named_parameters()))
+        cause = (
+            f"the weights were already non-finite ({weights}): the previous optimizer step diverged"
+            if weights
+            else "from this batch's forward pass"
+        )
+        step = self.global_step
+        lr = (
+            self.trainer.optimizers[0].param_groups[0]["lr"]
+            if self._trainer and self.trainer.optimizers
+            else None
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (epoch {self.current_epoch}, batch {batch_idx}) on rank "
+            f"{rank}: {values}; {cause}"
+            + (f" (lr {lr:g}: try a lower --lr)" if lr is not None else "")
+            + "; training stopped, no checkpoint of this step was written",
+            step,
+            terms[0],
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write weights or optimizer states holding a NaN or an infinity (every rank
+        runs this hook and holds the same weights, so all stop alike): the previous checkpoint,
+        last.ckpt included, stays as it was."""
+        for part in ("state_dict", "optimizer_states"):
+            bad = first_non_finite(checkpoint.get(part, {}))
+            if bad is not None:
+                raise NonFiniteLossError(
+                    f"non-finite {part.replace('_', ' ')} at step {self.global_step}: {bad} holds NaN or "
+                    "infinite values (the last optimizer step diverged: try a lower --lr); training "
+                    "stopped, the checkpoint was not written and the previous one is kept",
+                    self.global_step,
+                    bad,
+                )
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.compute_loss(batch)
+        self.check_finite_loss(out, batch_idx)
         b = batch["frames"].shape[0]
         self.log("train/loss", out["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=b)
         for name in TERM_NAMES:
@@ -299,4 +386,13 @@ def make_embedder(encoder: TrackletEncoder, pooling: str = "cls") -> Callable[..
     return embed
 
 
-__all__ = ["DEFAULTS", "NTSSLModule", "lr_factor", "masked_mean", "retrieval_map", "temporal_alignment"]
+__all__ = [
+    "DEFAULTS",
+    "NTSSLModule",
+    "NonFiniteLossError",
+    "first_non_finite",
+    "lr_factor",
+    "masked_mean",
+    "retrieval_map",
+    "temporal_alignment",
+]

@@ -24,13 +24,22 @@ import pyarrow.parquet as pq
 from polyp_ssl.epoch_plan import SplitFragments
 from polyp_ssl.fragments import cut_tracklet
 from polyp_ssl.loader_errors import DataConfigError, ShardError
-from polyp_ssl.shards.members import MemberError, MemberSpan, SpanReader, local_shard_path, overlapping_spans
-from polyp_ssl.shards.sample import SampleError, parse_sample
+from polyp_ssl.shards.files import check_regular
+from polyp_ssl.shards.members import (
+    MemberError,
+    MemberSpan,
+    SpanReader,
+    local_shard_path,
+    max_jpeg_bytes,
+    overlapping_spans,
+)
+from polyp_ssl.shards.sample import MAX_JSON_BYTES, SampleError, parse_sample
 
 log = logging.getLogger(__name__)
 
 TRACKLET_SPAN_COLUMNS = ("json_offset", "json_size", "json_crc32")
 FRAME_SPAN_COLUMNS = ("jpeg_offset", "jpeg_size", "jpeg_crc32")
+ROW = "__row__"  # a row's position in its catalog table, for messages
 
 
 @dataclass
@@ -94,6 +103,7 @@ def local_paths(index: Any) -> dict[str, str] | None:
 
 def _read_columns(root: Path, table: str, columns: tuple[str, ...], keep: tuple[str, set[str]]) -> dict:
     path = root / "catalog" / f"{table}.parquet"
+    check_regular(path, f"catalog table {table!r}")  # pyarrow opens the path: never a FIFO or device
     names = pq.read_schema(path).names
     missing = [c for c in columns if c not in names]
     if missing:
@@ -106,6 +116,7 @@ def _read_columns(root: Path, table: str, columns: tuple[str, ...], keep: tuple[
     for c in columns:  # a null span reads as -1, which SpanReader refuses by name
         if pa.types.is_integer(t[c].type):
             t = t.set_column(t.schema.get_field_index(c), c, pc.fill_null(t[c], -1))
+    t = t.append_column(ROW, pa.array(np.arange(t.num_rows, dtype=np.int64)))
     col, values = keep
     t = t.filter(pc.is_in(t[col], value_set=pa.array(sorted(values), type=t[col].type)))
     return t.to_pydict()
@@ -154,7 +165,9 @@ def build_span_index(
             strict=True,
         )
     }
+    _check_json_spans(root, trk)
     _check_no_overlap(root, by_key, tid_arr, spans_all)
+    frame_row = np.asarray(frames[ROW], dtype=np.int64)
     # the tracklets of each video in catalog (shard) order, as the sequential reader meets them
     per_video: dict[int, list[str]] = {}
     for k, (v, _, _) in index.samples.items():
@@ -175,6 +188,7 @@ def build_span_index(
                     meta = _read_meta(reader, paths[rel], jspan, index.shard_identity[rel].n_bytes, key)
                     rows = rows_of.get(tid, np.zeros(0, np.int64))
                     _check_rows(meta, index.sample_frames.get(key), fidx[rows])
+                    _check_frame_spans(root, tid, meta.crop_sizes, spans_all[rows, 1], frame_row[rows])
                 except (_Damage, MemberError) as bad:
                     err = ShardError.at(url, key, bad.reason, str(bad))
                     if on_shard_error != "warn":
@@ -308,6 +322,34 @@ def _check_no_overlap(root: Path, by_key: dict, frame_tids: np.ndarray, frame_sp
             )
 
 
+def _check_json_spans(root: Path, trk: dict) -> None:
+    """DataConfigError for a tracklets row whose JSON span is longer than a sample JSON may be
+    (shards.sample.MAX_JSON_BYTES), naming the table, the row and the field, before any read."""
+    for row, tid, size in zip(trk[ROW], trk["tracklet_id"], trk["json_size"], strict=True):
+        if size > MAX_JSON_BYTES:
+            raise DataConfigError(
+                f"{root / 'catalog' / 'tracklets.parquet'}: row {row} (tracklet {tid!r}): field "
+                f"'json_size': {size} bytes, more than the {MAX_JSON_BYTES} a sample JSON may have; "
+                "not ingest's catalog (`polyp-ssl verify ROOT` checks every span)"
+            )
+
+
+def _check_frame_spans(
+    root: Path, tid: str, crop_sizes: list, sizes: np.ndarray, table_rows: np.ndarray
+) -> None:
+    """DataConfigError for a frames row whose JPEG span is longer than a JPEG of its crop (the
+    sample JSON's crop_sizes) can be (shards.members.max_jpeg_bytes), naming the table, the row
+    and the field: a catalog cannot make a batch of small crops read gigabytes."""
+    for i, (size, (w, h)) in enumerate(zip(sizes.tolist(), crop_sizes, strict=False)):
+        bound = max_jpeg_bytes(w, h)
+        if size > bound:
+            raise DataConfigError(
+                f"{root / 'catalog' / 'frames.parquet'}: row {int(table_rows[i])} (tracklet {tid!r} "
+                f"frame {i}): field 'jpeg_size': {size} bytes, more than a JPEG of its {w}x{h} crop "
+                f"can take ({bound}); not ingest's catalog (`polyp-ssl verify ROOT` checks every span)"
+            )
+
+
 def _check_rows(meta: Any, catalog_frames: int | None, frame_index: np.ndarray) -> None:
     if catalog_frames is not None and meta.n_frames != catalog_frames:
         raise _Damage("json_mismatch", f"JSON has {meta.n_frames} frames, the catalog {catalog_frames}")
@@ -325,7 +367,7 @@ class _Damage(ValueError):
 
 
 def _read_meta(reader: SpanReader, path: str, span: MemberSpan, n_bytes: int, key: str):
-    data = reader.read(path, span, n_bytes)
+    data = reader.read(path, span, n_bytes, f"{key}.json")
     try:
         meta = parse_sample(data)
     except SampleError as exc:

@@ -33,6 +33,7 @@ from polyp_ssl.epoch_plan import EpochPlan, SplitFragments, plan_epoch, stream_b
 from polyp_ssl.loader_errors import ON_SHARD_ERROR, SKIP_REASONS, DataConfigError, ShardError
 from polyp_ssl.shards.members import MemberError, SpanReader
 from polyp_ssl.shards.sample import (
+    frame_ext,
     frame_jpeg,
 )
 from polyp_ssl.span_index import FrameMeta, SpanTable, build_span_index, local_paths
@@ -570,7 +571,12 @@ class BagStream(IterableDataset):
                     data = read.get((slot, i))
                     if data is None:
                         try:
-                            data = reader.read(sp.path[rel], sp.span(slot, i), sp.shard_bytes[rel])
+                            data = reader.read(
+                                sp.path[rel],
+                                sp.span(slot, i),
+                                sp.shard_bytes[rel],
+                                f"{meta.key}.{frame_ext(i)}",
+                            )
                         except MemberError as exc:
                             raise ShardError.at(url, meta.key, exc.reason, f"frame {i}: {exc}") from None
                         except OSError as exc:

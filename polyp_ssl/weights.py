@@ -53,11 +53,20 @@ def torchvision_weight_file(arch: str, name: str) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A bare state dict from `path` (also accepts one wrapped under "state_dict" or "model")."""
+    """A bare state dict from `path` (also accepts one wrapped under "state_dict" or "model"); the
+    file passes the checkpoint file check (size, zip records) before torch.load reads it."""
+    from polyp_ssl.checkpoint import CheckpointError, check_checkpoint_file  # it imports this module
+
+    try:
+        check_checkpoint_file(path, "backbone weights file")
+    except CheckpointError as e:
+        raise WeightsError(f"sfe_backbone_weights: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure here means the file is unusable
-        raise WeightsError(f"{path}: cannot be read as a tensor state dict ({type(e).__name__}: {e})") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        what = f"{type(e).__name__}: {first}"
+        raise WeightsError(f"{path}: cannot be read as a tensor state dict ({what})") from e
     for key in _STATE_DICT_WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -70,7 +79,7 @@ def resolve_backbone_state_dict(arch: str, weights: str) -> tuple[dict[str, torc
     """The state dict named by `weights` (a torchvision weight name or a file), and its file."""
     if looks_like_path(weights):
         path = Path(weights).expanduser()
-        if not path.is_file():
+        if not path.exists():  # a FIFO or device is refused by name (check_checkpoint_file)
             raise WeightsError(f"sfe_backbone_weights file not found: {path}")
         return read_state_dict(path), path
     path = torchvision_weight_file(arch, weights)

@@ -14,7 +14,6 @@ Use it in main processes only, never inside a DataLoader worker (DuckDB is not f
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import threading
@@ -28,11 +27,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
+from polyp_ssl.shards.textio import TextInputError, load_json
 
 CATALOG_DIR = "catalog"
 EMBEDDINGS_DIR = "embeddings"
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB (parameters, counts, part checksums)
 INTERRUPT_GRACE_S = 5.0  # how long an interrupted query may take to stop
 T = TypeVar("T")
 
@@ -61,7 +63,7 @@ def catalog_dir(root: str | Path) -> Path:
 
 def _require_ingested(root: Path) -> Path:
     cdir = catalog_dir(root)
-    if not (cdir / MANIFEST).is_file():
+    if not (cdir / MANIFEST).exists():  # a FIFO here is refused by name when read
         if not root.exists():
             raise CatalogError(f"{root}: no such directory")
         if (root / ".ingest-staging" / "all" / ".swap.json").is_file():  # written by ingest/run.py
@@ -80,8 +82,10 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     """The catalog's manifest.json; checks that it is a catalog of this version."""
     path = _require_ingested(Path(root)) / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = load_json(path, "manifest", max_bytes=MAX_MANIFEST_BYTES)
+    except TextInputError as exc:  # too large, too deep, not UTF-8 JSON: names file and line
+        raise CatalogError(f"unreadable manifest: {exc}") from None
+    except OSError as exc:
         raise CatalogError(f"{path}: unreadable manifest: {exc}") from exc
     if not isinstance(manifest, dict):
         raise CatalogError(f"{path}: manifest is not a JSON object")
@@ -114,13 +118,14 @@ def _table_path(root: Path, name: str) -> Path:
     if name not in TABLES:
         raise CatalogError(f"unknown catalog table {name!r}; tables: {', '.join(TABLES)}")
     path = _require_ingested(root) / f"{name}.parquet"
-    if not path.is_file():
+    if not path.exists():  # a FIFO here is refused by name (_dataset)
         raise CatalogError(f"{path}: catalog table {name!r} is missing; re-run `polyp-ssl ingest {root}`")
     return path
 
 
 def _dataset(path: Path, expected: pa.Schema | None) -> pads.Dataset:
     try:
+        check_regular(path, "Parquet file")  # pyarrow opens the path itself: never a FIFO or device
         actual = pq.read_schema(path)
     except (OSError, pa.ArrowException) as exc:
         raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
@@ -185,6 +190,7 @@ def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
             if view in colliding:
                 continue
             try:
+                check_regular(path, "Parquet file")
                 schema = pq.read_schema(path)
             except (OSError, pa.ArrowException) as exc:
                 raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
@@ -197,9 +203,14 @@ def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
         for view, paths in colliding.items():
             # a query that names the view fails with this message instead of "does not exist"
             message = (
-                f"view {view} is left out: the embeddings files {', '.join(str(p) for p in paths)} "
-                "all map to it; rename all but one"
-            ).replace("'", "''").encode("utf-8", "backslashreplace").decode("utf-8")
+                (
+                    f"view {view} is left out: the embeddings files {', '.join(str(p) for p in paths)} "
+                    "all map to it; rename all but one"
+                )
+                .replace("'", "''")
+                .encode("utf-8", "backslashreplace")
+                .decode("utf-8")
+            )
             con.execute(
                 f"CREATE VIEW {view} AS SELECT range AS error FROM range(1) WHERE error('{message}') IS NULL"
             )

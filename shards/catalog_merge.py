@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from polyp_ssl.shards.catalog import MANIFEST, CatalogError, catalog_dir, check_schema
+from polyp_ssl.shards.catalog import MANIFEST, MAX_MANIFEST_BYTES, CatalogError, catalog_dir, check_schema
 from polyp_ssl.shards.lock import output_lock
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
+from polyp_ssl.shards.textio import TextInputError, loads_json, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,11 @@ def _read_part(path: Path, index: int, total: int) -> Part:
             f"{path}: part {index}/{total} is incomplete (no {MANIFEST}); re-run "
             f"`polyp-ssl ingest ROOT --part {index}/{total} --resume`"
         )
-    raw = mpath.read_bytes()
     try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CatalogError(f"{mpath}: unreadable manifest: {exc}") from exc
+        raw = read_bounded(mpath, "manifest", MAX_MANIFEST_BYTES)
+        manifest = loads_json(raw, mpath, MAX_MANIFEST_BYTES)
+    except TextInputError as exc:  # too large, too deep, not UTF-8 JSON: names file and line
+        raise CatalogError(f"unreadable manifest: {exc}") from None
     if not isinstance(manifest, dict):
         raise CatalogError(f"{mpath}: manifest is not a JSON object")
     if manifest.get("version") != CATALOG_VERSION:

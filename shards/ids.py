@@ -7,7 +7,8 @@ non-empty path component: no `/` or `\\` (a separator would turn one component i
 would let `a/b` + `c` and `a` + `b/c` give one video id), not `.` or `..`, no NUL, no control
 characters, at most MAX_ID_BYTES bytes of UTF-8. The check refuses instead of rewriting, so an
 accepted id is used exactly as given (ordinary ids keep their names) and two distinct ids never
-map to one path.
+map to one path. Ids that are not path components (identity ids) are plain text all the same
+(`text_problem`): no control character, so a terminal escape in a table never reaches a message.
 """
 
 from __future__ import annotations
@@ -21,6 +22,36 @@ class UnsafeIdError(ValueError):
     """An id that cannot be used as one path component; the message names the id and why."""
 
 
+# bidirectional overrides and isolates: they reorder what a terminal shows ("Trojan source")
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` is not plain text that can be shown in a message or a table, or None: a NUL, a
+    control character (a terminal escape `\\x1b`, a newline, ...), a line or paragraph separator, a
+    bidirectional override, a lone surrogate. Every id read from data (path component or not)
+    goes through this check."""
+    for ch in value:
+        if ch == "\0":
+            return "contains a NUL character"
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            return f"contains the control character {ch!r}"
+        if category == "Cs":
+            return "contains a lone surrogate (not text)"
+        if category in ("Zl", "Zp") or ch in _BIDI_CONTROLS:
+            return f"contains the invisible control character {ch!r}"
+    return None
+
+
+def plain_text(value: str, what: str) -> str:
+    """`value` itself when it is plain text (`text_problem`); UnsafeIdError naming `what` otherwise."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise UnsafeIdError(f"{what} {value[:80]!r} {problem}")
+    return value
+
+
 def id_problem(value: object) -> str | None:
     """Why `value` cannot be one path component, or None when it can."""
     if not isinstance(value, str):
@@ -31,14 +62,9 @@ def id_problem(value: object) -> str | None:
         return "is a relative folder name ('.' or '..')"
     if "/" in value or "\\" in value:
         return "contains a path separator ('/' or '\\')"
-    for ch in value:
-        if ch == "\0":
-            return "contains a NUL character"
-        category = unicodedata.category(ch)
-        if category == "Cc":
-            return f"contains the control character {ch!r}"
-        if category == "Cs":
-            return "contains a lone surrogate (not text)"
+    problem = text_problem(value)
+    if problem is not None:
+        return problem
     if len(value.encode("utf-8")) > MAX_ID_BYTES:
         return f"is longer than {MAX_ID_BYTES} bytes"
     return None

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO
 
+from polyp_ssl.shards.files import open_regular
 from polyp_ssl.shards.locations import HashingReader, ShardChanged, ShardIdentity
 
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -66,7 +67,7 @@ def iter_samples(
     for path in paths:
         seen: set[str] = set()
         current: dict[str, Any] | None = None
-        with open(path, "rb") as raw:
+        with open_regular(path, "shard") as raw:
             expect = identities.get(str(path)) if identities else None
             stream: Any = HashingReader(raw, expect) if expect is not None else raw
             for name, data in read_members(stream):
@@ -106,7 +107,7 @@ def open_shard(url: str) -> BinaryIO:
     """A binary stream of a shard: a local path (or `file:` path) with open(); `pipe:`, http(s) and
     the other schemes of webdataset.gopen with it; any other URL with fsspec."""
     if not is_url(url):
-        return open(url.removeprefix("file:"), "rb")
+        return open_regular(url.removeprefix("file:"), "shard")  # a FIFO or device: refused by name
     if url.split(":", 1)[0].lower() in WEBDATASET_SCHEMES:
         import webdataset
 

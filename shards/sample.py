@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from polyp_ssl.shards.textio import json_depth
+
 SAMPLE_VERSION = 2  # 2: position_in_video and video_first/last_frame over the annotated frames
 JSON_EXT = "json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -168,9 +170,6 @@ _PER_FRAME = (
     "crop_sizes",
     "boxes_in_crop",
 )
-_STRINGS = re.compile(rb'"[^"]*"')
-_BRACKET_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
-_NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
 
 
 class SampleError(ValueError):
@@ -182,21 +181,6 @@ class SampleError(ValueError):
         self.field = field
         self.detail = detail
         self.kind = kind  # "length": a per-frame list of another length than frame_ids
-
-
-def json_depth(data: bytes) -> int:
-    """The deepest nesting of arrays and objects in JSON text, counted without parsing it (so a
-    document nested 200,000 levels deep costs one linear scan, not a RecursionError)."""
-    import numpy as np
-
-    # drop escaped backslashes, then escaped quotes (left to right, as a JSON reader pairs them),
-    # then whole strings: what is left has brackets only where the document nests
-    text = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    text = _STRINGS.sub(b"", text).translate(None, _NOT_BRACKET)
-    if not text:
-        return 0
-    steps = np.frombuffer(text.translate(_BRACKET_STEP), dtype=np.int8)
-    return int(np.cumsum(steps, dtype=np.int64).max())
 
 
 def _no_constant(name: str) -> Any:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from polyp_ssl.shards.catalog import read_manifest, read_table
+from polyp_ssl.shards.files import NotRegularFileError, open_regular
 from polyp_ssl.shards.locations import UnsafeLocation, inside, location_problem
 from polyp_ssl.shards.members import MemberSpan, crc32
 from polyp_ssl.shards.reader import BLOCK, COMPRESSED_MAGIC, read_members
@@ -62,7 +63,7 @@ class VerifyReport:
 def file_sha256(path: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
-    with open(path, "rb") as f:
+    with open_regular(path, "shard") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             n += len(chunk)
@@ -152,7 +153,7 @@ def scan_shard(path: Path) -> ShardScan:
             if problem is not None:
                 scan.bad_samples.append((current, problem))
 
-    with open(path, "rb") as raw:
+    with open_regular(path, "shard") as raw:
         scan.compressed = raw.read(BLOCK).startswith(COMPRESSED_MAGIC)
         raw.seek(0)
         f: Any = _Counting(raw)
@@ -331,11 +332,15 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
         except UnsafeLocation as exc:
             report.problems.append(Problem("bad_path", rel, str(exc)))
             continue
-        if not path.is_file():
+        if not path.exists():
             report.problems.append(Problem("missing_shard", rel, f"{path} does not exist"))
             continue
+        try:
+            digest, size = file_sha256(path)
+        except NotRegularFileError as exc:  # a FIFO or device in place of the shard: never read
+            report.problems.append(Problem("not_regular_file", rel, str(exc)))
+            continue
         report.shards_checked += 1
-        digest, size = file_sha256(path)
         report.bytes_hashed += size
         if size != row["n_bytes"]:
             report.problems.append(

@@ -16,6 +16,7 @@ import tarfile
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
+from polyp_ssl.shards.files import open_regular
 from polyp_ssl.shards.members import MemberSpan, crc32
 
 TAR_MTIME = 0
@@ -142,7 +143,7 @@ class ShardWriter:
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or device: refused by name, never waited on
         while block := f.read(chunk):
             sha.update(block)
     return sha.hexdigest()

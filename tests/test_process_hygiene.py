@@ -411,7 +411,7 @@ def test_overwrite_with_an_unreadable_annotation_file_keeps_the_old_output(
     capsys.readouterr()
     rc = entry_main(ingest_cmd(bad, out, "--overwrite"))
     err = capsys.readouterr().err
-    assert rc == 1 and str(ann) in err and "Is a directory" in err, err
+    assert rc == 1 and str(ann) in err and "is a folder, not a regular file" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert file_bytes(out) == before
 

@@ -113,7 +113,7 @@ def _run(cfg: Any, run: Callable[[], dict]) -> int:
         return 2
     except OSError as exc:
         print(f"polyp-ssl convert: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if getattr(exc, "bad_input", False) else 1  # a FIFO or device given as input
     for line in report_lines(report):
         print(line)
     if report.get("n_skipped"):
@@ -165,7 +165,9 @@ def _sun_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="all", help="split name of the output (default %(default)s)")
     p.add_argument(
-        "--empty-frames", choices=("keep", "drop"), default="keep",
+        "--empty-frames",
+        choices=("keep", "drop"),
+        default="keep",
         help="frames of a positive case without a box line: keep them without boxes, or drop them",
     )
     return p
@@ -182,7 +184,9 @@ def _polypsset_parser() -> argparse.ArgumentParser:
     p.add_argument("raw_dir", type=Path, help="raw PolypsSet folder")
     _common_options(p)
     p.add_argument(
-        "--train2019", choices=("skip", "frames"), default="skip",
+        "--train2019",
+        choices=("skip", "frames"),
+        default="skip",
         help="train2019 has no sequences: leave it out (default) or one sequence per frame",
     )
     return p
@@ -225,8 +229,11 @@ def _merge_parser() -> argparse.ArgumentParser:
         "hard-linked. SOURCE::val,test takes only those splits of a source.",
     )
     p.add_argument("roots", nargs="+", help="source roots, then the output root (last)")
-    p.add_argument("--dataset-ids", default=None, help="comma-separated, one per source (default: each "
-                   "source's own dataset_id, else its folder name)")
+    p.add_argument(
+        "--dataset-ids",
+        default=None,
+        help="comma-separated, one per source (default: each source's own dataset_id, else its folder name)",
+    )
     p.add_argument("--split", default="all", help="split name of the merged file (default %(default)s)")
     p.add_argument("--keep-splits", action="store_true", help="keep the sources' split names instead")
     p.add_argument(
@@ -262,8 +269,16 @@ def _main_other(name: str, argv: list[str]) -> int:
         from polyp_ssl.ingest.convert.sun import SunConfig, convert_sun
 
         cfg: Any = SunConfig(
-            args.raw_dir, args.out_root, args.case_info, args.negatives, args.split, args.link, args.on_error,
-            args.empty_frames, args.workers, args.follow_symlinks,
+            args.raw_dir,
+            args.out_root,
+            args.case_info,
+            args.negatives,
+            args.split,
+            args.link,
+            args.on_error,
+            args.empty_frames,
+            args.workers,
+            args.follow_symlinks,
         )
         return _run(cfg, lambda: convert_sun(cfg, progress))
     if name == "polypsset":
@@ -290,18 +305,35 @@ def _main_other(name: str, argv: list[str]) -> int:
         from polyp_ssl.ingest.convert.table import TableConfig, convert_table
 
         cfg = TableConfig(
-            args.table, args.out_root, args.dataset_id, args.split, args.link, args.on_error, args.workers,
+            args.table,
+            args.out_root,
+            args.dataset_id,
+            args.split,
+            args.link,
+            args.on_error,
+            args.workers,
             args.follow_symlinks,
         )
         return _run(cfg, lambda: convert_table(cfg, progress))
-    from polyp_ssl.ingest.convert.merge import MergeConfig, merge
+    from polyp_ssl.ingest.convert.merge import MergeConfig, check_roots, merge
 
     if len(args.roots) < 2:
         print("polyp-ssl convert merge: give at least one source root and the output root", file=sys.stderr)
         return 2
+    try:  # before the output root is made or locked: `merge ROOT ROOT` leaves ROOT untouched
+        check_roots(args.roots[:-1], args.roots[-1])
+    except ValueError as exc:
+        print(f"polyp-ssl convert merge: error: {exc}", file=sys.stderr)
+        return 2
     ids = [s.strip() for s in args.dataset_ids.split(",")] if args.dataset_ids else None
     cfg = MergeConfig(
-        args.roots[:-1], Path(args.roots[-1]), ids, args.split, args.keep_splits, args.link, args.workers,
+        args.roots[:-1],
+        Path(args.roots[-1]),
+        ids,
+        args.split,
+        args.keep_splits,
+        args.link,
+        args.workers,
         args.follow_symlinks,
     )
     return _run(cfg, lambda: merge(cfg, progress))

@@ -3,20 +3,21 @@ discrepancy report, box clamping, natural frame order, image placement (link mod
 atomic writing of the report and the COCO annotation files.
 
 A converter parses and checks its whole raw layout first (pure functions, nothing written), into
-`Frame`s grouped by split; `write_dataset` then places the images, writes
-`OUT/convert_report.json`, and writes the annotation files last, each under a temporary name
-renamed into place, so an interrupted run never leaves an annotation file that looks complete.
-Placing an image is idempotent (`link_file` keeps a destination that already is the source,
-replaces anything else), so rerunning after a crash gives the uninterrupted result.
+`Frame`s grouped by split; `write_dataset` then places the images, and last puts in the
+annotation files and `OUT/convert_report.json` together (ingest.staged: written complete in a
+staging folder, then renamed; a run killed while renaming is finished by the next writer of the
+root, and ingest refuses the root until then), so an interrupted run never leaves a set of
+annotation files that looks complete. Placing an image is idempotent (`link_file` keeps a
+destination that already is the source, replaces anything else), so rerunning after a crash
+gives the uninterrupted result.
 
 Crash points for the tests (`ingest.faults.crash_point`, inert unless POLYP_SSL_TEST_CRASH_AT
 is set): `convert_image_placed` (after each frame placed) and `convert_annotation_written`
-(after each annotation file, before the next).
+(after each annotation file, and the report, is renamed into place).
 """
 
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import logging
@@ -32,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from polyp_ssl.ingest.faults import crash_point
+from polyp_ssl.ingest.media import check_image_file
+from polyp_ssl.ingest.staged import StagedFiles
+from polyp_ssl.shards.files import open_regular
+from polyp_ssl.shards.textio import MAX_ANNOTATION_BYTES, TextInputError, load_json, one_line, read_csv_table
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +60,9 @@ class ConvertError(ValueError):
             where += f": {id}"
         if field is not None:
             where += f": field {field!r}"
-        # file names that are not UTF-8 (surrogate escapes) are shown as \udcXX, printable anywhere
-        super().__init__(f"{where}: {detail}".encode("utf-8", "backslashreplace").decode("utf-8"))
+        # file names that are not UTF-8 (surrogate escapes) are shown as \udcXX, control characters
+        # (a terminal escape in a folder name) as \x1b: one printable line
+        super().__init__(one_line(f"{where}: {detail}"))
 
     def as_dict(self, action: str) -> dict[str, Any]:
         def text(v: str | None) -> str | None:
@@ -142,10 +148,9 @@ def load_coco(path: Path) -> dict[str, Any]:
     """A seed-layout annotation file as a dict with lists `images` and `annotations`;
     ConvertError `bad_json` naming the file otherwise."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
+        obj = load_json(path, "annotation file", max_bytes=MAX_ANNOTATION_BYTES)
+    except TextInputError as exc:
+        raise text_error(exc) from None
     if (
         not isinstance(obj, dict)
         or not isinstance(obj.get("images"), list)
@@ -197,39 +202,47 @@ def clamp_corners(
     return (cx1, cy1, cx2 - cx1, cy2 - cy1), how
 
 
-def read_csv(path: Path, required: tuple[str, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows (values stripped) of a UTF-8 CSV; ConvertError naming the file otherwise,
-    and naming the first of the `required` columns the header lacks."""
+def text_error(exc: TextInputError) -> ConvertError:
+    """A reader's TextInputError as the converters' ConvertError (file, line, field, reason)."""
+    where = None if exc.line is None else f"line {exc.line}"
+    return ConvertError(exc.path, exc.reason, exc.detail, where, exc.field)
+
+
+def read_csv_numbered(
+    path: Path, required: tuple[str, ...] = (), max_rows: int | None = None
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and (line number, row) pairs (values stripped) of a UTF-8 CSV read strictly and
+    bounded (shards.textio.read_csv_table: lines, rows, quoting, ragged rows, control characters);
+    ConvertError naming the file, the line and the field otherwise."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-            header = [h.strip() for h in reader.fieldnames or []]
-    except UnicodeDecodeError as exc:
-        raise ConvertError(path, "bad_encoding", f"not UTF-8 text: {exc}") from None
-    except csv.Error as exc:
-        raise ConvertError(path, "bad_csv", f"unreadable CSV: {exc}") from None
-    if not header:
-        raise ConvertError(path, "empty_file", "empty CSV (no header)")
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise ConvertError(
-            path, "missing_field", f"no column {missing[0]!r} (header: {header})", field=missing[0]
-        )
-    return header, rows
+        return read_csv_table(path, "CSV file", required, max_rows=max_rows)
+    except TextInputError as exc:
+        raise text_error(exc) from None
+
+
+def read_csv(path: Path, required: tuple[str, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a UTF-8 CSV (see `read_csv_numbered`)."""
+    header, rows = read_csv_numbered(path, required)
+    return header, [row for _, row in rows]
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header (the pixels are not decoded)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return int(im.width), int(im.height)
+    with open_regular(path, "image") as f:
+        check_image_file(f, path)  # JPEG, PNG or BMP by its bytes, whatever the name
+        with Image.open(f) as im:
+            return int(im.width), int(im.height)
 
 
-def read_bytes(path: Path) -> bytes | OSError:
+def read_bytes(path: Path, limit: int | None = None) -> bytes | OSError:
+    """The bytes of a raw file, or the OSError (a FIFO or device is refused, never read; a file
+    of more than `limit` bytes is refused before it is read)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            if limit is not None and os.fstat(f.fileno()).st_size > limit:
+                return OSError(errno.EFBIG, f"larger than {limit:,} bytes, too large for its kind", str(path))
             return f.read()
     except OSError as exc:
         return exc
@@ -323,8 +336,10 @@ def write_coco_atomic(
 
 
 def remove_stale_temporaries(annotations: Path, image_dirs: set[Path]) -> int:
-    """Temporaries a killed run left (`.NAME.tmp-PID`: annotation files, frames being linked);
-    the output lock guarantees no live writer owns them. Returns how many were removed."""
+    """Temporaries a killed run left (`.NAME.tmp-PID`: annotation files, frames being linked,
+    the report in the root: pass the root among `image_dirs`); the output lock guarantees no
+    live writer owns them. Every writer of a root calls it before placing frames (convert and
+    merge). Returns how many were removed."""
     n = 0
     for folder in sorted({annotations, *image_dirs}):
         if not folder.is_dir():
@@ -439,7 +454,7 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
-    remove_stale_temporaries(out / "annotations", {d.parent for _, d in to_place})
+    remove_stale_temporaries(out / "annotations", {out, *(d.parent for _, d in to_place)})
     links = place_images(to_place, link, pool, progress)
     report: dict[str, Any] = {
         "converter": converter,
@@ -463,30 +478,20 @@ def write_dataset(
         "links": dict(sorted(links.items())),
     }
     report.update(report_extra or {})
-    write_json_atomic(out / REPORT_NAME, report)
     base_info = {"description": f"converted by polyp-ssl convert {converter}", "dataset_id": dataset_id}
     base_info.update(info or {})
-    # every split's file complete under its temporary name first, then all renamed: a root has
-    # all of its annotation files or (but for the instant of the renames) none
-    temps: list[tuple[Path, Path]] = []
-    try:
+    # every split's file and the report complete in the staging folder first, then put in
+    # together (ingest.staged): a root has all of them or none; a run killed while renaming is
+    # finished by the next writer of the root
+    with StagedFiles(out, point="convert_annotation_written") as staged:
         for split, bucket in sorted(per_split.items()):
-            final = out / "annotations" / f"instances_{split}.json"
-            tmp = write_coco_atomic(
-                final,
-                dict(base_info, split=split),
-                bucket["images"],
-                bucket["annotations"],
-                bucket["videos"],
-                rename=False,
-            )
-            temps.append((tmp, final))
-        for tmp, final in temps:
-            os.replace(tmp, final)
-            crash_point("convert_annotation_written")
-    finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
+            with staged.writing(f"annotations/instances_{split}.json") as path:
+                split_info = dict(base_info, split=split)
+                b = bucket
+                write_coco_atomic(path, split_info, b["images"], b["annotations"], b["videos"])
+        with staged.writing(REPORT_NAME) as path:
+            write_json_atomic(path, report)
+        staged.commit()
     return report
 
 
@@ -561,9 +566,8 @@ def read_report_rows(root: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except (OSError, ValueError) as exc:
+        report = load_json(path, "convert report")
+    except (OSError, ValueError) as exc:  # TextInputError included: too large, too deep, not JSON
         log.warning("%s: not read (%s); no conversion rows in the errors table", path, exc)
         return []
     if not isinstance(report, dict):

@@ -44,12 +44,14 @@ from polyp_ssl.ingest.convert.common import (
     write_dataset,
 )
 from polyp_ssl.ingest.sources import link_problem
+from polyp_ssl.shards.ids import id_problem
 
 log = logging.getLogger(__name__)
 
 DATASET_ID = "ldpolyp"
 PARTS = {"TrainValid": "train", "Test": "test"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+MAX_BOX_FILE_BYTES = 1 << 20  # a box count and a few box lines
 IDENTITY_RULE = "one polyp per video (LDPolypVideo has no polyp ids): identity_id = sequence_id"
 
 
@@ -167,6 +169,12 @@ def _video(
     tally.files["unpaired_images"] += len(set(images) - set(txts))
     tally.files["unpaired_txt"] += len(set(txts) - set(images))
     sequence = f"{part}_{video}"
+    problem = id_problem(sequence)  # from a folder name: no control character, no "/"
+    if problem is not None:
+        problems.handle(
+            ConvertError(img_dir, "bad_id", f"sequence id {sequence!r} {problem}", field="sequence_id")
+        )
+        return []
     checked = []
     used: dict[int, str] = {}
     for stem in sorted(set(images) & set(txts), key=natural_key):
@@ -189,7 +197,7 @@ def _video(
     tally.files["pairs"] += len(checked)
 
     def load(item: tuple[int, Path, Path]) -> tuple[bytes | OSError, tuple[int, int] | Exception]:
-        data = read_bytes(item[2])
+        data = read_bytes(item[2], MAX_BOX_FILE_BYTES)
         try:
             size: tuple[int, int] | Exception = image_size(item[1])
         except (OSError, ValueError) as exc:

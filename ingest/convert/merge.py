@@ -13,12 +13,20 @@
   or with `--keep-splits` into the source's split names.
 The sources' convert reports are kept inside OUT/convert_report.json, so ingest of the merged
 root still records every conversion count in its errors table.
+
+Refused before anything is written: a source that is the output root, contains it or is inside
+it (real paths, links resolved: the output would overwrite or grow its own input); a source that
+is itself the output of a merge (its images already carry `{dataset_id}/` names: merging it again
+would nest them as `sun/sun/...`; merge its sources instead); with --keep-splits, a source split
+name that ingest would refuse as a split (shards.ids). The report and the annotation files are
+put in all together or not at all (ingest.staged); frames a killed run was linking
+(`.NAME.tmp-PID`) are removed by the next run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,15 +40,19 @@ from polyp_ssl.ingest.convert.common import (
     ConvertError,
     load_coco,
     place_images,
+    remove_stale_temporaries,
     write_coco_atomic,
     write_json_atomic,
 )
 from polyp_ssl.ingest.sources import link_problem
+from polyp_ssl.ingest.staged import StagedFiles, pending_swap
 from polyp_ssl.shards.ids import id_problem
+from polyp_ssl.shards.textio import load_json
 
 log = logging.getLogger(__name__)
 
 _ANN_RE = re.compile(r"^instances_(.+)\.json$")
+MERGED_DESCRIPTION = "merged by polyp-ssl convert merge"
 
 
 @dataclass
@@ -92,6 +104,63 @@ def _annotation_files(src: Source) -> dict[str, Path]:
     return found
 
 
+def check_roots(sources: list[str], out_root: str | Path) -> None:
+    """ValueError, before anything is written, naming both paths, when a source root is the
+    output root, contains it or is inside it (real paths: links resolved); also when a source
+    holds an unfinished swap of an interrupted split or merge (half of its files are new)."""
+    out_real = Path(os.path.realpath(out_root))
+    for text in sources:
+        src = parse_source(text).root
+        src_real = Path(os.path.realpath(src))
+        how = None
+        if src_real == out_real:
+            how = "is the output root"
+        elif out_real.is_relative_to(src_real):
+            how = "contains the output root"
+        elif src_real.is_relative_to(out_real):
+            how = "is inside the output root"
+        if how is not None:
+            raise ValueError(
+                f"source {src} ({src_real}) {how} {out_root} ({out_real}): the merge would write into "
+                "its own input; choose an output root outside every source"
+            )
+        if (marker := pending_swap(src)) is not None:
+            raise ValueError(
+                f"source {src}: {marker} is the unfinished swap of an interrupted split or merge; "
+                "rerun that command first"
+            )
+
+
+def _check_not_merged(src: Source, path: Path, obj: dict[str, Any], report: Any) -> None:
+    """ValueError when `src` is itself a merge's output: its file names and identities already
+    carry their dataset ids, so a second merge would nest them (`sun/sun/...`)."""
+    info = obj.get("info") if isinstance(obj.get("info"), dict) else {}
+    merged = info.get("description") == MERGED_DESCRIPTION or (
+        isinstance(report, dict) and report.get("converter") == "merge"
+    )
+    if not merged:
+        return
+    inner = [s.get("root") for s in info.get("sources") or [] if isinstance(s, dict)]
+    hint = f" ({', '.join(map(str, inner))})" if inner else ""
+    raise ValueError(
+        f"{path}: source {src.root} is the output of `polyp-ssl convert merge` (its images are already "
+        f"named {{dataset_id}}/...; merging it again would nest them as "
+        f"{src.dataset_id}/{{dataset_id}}/...): "
+        f"merge its sources{hint} instead"
+    )
+
+
+def _check_kept_split(split: str, path: Path) -> None:
+    """--keep-splits: the source's split name becomes `instances_{name}.json` of the output, which
+    ingest reads as a split: refused here with ingest's own rule (shards.ids)."""
+    problem = id_problem(split)
+    if problem is not None:
+        raise ValueError(
+            f"{path}: split name {split!r} {problem}; ingest would refuse it as a split, so --keep-splits "
+            "cannot keep it (rename the file, or merge into one --split)"
+        )
+
+
 def _own_dataset_id(files: dict[str, Path]) -> str | None:
     ids: set[Any] = set()
     for path in files.values():
@@ -104,6 +173,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
         raise ValueError("give at least one source root")
     if not SPLIT_RE.match(cfg.split):
         raise ValueError(f"--split must match [A-Za-z0-9_-]+, got {cfg.split!r}")
+    check_roots(cfg.sources, cfg.out_root)
     sources = [parse_source(s) for s in cfg.sources]
     if cfg.dataset_ids is not None and len(cfg.dataset_ids) != len(sources):
         raise ValueError(f"--dataset-ids names {len(cfg.dataset_ids)} ids for {len(sources)} sources")
@@ -141,8 +211,8 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
         sub_report = None
         if rpath.is_file():
             try:
-                sub_report = json.loads(rpath.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                sub_report = load_json(rpath, "convert report")
+            except (OSError, ValueError):  # too large, too deep or not JSON: informative only
                 sub_report = None
         reports.append(
             {
@@ -154,6 +224,9 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
         )
         for split, path in src.files.items():
             obj = load_coco(path)
+            _check_not_merged(src, path, obj, sub_report)
+            if cfg.keep_splits:
+                _check_kept_split(split, path)
             target = split if cfg.keep_splits else cfg.split
             bucket = per_split.setdefault(target, {"images": [], "annotations": [], "videos": []})
             new_ids: dict[Any, int] = {}
@@ -232,6 +305,8 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
+    # frames a killed run was linking (`.NAME.tmp-PID`); the output lock says no live writer owns them
+    remove_stale_temporaries(out / "annotations", {out, *(d.parent for _, d in to_place)})
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="merge") as pool:
         links = place_images(to_place, cfg.link, pool, progress)
     report = {
@@ -251,19 +326,18 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
         "links": dict(sorted(links.items())),
         "sources": reports,
     }
-    write_json_atomic(out / REPORT_NAME, report)
     info = {
-        "description": "merged by polyp-ssl convert merge",
+        "description": MERGED_DESCRIPTION,
         "sources": [
             {"root": r["root"], "dataset_id": r["dataset_id"], "splits": r["splits"]} for r in reports
         ],
     }
-    for split, b in sorted(per_split.items()):
-        write_coco_atomic(
-            out / "annotations" / f"instances_{split}.json",
-            dict(info, split=split),
-            b["images"],
-            b["annotations"],
-            b["videos"],
-        )
+    # the report and every annotation file, put in together (all or none, also on a full disk)
+    with StagedFiles(out) as staged:
+        with staged.writing(REPORT_NAME) as path:
+            write_json_atomic(path, report)
+        for split, b in sorted(per_split.items()):
+            with staged.writing(f"annotations/instances_{split}.json") as path:
+                write_coco_atomic(path, dict(info, split=split), b["images"], b["annotations"], b["videos"])
+        staged.commit()
     return report

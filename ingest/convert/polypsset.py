@@ -52,12 +52,15 @@ from polyp_ssl.ingest.convert.common import (
     read_bytes,
 )
 from polyp_ssl.ingest.sources import link_problem
+from polyp_ssl.shards.files import check_regular
+from polyp_ssl.shards.ids import id_problem
 
 log = logging.getLogger(__name__)
 
 DATASET_ID = "polypsset"
 PARTS = {"train2019": "train", "val2019": "val", "test2019": "test"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+MAX_XML_BYTES = 16 << 20  # one frame's VOC annotation is a few KB
 
 
 @dataclass
@@ -224,12 +227,15 @@ def _convert_group(
             problems.handle(exc)
             continue
         checked.append((number, stem, img, xml))
-    contents = list(pool.map(lambda p: read_bytes(p[3]), checked))
+    contents = list(pool.map(lambda p: read_bytes(p[3], MAX_XML_BYTES), checked))
     out: list[Frame] = []
     used: dict[int, str] = {}
     for (number, stem, img, xml), data in zip(checked, contents, strict=True):
         sequence = f"{prefix}_{seq}" if seq else f"{prefix}_{stem}"
         try:
+            problem = id_problem(sequence)  # from folder or file names: no control character, no "/"
+            if problem is not None:
+                raise ConvertError(img, "bad_id", f"sequence id {sequence!r} {problem}", field="sequence_id")
             if isinstance(data, OSError):
                 raise ConvertError(xml, "unreadable_file", f"cannot read: {data}")
             width, height, objects = parse_voc_boxes(data, xml)
@@ -237,6 +243,8 @@ def _convert_group(
                 raise ConvertError(img, "duplicate_frame", f"frame number {number} also in {used[number]}")
             if width is None or height is None:
                 width, height = image_size(img)
+            else:
+                check_regular(img, "image")  # size from the XML; a FIFO or device is still refused
         except ConvertError as exc:
             problems.handle(exc)
             continue

@@ -26,8 +26,7 @@ test if k % 5 == 4 (60/20/20 per site). It is not the paper's split: pass the pa
 
 from __future__ import annotations
 
-import csv
-import json
+import functools
 import logging
 import os
 import re
@@ -48,15 +47,21 @@ from polyp_ssl.ingest.convert.common import (  # noqa: F401 (ConvertError, Probl
     link_file,
     parse_number,
     read_bytes,
-    read_csv,
+    read_csv_numbered,
+    remove_stale_temporaries,
+    text_error,
     write_coco_atomic,
     write_json_atomic,
 )
 from polyp_ssl.ingest.sources import link_problem
+from polyp_ssl.ingest.staged import StagedFiles
+from polyp_ssl.shards.files import NotRegularFileError, check_regular
+from polyp_ssl.shards.textio import TextInputError, csv_rows, load_json
 
 log = logging.getLogger(__name__)
 
 DATASET_ID = "realcolon"
+MAX_XML_BYTES = 16 << 20
 LESION_SIZE_FIELD = "size [mm]"
 LESION_FIELDS = ("unique_object_id", "unique_video_name", LESION_SIZE_FIELD, "histology_class")
 VIDEO_NUMERIC_FIELDS = ("age", "fps", "num_frames", "num_lesions")
@@ -172,11 +177,11 @@ def parse_voc(data: bytes, source: str | Path, problems: Problems | None = None)
 
 
 def read_lesion_info(path: Path, problems: Problems) -> dict[str, Lesion]:
-    if not path.is_file():
+    if not path.exists():  # a FIFO or folder here is refused by name when read
         raise ConvertError(path, "missing_file", "lesion_info.csv is missing (needed for size and histology)")
-    _, rows = read_csv(path, LESION_FIELDS)
+    _, rows = read_csv_numbered(path, LESION_FIELDS)
     lesions: dict[str, Lesion] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         uid = row["unique_object_id"]
         rid = f"line {line} ({uid or 'no id'})"
         if not uid:
@@ -211,14 +216,14 @@ def read_lesion_info(path: Path, problems: Problems) -> dict[str, Lesion]:
 
 
 def read_video_info(path: Path, problems: Problems) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
+    if not path.exists():
         log.info("%s not found: no per-video records", path)
         return {}
-    header, rows = read_csv(path)
+    header, rows = read_csv_numbered(path)
     if "unique_video_name" not in header:
         raise ConvertError(path, "missing_field", "no column 'unique_video_name'", field="unique_video_name")
     videos: dict[str, dict[str, Any]] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         name = row["unique_video_name"]
         if not name:
             problems.handle(
@@ -258,9 +263,7 @@ def paper_split(videos: list[str], lesions: dict[str, Lesion]) -> dict[str, str]
     """The paper's split (from the earlier polyp-counting work): per site, videos 001-008 train,
     009-010 val, 011-015 test, keeping only videos with at least one lesion in lesion_info.csv.
     On the full dataset: 27 train videos (rc27) and 10 + 9 = 19 val + test videos (rc19)."""
-    with_lesion = {
-        lesion.video if lesion.video else uid.rsplit("_", 1)[0] for uid, lesion in lesions.items()
-    }
+    with_lesion = {lesion.video if lesion.video else uid.rsplit("_", 1)[0] for uid, lesion in lesions.items()}
     out: dict[str, str] = {}
     for v in videos:
         m = re.fullmatch(r"(\d{3})-(\d{3})", v)
@@ -279,9 +282,8 @@ def paper_split(videos: list[str], lesions: dict[str, Lesion]) -> dict[str, str]
 def read_split_file(path: Path) -> dict[str, str]:
     """video -> split from a CSV (columns video|unique_video_name|sequence_id, split; or two columns
     without header) or a JSON ({video: split}, {split: [videos]} or [{video, split}])."""
-    if not path.is_file():
+    if not path.exists():
         raise ConvertError(path, "missing_file", "split file not found")
-    text = path.read_text(encoding="utf-8-sig")
     mapping: dict[str, str] = {}
 
     def put(video: Any, split: Any, where: str) -> None:
@@ -300,9 +302,9 @@ def read_split_file(path: Path) -> dict[str, str]:
 
     if path.suffix.lower() == ".json":
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConvertError(path, "bad_json", f"not JSON: {exc}") from None
+            obj = load_json(path, "split file")
+        except TextInputError as exc:
+            raise text_error(exc) from None
         if isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values()):
             for split, videos in obj.items():
                 for v in videos:
@@ -319,17 +321,19 @@ def read_split_file(path: Path) -> dict[str, str]:
         else:
             raise ConvertError(path, "bad_split_file", "expected an object or a list")
     else:
-        rows = list(csv.reader(text.splitlines()))
-        rows = [r for r in rows if any(c.strip() for c in r)]
+        try:
+            rows = [(n, r) for n, r in csv_rows(path, "split file") if any(c.strip() for c in r)]
+        except TextInputError as exc:
+            raise text_error(exc) from None
         if not rows:
             raise ConvertError(path, "empty_file", "empty split file")
-        header = [c.strip().lower() for c in rows[0]]
+        header = [c.strip().lower() for c in rows[0][1]]
         vcol = next((header.index(c) for c in _VIDEO_SPLIT_COLUMNS if c in header), None)
         if vcol is not None and "split" in header:
-            scol, body, first = header.index("split"), rows[1:], 2
+            scol, body = header.index("split"), rows[1:]
         else:
-            vcol, scol, body, first = 0, 1, rows, 1
-        for line, row in enumerate(body, start=first):
+            vcol, scol, body = 0, 1, rows
+        for line, row in body:
             if len(row) <= max(vcol, scol):
                 raise ConvertError(path, "bad_split_file", "too few columns", f"line {line}")
             put(row[vcol], row[scol], f"line {line}")
@@ -370,6 +374,15 @@ class _Frame:
     objects: list[tuple[VocObject, Lesion]]
 
 
+def _check_frame_file(path: Path, xml: Path) -> None:
+    """A frame that is a FIFO, device or socket is refused here, by name (stat only: the size is
+    the XML's, the pixels are decoded, with their JPEG/PNG check, by ingest)."""
+    try:
+        check_regular(path, "frame")
+    except NotRegularFileError as exc:
+        raise ConvertError(xml, "not_regular_file", str(exc), field="filename") from None
+
+
 def parse_video(
     raw_dir: Path,
     video: str,
@@ -399,7 +412,8 @@ def parse_video(
         if (problem := link_problem(str(raw_dir), f"{ann_dir.name}/{xml.name}", follow_symlinks))
     }
     readable = [x for x in xmls if x not in linked]
-    contents = iter(pool.map(read_bytes, readable) if pool is not None else map(read_bytes, readable))
+    read_xml = functools.partial(read_bytes, limit=MAX_XML_BYTES)  # a frame's VOC file is a few KB
+    contents = iter(pool.map(read_xml, readable) if pool is not None else map(read_xml, readable))
     for xml in xmls:
         data = None if xml in linked else next(contents)
         try:
@@ -425,6 +439,7 @@ def parse_video(
             problem = link_problem(str(raw_dir), f"{frames_dir.name}/{name}", follow_symlinks)
             if problem is not None:
                 raise ConvertError(xml, "symlink", f"frame {frames_dir / name} {problem}", field="filename")
+            _check_frame_file(frames_dir / name, xml)
         except ConvertError as exc:
             problems.handle(exc)
             continue
@@ -582,6 +597,7 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out / "annotations", {out, images_dir})  # left by a killed run
     links: Counter = Counter()
     bar = None
     if progress:
@@ -624,12 +640,12 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
         "problems": problems.items,
         "links": dict(sorted(links.items())),
     }
-    write_json_atomic(out / "convert_report.json", report)
-    for split, bucket in sorted(per_split.items()):
-        _write_coco_atomic(
-            out / "annotations" / f"instances_{split}.json",
-            bucket["images"],
-            bucket["annotations"],
-            bucket["videos"],
-        )
+    # the annotation files and the report put in together, all or none (ingest.staged)
+    with StagedFiles(out, point="convert_annotation_written") as staged:
+        for split, bucket in sorted(per_split.items()):
+            with staged.writing(f"annotations/instances_{split}.json") as path:
+                _write_coco_atomic(path, bucket["images"], bucket["annotations"], bucket["videos"])
+        with staged.writing("convert_report.json") as path:
+            write_json_atomic(path, report)
+        staged.commit()
     return report

@@ -48,17 +48,19 @@ from polyp_ssl.ingest.convert.common import (
     image_size,
     keep_largest,
     natural_key,
-    read_bytes,
-    read_csv,
+    read_csv_numbered,
+    text_error,
     write_dataset,
 )
 from polyp_ssl.ingest.sources import link_problem
+from polyp_ssl.shards.textio import TextInputError, read_lines
 
 log = logging.getLogger(__name__)
 
 DATASET_ID = "sun"
 CASE_FIELDS = ("case_id", "shape", "size", "location", "pathology")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+MAX_BOX_LINE = 1 << 16  # a frame name and its boxes; a longer line is not a box line
 _CASE_RE = re.compile(r"^case\d+$")
 _SIZE_RE = re.compile(r"^\s*[<>~≤≥]?\s*(\d+(?:\.\d+)?)\s*(mm)?\s*[-+]?\s*$", re.IGNORECASE)
 
@@ -96,11 +98,11 @@ def parse_size(text: str | None) -> float | None:
 
 
 def read_case_info(path: Path, problems: Problems, tally: Tally) -> dict[str, Case]:
-    if not path.is_file():
+    if not path.exists():  # a FIFO or folder here is refused by name when read
         raise ConvertError(path, "missing_file", "case_info.csv is missing (needed for size and pathology)")
-    _, rows = read_csv(path, CASE_FIELDS)
+    _, rows = read_csv_numbered(path, CASE_FIELDS)
     cases: dict[str, Case] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         cid = row["case_id"]
         rid = f"line {line} ({cid or 'no id'})"
         if not _CASE_RE.match(cid):
@@ -148,6 +150,40 @@ def parse_box_line(
             raise ConvertError(source, "bad_number", f"box {group!r} is not finite", where, f"box {g}")
         boxes.append((x1, y1, x2, y2))
     return name, boxes
+
+
+def _box_lines(
+    txt: Path, folder: Path, names: dict[str, int], problems: Problems, tally: Tally
+) -> dict[str, tuple[int, list]]:
+    """Frame name -> (line, corner boxes) of a case's box file, read line by line (each line at
+    most MAX_BOX_LINE characters, plain UTF-8 text: shards.textio.read_lines); a bad line is a
+    problem of that line, a file that cannot be read as text a ConvertError of the file."""
+    lines: dict[str, tuple[int, list]] = {}
+    try:
+        for lineno, line in read_lines(txt, "box file", max_line=MAX_BOX_LINE):
+            if not line.strip():
+                continue
+            try:
+                name, boxes = parse_box_line(line, txt, lineno)
+                if name not in names:
+                    raise ConvertError(
+                        txt, "missing_frame", f"frame {folder / name} does not exist", f"line {lineno}"
+                    )
+                if name in lines:
+                    raise ConvertError(
+                        txt, "duplicate_frame", f"{name} already on line {lines[name][0]}", f"line {lineno}"
+                    )
+            except ConvertError as exc:
+                problems.handle(exc)
+                if exc.reason == "missing_frame":
+                    tally.files["unpaired_box_lines"] += 1
+                continue
+            lines[name] = (lineno, boxes)
+    except TextInputError as exc:
+        raise text_error(exc) from None
+    except OSError as exc:
+        raise ConvertError(txt, "missing_file", f"box file of a positive case not readable: {exc}") from None
+    return lines
 
 
 def _frames_of(folder: Path) -> dict[str, int]:
@@ -206,42 +242,11 @@ def convert_sun(cfg: SunConfig, progress: bool = False) -> dict[str, Any]:
             try:
                 if problem is not None:
                     raise ConvertError(txt, "symlink", problem)
-                data = read_bytes(txt)
-                if isinstance(data, OSError):
-                    raise ConvertError(
-                        txt, "missing_file", f"box file of a positive case not readable: {data}"
-                    )
-                try:
-                    text = data.decode("utf-8-sig")
-                except UnicodeDecodeError as exc:
-                    raise ConvertError(txt, "bad_encoding", f"not UTF-8 text: {exc}") from None
+                lines = _box_lines(txt, raw / cid, names, problems, tally)
             except ConvertError as exc:
                 problems.handle(exc)
                 continue
             tally.files["box_files_seen"] += 1
-            lines: dict[str, tuple[int, list]] = {}
-            for lineno, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    name, boxes = parse_box_line(line, txt, lineno)
-                    if name not in names:
-                        raise ConvertError(
-                            txt, "missing_frame", f"frame {raw / cid / name} does not exist", f"line {lineno}"
-                        )
-                    if name in lines:
-                        raise ConvertError(
-                            txt,
-                            "duplicate_frame",
-                            f"{name} already on line {lines[name][0]}",
-                            f"line {lineno}",
-                        )
-                except ConvertError as exc:
-                    problems.handle(exc)
-                    if exc.reason == "missing_frame":
-                        tally.files["unpaired_box_lines"] += 1
-                    continue
-                lines[name] = (lineno, boxes)
             frames_out += _frames(raw, cid, names, lines, case, cfg, problems, tally, pool)
         return write_dataset(
             Path(cfg.out_root),

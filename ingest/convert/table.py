@@ -41,17 +41,24 @@ from polyp_ssl.ingest.convert.common import (
     check_options,
     clamp_corners,
     image_size,
-    read_csv,
+    read_csv_numbered,
     write_dataset,
 )
+from polyp_ssl.ingest.media import MediaTypeError, open_video_reader
 from polyp_ssl.ingest.sources import link_problem
-from polyp_ssl.shards.ids import id_problem
+from polyp_ssl.shards.files import check_regular, open_regular
+from polyp_ssl.shards.ids import id_problem, text_problem
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("video", "frame", "x", "y", "w", "h", "identity", "size_mm", "histology")
 KNOWN = (*REQUIRED, "image_path", "video_path", "split")
 JPEG_QUALITY = 95
+# One table's bounds (rows of CSV or Parquet, Parquet columns and uncompressed bytes): a million
+# boxes make about a gigabyte of Python rows; a larger dataset is several tables, merged.
+MAX_TABLE_ROWS = 1_000_000
+MAX_TABLE_COLUMNS = 256
+MAX_TABLE_BYTES = 512 << 20
 
 
 @dataclass
@@ -72,28 +79,64 @@ class _Row:
     values: dict[str, str]
 
 
+def _check_parquet_size(path: Path, meta: Any) -> None:
+    """Refuse a Parquet table whose metadata declares more rows, columns or (uncompressed) bytes
+    than a table may hold, before any of it is read: a few hundred KiB of well-compressed Parquet
+    can declare millions of rows, gigabytes once they are Python rows."""
+    nbytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    sizes = (
+        (meta.num_rows, MAX_TABLE_ROWS, "rows"),
+        (meta.num_columns, MAX_TABLE_COLUMNS, "columns"),
+        (nbytes, MAX_TABLE_BYTES, "bytes"),
+    )
+    for n, limit, what in sizes:
+        if n > limit:
+            raise ConvertError(
+                path,
+                "table_too_large",
+                f"the Parquet metadata declares {n:,} {what}, more than the {limit:,} one table may hold "
+                "(split it into several tables, convert each and `polyp-ssl convert merge` them)",
+            )
+
+
+def _parquet_text(value: Any, path: Path, where: str, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = str(value).strip()
+    problem = text_problem(text)
+    if problem is not None:
+        raise ConvertError(path, "control_character", f"{text[:80]!r} {problem}", where, column)
+    return text
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[_Row]]:
+    """Header and rows of a Parquet table, its declared size checked against the bounds first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with open_regular(path, "table") as f:
+            pf = pq.ParquetFile(f)
+            _check_parquet_size(path, pf.metadata)
+            table = pf.read()
+    except (OSError, pa.ArrowException) as exc:
+        raise ConvertError(path, "bad_parquet", f"unreadable Parquet: {exc}") from None
+    header = list(table.column_names)
+    rows = []
+    for i, r in enumerate(table.to_pylist()):
+        where = f"row {i}"
+        rows.append(_Row(where, {k: _parquet_text(v, path, where, k) for k, v in r.items()}))
+    return header, rows
+
+
 def read_table(path: Path) -> tuple[list[str], list[_Row]]:
-    if not path.is_file():
+    if not path.exists():
         raise ConvertError(path, "missing_file", "table not found")
+    check_regular(path, "table")  # a FIFO or device is refused by name, never read
     if path.suffix.lower() == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise ConvertError(path, "bad_parquet", f"unreadable Parquet: {exc}") from None
-        header = list(table.column_names)
-
-        def text(v: Any) -> str:
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                return ""
-            return str(v).strip()
-
-        rows = [_Row(f"row {i}", {k: text(v) for k, v in r.items()}) for i, r in enumerate(table.to_pylist())]
-        return header, rows
-    header, dict_rows = read_csv(path)
-    return header, [_Row(f"line {i}", r) for i, r in enumerate(dict_rows, start=2)]
+        return _read_parquet(path)
+    header, dict_rows = read_csv_numbered(path, max_rows=MAX_TABLE_ROWS)
+    return header, [_Row(f"line {i}", r) for i, r in dict_rows]
 
 
 def _number(row: _Row, key: str, source: Path, whole: bool = False) -> float | None:
@@ -122,7 +165,7 @@ def _rel_path(row: _Row, key: str, source: Path, base: Path, follow: bool) -> Pa
     if problem is not None:
         raise ConvertError(source, "symlink", f"{rel!r} {problem}", row.where, key)
     path = base / rel
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device is refused by name when opened
         raise ConvertError(source, "missing_frame", f"{path} does not exist", row.where, key)
     return path
 
@@ -297,18 +340,18 @@ def _size_or_error(path: Path) -> tuple[int, int] | Exception:
 def _video_sizes(frames: dict, keys: list, source: Path) -> list[tuple[int, int] | Exception]:
     """(width, height) per frame key from each video file's first frame; an error for a frame
     index beyond the video's end."""
-    import decord
-
     info: dict[Path, tuple[int, int, int] | Exception] = {}
     out: list[tuple[int, int] | Exception] = []
     for key in keys:
         path = frames[key]["path"]
         if path not in info:
             try:
-                vr = decord.VideoReader(str(path), num_threads=1)
+                vr = open_video_reader(path, "video_path file", num_threads=1)
                 h, w = vr[0].shape[:2]
                 info[path] = (int(w), int(h), len(vr))
                 del vr
+            except (OSError, MediaTypeError) as exc:  # not a regular file / not a video container
+                info[path] = exc
             except Exception as exc:  # decord raises its own DECORDError for unreadable files
                 info[path] = OSError(f"not a readable video: {exc}")
         got = info[path]
@@ -323,7 +366,6 @@ def _video_sizes(frames: dict, keys: list, source: Path) -> list[tuple[int, int]
 
 def _write_decoded(images_dir: Path, items: list[tuple[Path, int, str]]) -> None:
     """Decode the frames (grouped by video, in frame order) and write each JPEG atomically."""
-    import decord
     from PIL import Image
 
     by_video: dict[Path, list[tuple[int, str]]] = {}
@@ -331,7 +373,7 @@ def _write_decoded(images_dir: Path, items: list[tuple[Path, int, str]]) -> None
         by_video.setdefault(path, []).append((number, name))
     for path, wanted in by_video.items():
         wanted.sort()
-        vr = decord.VideoReader(str(path), num_threads=1)
+        vr = open_video_reader(path, "video_path file", num_threads=1)
         for start in range(0, len(wanted), 64):
             chunk = wanted[start : start + 64]
             batch = vr.get_batch([n for n, _ in chunk]).asnumpy()

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from polyp_ssl.ingest.synth.generate import SynthConfig, generate
+from polyp_ssl.shards.files import open_regular_text
 
 LAYOUTS = ("sun", "polypsset", "ldpolyp", "table")
 SUN_PATHOLOGY = {
@@ -67,7 +68,8 @@ def _load_seed(root: Path) -> tuple[list[dict], dict[int, dict], dict[str, list[
     videos: dict[str, dict] = {}
     for path in sorted((root / "annotations").glob("instances_*.json")):
         split = path.stem[len("instances_") :]
-        coco = json.loads(path.read_text())
+        with open_regular_text(path, "annotation file") as f:  # a FIFO: refused by name
+            coco = json.loads(f.read())
         for img in coco["images"]:
             images[img["id"]] = img
             v = videos.setdefault(

@@ -23,8 +23,10 @@ import cv2
 import numpy as np
 from sklearn.metrics import average_precision_score
 
+from polyp_ssl.ingest.media import HEAD_BYTES, check_image_head
 from polyp_ssl.ingest.synth.descriptor import describe_tracklet
 from polyp_ssl.ingest.tracklets import Box, build_tracklets
+from polyp_ssl.shards.files import open_regular, open_regular_text
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,10 @@ def _describe(root: Path, coco: dict, tracklets: list[Tracklet], part: str = "al
     def load(image_id: int) -> np.ndarray:
         if image_id not in cache:
             path = root / "images" / images[image_id]["file_name"]
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            with open_regular(path, f"image {image_id}") as f:  # a FIFO or device: refused by name
+                data = f.read()
+            check_image_head(path, data[:HEAD_BYTES])  # JPEG, PNG or BMP by its bytes
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             if bgr is None:
                 raise FileNotFoundError(f"{path}: image {image_id} cannot be read")
             cache[image_id] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -230,7 +235,8 @@ def load_root(root: Path) -> dict[str, dict]:
         path = root / "annotations" / f"instances_{split}.json"
         if path.exists():
             try:
-                cocos[split] = json.loads(path.read_text())
+                with open_regular_text(path, "annotation file") as f:
+                    cocos[split] = json.loads(f.read())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from e
             for field in ("images", "annotations"):
