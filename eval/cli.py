@@ -31,6 +31,7 @@ from polyp_ssl.eval.embeddings import (
 )
 from polyp_ssl.eval.task_intervals import CiOptions, add_ci_flags, ci_options
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,19 @@ def report_main(argv: list[str] | None = None) -> int:
 
 
 def _add_encoder_flags(p: argparse.ArgumentParser, fragment_length: int, drop_last: bool = True) -> None:
-    from polyp_ssl.eval.embed import DEFAULT_FRAME_BUDGET, DEFAULT_MAX_FRAMES, DEFAULT_MIN_TRACKLET_FRAMES
+    from polyp_ssl.eval.embed import (
+        DEFAULT_FRAME_BUDGET,
+        DEFAULT_MAX_FRAMES,
+        DEFAULT_MIN_TRACKLET_FRAMES,
+        add_cache_flag,
+    )
     from polyp_ssl.eval.reference_flags import ENCODER_CHOICES, POOLING_CHOICES
 
     g = p.add_argument_group("encoder (when embeddings are computed here)")
     g.add_argument(
-        "--encoder_ckpt", help="checkpoint; embeddings are computed once and cached in ROOT/embeddings"
+        "--encoder_ckpt",
+        help="checkpoint; embeddings are computed once and cached (ROOT/embeddings, or the user cache "
+        "when the root is read-only: --cache_dir)",
     )
     g.add_argument(
         "--encoder",
@@ -112,6 +120,7 @@ def _add_encoder_flags(p: argparse.ArgumentParser, fragment_length: int, drop_la
     g.add_argument("--batch_size_embed", type=int, default=32, help="batch size of the embedding run")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (embedding run)")
     g.add_argument("--num_workers", type=int, default=0, help="accepted for compatibility; unused")
+    add_cache_flag(g)
 
 
 def _encoder_choice(text: str) -> str:
@@ -157,16 +166,31 @@ def _ensure(args: argparse.Namespace, root: str | Path, split: str) -> Path:
         min_tracklet_frames=args.min_tracklet_frames,
         max_frames=args.max_frames,
         frame_budget=args.frame_budget,
+        cache=_cache(args, root),
     )
 
 
+def _cache(args: argparse.Namespace, root: str | Path):
+    """Where `root`'s embeddings are cached (eval.embed.resolve_cache), said in one line the first
+    time a command asks for that root."""
+    from polyp_ssl.eval.embed import resolve_cache
+
+    said = vars(args).setdefault("_caches", {})
+    key = str(Path(root).resolve())
+    if key not in said:
+        said[key] = resolve_cache(root, args.cache_dir)
+        print(said[key].describe())
+    return said[key]
+
+
 def _check_root(root: str | Path) -> Path:
+    from polyp_ssl.shards.catalog import NoCatalogError, require_catalog
+
     root = Path(root)
-    if not (root / "catalog" / "manifest.json").is_file():
-        raise CliError(
-            f"{root} is not an ingested root (no catalog/manifest.json); the evaluation reads ingested "
-            f"roots: run `polyp-ssl ingest {root} --out OUT` first and pass --dataset_root OUT"
-        )
+    try:
+        require_catalog(root)
+    except NoCatalogError as e:  # the one "no catalog" message of every command, exit 2
+        raise CliError(str(e)) from None
     return root
 
 
@@ -204,8 +228,22 @@ def _out_dir(
     if args.runs_dir:
         return Path(args.runs_dir) / "eval" / name
     if root is not None:
-        return root / "eval" / name
-    return Path(emb_path).resolve().parent / "eval" / name
+        return _writable_default(root / "eval" / name)
+    return _writable_default(Path(emb_path).resolve().parent / "eval" / name)
+
+
+def _writable_default(out: Path) -> Path:
+    """The default output folder (in the dataset root, or beside the embeddings file) when it can
+    be written; on a read-only mount an error naming --out / --runs_dir (a root is never written)."""
+    from polyp_ssl.shards.embeddings_cache import writable_folder
+
+    existing = next((p for p in (out, *out.parents) if p.is_dir()), None)
+    if existing is not None and not writable_folder(existing):
+        raise CliError(
+            f"{existing} is not writable (a read-only dataset root?): give --out DIR or --runs_dir DIR "
+            "for the outputs"
+        )
+    return out
 
 
 def _write_json(path: Path, obj: Any) -> Path:
@@ -214,6 +252,17 @@ def _write_json(path: Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _write_result(out: Path, name: str, obj: Any, overwrite: bool, stage: Path | None = None) -> Path:
+    """The result JSON `name` (with the figures already in `stage`) put into `out` complete; an
+    earlier run's result there is refused unless --overwrite (eval.outputs)."""
+    from polyp_ssl.eval.outputs import new_stage, publish, refuse_existing
+
+    refuse_existing(out, [name], overwrite)
+    stage = stage or new_stage(out)
+    _write_json(stage / name, obj)
+    return publish(stage, out, name)
 
 
 def _jsonable(o: Any) -> Any:
@@ -351,7 +400,7 @@ def _progress(total: int, desc: str):
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl eval",
         description="Retrieval (mAP, HR@1, HR@5) or re-identification (AUROC, AUPR) on tracklet embeddings.",
@@ -369,6 +418,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp_name", default=None, help="name of the output folder (default: from the inputs)")
     p.add_argument("--out", default=None, help="output folder (default {runs_dir or root}/eval/{exp_name})")
     p.add_argument("--runs_dir", default=None, help="folder of runs, for the default output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace this command's earlier result in the output folder"
+    )
     p.add_argument("--block_memory_mb", type=int, default=512, help="memory for one block of similarities")
     add_ci_flags(p)
     _add_encoder_flags(p, fragment_length=-1)
@@ -450,6 +502,10 @@ def _eval(args: argparse.Namespace) -> int:
     name_inputs = {**_name_inputs(emb), "scope": args.scope if args.task == "retrieval" else None}
     name = output_name(args.task, encoder_label(emb.meta, path), source["split"], protocol, name_inputs)
     out = _out_dir(args, root, path, name)
+    from polyp_ssl.eval.outputs import new_stage, refuse_existing
+
+    refuse_existing(out, [f"metrics_{args.task}.json"], args.overwrite)  # before any work
+    stage = None
     n = len(trk)
     base = {
         "task": args.task,
@@ -497,8 +553,9 @@ def _eval(args: argparse.Namespace) -> int:
         bar = _progress(nb * (nb + 1) // 2, "re-id pair blocks")
         res = reid_from_vectors(trk.vectors, trk.identity_id, progress=bar.update)
         bar.close()
-        roc = roc_png(out / "reid_roc.png", res.fpr, res.tpr, res.auroc)
-        pr = pr_png(out / "reid_pr.png", res.recall, res.precision, res.aupr, res.n_positive / res.n_pairs)
+        stage = new_stage(out)  # the figures and the JSON go in together (eval.outputs.publish)
+        roc = roc_png(stage / "reid_roc.png", res.fpr, res.tpr, res.auroc)
+        pr = pr_png(stage / "reid_pr.png", res.recall, res.precision, res.aupr, res.n_positive / res.n_pairs)
         metrics = {**base, **res.as_dict(), "figures": [roc.name, pr.name]}
         rows = [
             ("AUROC", res.auroc),
@@ -512,7 +569,7 @@ def _eval(args: argparse.Namespace) -> int:
             stats = reid_stats(trk.vectors, trk.identity_id, trk.video_id, ci.unit)
             metrics = _with_intervals(metrics, stats, ci, rows)
     rows = [("protocol", base["protocol"]), ("tracklets", n), ("identities", base["n_identities"]), *rows]
-    mpath = _write_json(out / f"metrics_{args.task}.json", metrics)
+    mpath = _write_result(out, f"metrics_{args.task}.json", metrics, args.overwrite, stage)
     print(f"{args.task} on {path.name}:")
     print(_table(rows))
     print(f"wrote {mpath}")
@@ -523,7 +580,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def probe_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl probe",
         description="Size or histology probe on frozen fragment embeddings (MLP or linear, trained on CPU).",
@@ -591,6 +648,9 @@ def probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp_name", default=None, help="name of the output folder (default: from the inputs)")
     p.add_argument("--out", default=None, help="output folder (default {runs_dir or root}/eval/{exp_name})")
     p.add_argument("--runs_dir", default=None, help="folder of runs, for the default output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace this command's earlier result in the output folder"
+    )
     add_ci_flags(p)
     _add_encoder_flags(p, fragment_length=8, drop_last=False)
     _reference_flags(p, ["size", "histology"])
@@ -659,9 +719,11 @@ def _probe(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from polyp_ssl.eval.probe import (
+        OneClassError,
         ProbeConfig,
         ProbeData,
         count_by_vocabulary,
+        protocol_hint,
         run_probe,
         split_by_identity,
         task_labels,
@@ -760,7 +822,10 @@ def _probe(args: argparse.Namespace) -> int:
     else:
         evaluates_on = f"{val_src['dataset_root']} split {'+'.join(val_src['split'])}"
     print(f"{args.task} probe trains on {trains_on} and evaluates on {evaluates_on}")
-    res = run_probe(train, val, cfg)
+    try:
+        res = run_probe(train, val, cfg)
+    except OneClassError as e:  # name what the protocol left and the flag that keeps more
+        raise CliError(f"{train_emb.path}: {e}; {protocol_hint([train_emb])}") from None
     val_part = val_src["split"] if val_src else [f"{round(args.train_fraction * 100)}pct"]
     splits = [*train_src["split"], *val_part]
     name_inputs = {
@@ -818,14 +883,18 @@ def _probe(args: argparse.Namespace) -> int:
         with_ci = _with_intervals(result["metrics"], stats, ci, rows, names)
         result["ci"] = with_ci.pop("ci")
         result["metrics"] = with_ci
-    mpath = _write_json(out / f"probe_{args.task}.json", result)
+    mpath = _write_result(out, f"probe_{args.task}.json", result, args.overwrite)
     left = sum(sum(c.values()) for c in skipped.values())
     for vocab, c in sorted(vocab_counts.items()):
         rows.append((f"polyps, {vocab} vocabulary", ", ".join(f"{k} {n}" for k, n in sorted(c.items()))))
     if left:
         rows.append(("rows left out (no label)", f"{left} {skipped}"))
+    if res.degenerate:  # numbers that say nothing about the embeddings are flagged, not just printed
+        rows.append(("DEGENERATE", res.degenerate))
     print(f"{args.task} probe ({how}):")
     print(_table(rows))
+    if res.degenerate:
+        print(f"warning: degenerate probe ({res.degenerate}); its metrics say nothing about the embeddings")
     print(f"wrote {mpath}")
     return 0
 
@@ -834,7 +903,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def count_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl count",
         description="Polyp counting: cluster each video's tracklets; operating point chosen on val at "
@@ -861,6 +930,9 @@ def count_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp_name", default=None, help="name of the output folder (default: from the inputs)")
     p.add_argument("--out", default=None, help="output folder (default {runs_dir or root}/eval/{exp_name})")
     p.add_argument("--runs_dir", default=None, help="folder of runs, for the default output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace this command's earlier result in the output folder"
+    )
     add_ci_flags(p)
     _add_encoder_flags(p, fragment_length=-1)
     return p
@@ -971,7 +1043,7 @@ def _count(args: argparse.Namespace) -> int:
         "per_video": res.per_video,
         "val_sweep": {"values": sw.values, "fpr": sw.fpr, "fragmentation": sw.fragmentation},
     }
-    mpath = _write_json(out / "count.json", result)
+    mpath = _write_result(out, "count.json", result, args.overwrite)
     print(
         f"polyp counting ({args.method}, temporal constraint {'on' if args.temporal_constraint else 'off'}):"
     )

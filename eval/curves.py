@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polyp_ssl.shards.cli_parser import FlagParser
 from polyp_ssl.shards.textio import TextInputError, csv_rows, shown
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def _number(text: str, path: Path, line: int, column: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="polyp-ssl curves",
         description="Training curves (loss per term, learning rate, throughput, validation) of runs, "
         "from their CSV logs stitched across resumes, as PNG and CSV.",

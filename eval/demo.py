@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polyp_ssl.shards.cli_parser import FlagParser
+
 log = logging.getLogger(__name__)
 
 
@@ -154,6 +156,12 @@ def _command(argv: list[str]) -> int:
     return entry_main(argv)
 
 
+def report_inputs(out: Path) -> tuple[list[Path], list[str]]:
+    """What the report step compares: the run's last and step-0 checkpoints, and the baselines."""
+    ckpt = out / "runs" / "demo" / "checkpoints" / "last.ckpt"
+    return [ckpt, ckpt.with_name("init.ckpt")], ["descriptor"]
+
+
 def build_steps(out: Path, settings: DemoSettings, device: str = "cpu") -> list[Step]:
     data = out / "data"
     runs = out / "runs"
@@ -194,17 +202,17 @@ def build_steps(out: Path, settings: DemoSettings, device: str = "cpu") -> list[
         )
 
     def run_report() -> int:
+        ckpts, baselines = report_inputs(out)
         return _command(
             [
                 "report",
-                str(ckpt),
-                str(ckpt.with_name("init.ckpt")),
+                *map(str, ckpts),
                 "--dataset_root",
                 str(data),
                 "--out",
                 str(report),
                 "--baselines",
-                "descriptor",
+                ",".join(baselines),
                 "--device",
                 device,
                 *flags(settings.report),
@@ -288,22 +296,14 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu") -> int:
 def print_summary(out: Path, total: float, timings: dict[str, float]) -> None:
     import pyarrow.parquet as pq
 
-    from polyp_ssl.eval.report import COLUMNS, TASKS, format_value
+    from polyp_ssl.eval.report import TASKS
 
     results = out / "report" / "results.parquet"
     rows = pq.read_table(results).to_pylist()
     last = max(r["created"] for r in rows)
     rows = [r for r in rows if r["created"] == last]
-    subjects = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    have = {(r["task"], r["metric"]) for r in rows}
-    cols = [c for c in COLUMNS if c in have]
-    vals = {(r["checkpoint"], r["task"], r["metric"]): r["value"] for r in rows}
     print()
-    print("| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + " |")
-    print("|---|" + "|".join("---:" for _ in cols) + "|")
-    for s in subjects:
-        cells = " | ".join(format_value(m, vals.get((s, t, m))) for t, m in cols)
-        print(f"| {s} | {cells} |")
+    print("\n".join(summary_table(rows)))
     print()
     missing = [t for t in TASKS if t not in {r["task"] for r in rows}]
     if missing:
@@ -317,8 +317,25 @@ def print_summary(out: Path, total: float, timings: dict[str, float]) -> None:
     print(f"report: {out / 'report' / 'report.md'}")
 
 
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table the demo prints (and README shows): one row per `checkpoint` of the
+    results rows, one column per (task, metric) of eval.report.COLUMNS that they hold."""
+    from polyp_ssl.eval.report import COLUMNS, format_value
+
+    subjects = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    have = {(r["task"], r["metric"]) for r in rows}
+    cols = [c for c in COLUMNS if c in have]
+    vals = {(r["checkpoint"], r["task"], r["metric"]): r["value"] for r in rows}
+    lines = ["| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"]
+    lines.append("|---|" + "|".join("---:" for _ in cols) + "|")
+    for s in subjects:
+        cells = " | ".join(format_value(m, vals.get((s, t, m))) for t, m in cols)
+        lines.append(f"| {s} | {cells} |")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="polyp-ssl demo", description=__doc__.split("\n\n")[0])
+    p = FlagParser(prog="polyp-ssl demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo", help="working folder (default ./demo)")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
     p.add_argument("--device", default="cpu", help="cpu (default) or auto/cuda for training and embedding")

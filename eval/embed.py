@@ -1,4 +1,4 @@
-"""`polyp-ssl embed`: run a frozen encoder once over a split, write ROOT/embeddings/{name}.parquet.
+"""`polyp-ssl embed`: run a frozen encoder once over a split, cache the vectors as {name}.parquet.
 
 Three kinds of encoder share one path:
 - a training checkpoint (`--encoder_ckpt runs/x/checkpoints/last.ckpt`);
@@ -23,7 +23,10 @@ capped.
 
 A file is reused when it was made from the same inputs: the cache key is the sha256 of the
 checkpoint's sha256 (or the init config / descriptor version), the embedding parameters and the
-catalog manifest's sha256.
+catalog manifest's sha256. The file is cached in ROOT/embeddings when the root is writable, else
+(or always, with `--cache_dir DIR` / POLYP_SSL_CACHE) in the root's folder of a user cache
+(shards/embeddings_cache.py); an existing file is found in either place, so a read-only root is
+never written.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ from polyp_ssl.eval import embeddings as emb_io
 from polyp_ssl.eval.embeddings import read_metadata, write_embeddings
 from polyp_ssl.fragments import even_subsample, fragment_index_lists
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
+from polyp_ssl.shards.embeddings_cache import EmbeddingsCache, embeddings_cache
 from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
 from polyp_ssl.shards.locations import UnsafeLocation, check_shard_value, shard_location
@@ -490,9 +495,12 @@ def resolve_source(
         etype = enc.get("encoder_type", "")
         label = sanitize_name(f"init_{etype}_{arch}".rstrip("_"))
         return EncoderSource("init", spec, f"init-{ident}", label, config)
-    path = Path(spec)
-    if not path.exists():  # a FIFO or device is refused by name when read (sha256_file)
-        raise EmbedError(f"--encoder_ckpt {path}: no such file")
+    from polyp_ssl.checkpoint import CheckpointError, resolve_checkpoint_path
+
+    try:  # a run folder stands for its last.ckpt; empty, text, Parquet, other folders: named here
+        path = resolve_checkpoint_path(spec)
+    except CheckpointError as e:
+        raise EmbedError(f"--encoder_ckpt {e}") from None
     return EncoderSource("checkpoint", str(path), sha256_file(path), sanitize_name(_ckpt_label(path)))
 
 
@@ -545,17 +553,19 @@ def init_config(spec: str) -> dict[str, Any]:
 def _init_config_file(spec: str) -> dict[str, Any]:
     """The flat config of an `init:` file: a checkpoint's (checked as every checkpoint is), or a
     YAML/JSON run config."""
-    path = Path(spec)
-    if not path.is_file():
-        raise EmbedError(f"init:{spec}: neither a file nor an architecture spec like hmve-resnet18")
-    if path.suffix in (".ckpt", ".pt", ".pth"):
-        from polyp_ssl.checkpoint import CheckpointError, load_encoder
+    from polyp_ssl.checkpoint import CheckpointError, checkpoint_kind, load_encoder, resolve_checkpoint_path
 
-        try:
+    path = Path(spec)
+    try:
+        if path.is_dir():  # a run folder: its last.ckpt
+            path = resolve_checkpoint_path(path)
+        if not path.is_file():
+            raise EmbedError(f"init:{spec}: neither a file nor an architecture spec like hmve-resnet18")
+        if checkpoint_kind(path) != "text":  # a checkpoint by its contents (or a wrong kind, named)
             _, config = load_encoder(path, map_location="cpu")
-        except CheckpointError as e:
-            raise EmbedError(str(e)) from None
-        return flat_config(config)
+            return flat_config(config)
+    except CheckpointError as e:
+        raise EmbedError(str(e)) from None
     from polyp_ssl.shards.textio import TextInputError, load_config_file
 
     try:  # bounded, aliases and python tags refused, nesting bounded: one line naming the file
@@ -715,11 +725,13 @@ def ensure_embeddings(
     progress: bool = True,
     min_tracklet_frames: int = DEFAULT_MIN_TRACKLET_FRAMES,
     frame_budget: int = DEFAULT_FRAME_BUDGET,
+    cache: EmbeddingsCache | None = None,
 ) -> Path:
-    """ROOT/embeddings/{name}.parquet for these inputs, computed only when not already there.
+    """The cached {name}.parquet for these inputs, computed only when not already there.
 
     `ckpt`: a checkpoint path, `init:SPEC`, "descriptor" (same as encoder="descriptor") or
-    `zoo:NAME=PATH` (same as encoder="zoo:NAME", weights=PATH).
+    `zoo:NAME=PATH` (same as encoder="zoo:NAME", weights=PATH). `cache`: where files are looked
+    for and written (`resolve_cache`; default: the rule for `root` without --cache_dir).
     """
     root = Path(root)
     check_catalog_version(root)  # a root of an older catalog version: refused, with the re-ingest command
@@ -773,16 +785,12 @@ def ensure_embeddings(
     identity = source.identity if source.kind != "init" else f"{source.identity}-seed{init_seed}"
     key = cache_key(identity, params, mhash)
     out_name = sanitize_name(name) if name else default_name(source, params, key)
-    path = root / "embeddings" / f"{out_name}.parquet"
-    if path.is_file():
-        try:
-            existing = read_metadata(path)
-        except Exception:  # unreadable file: recompute it
-            existing = {}
-        if existing.get("cache_key") == key:
-            print(f"embeddings up to date, reusing {path}")
-            return path
-        log.info("%s was made from other inputs; recomputing", path)
+    cache = cache or resolve_cache(root)
+    found = find_cached(cache, f"{out_name}.parquet", key)
+    if found is not None:
+        print(f"embeddings up to date, reusing {found}")
+        return found
+    path = cache.prepare() / f"{out_name}.parquet"
 
     if source.kind == "zoo":
         model, _ = load_source_encoder(source, init_seed, None, params.pooling)
@@ -831,6 +839,32 @@ def ensure_embeddings(
         f"{protocol_string(params)}; {len(below_min)} tracklets under {min_tracklet_frames} frames left out)"
     )
     return path
+
+
+def resolve_cache(root: str | Path, cache_dir: str | Path | None = None) -> EmbeddingsCache:
+    """Where the embeddings of `root` are cached (shards.embeddings_cache: ROOT/embeddings when
+    writable, else the user cache; `cache_dir` always); EmbedError for a root without a catalog."""
+    check_catalog_version(root)
+    return embeddings_cache(root, cache_dir)
+
+
+def find_cached(cache: EmbeddingsCache, file_name: str, key: str) -> Path | None:
+    """The first file named `file_name` in the cache's folders made from these inputs (`key`)."""
+    other = []
+    for folder in cache.read_dirs:
+        path = folder / file_name
+        if not path.is_file():
+            continue
+        try:
+            existing = read_metadata(path)
+        except Exception:  # unreadable file: recompute it
+            existing = {}
+        if existing.get("cache_key") == key:
+            return path
+        other.append(path)
+    for path in other:
+        log.info("%s was made from other inputs; recomputing", path)
+    return None
 
 
 def _compute(root, params, source, model, batch_size, device, expected, progress, frame_budget):
@@ -955,7 +989,7 @@ def encoder_choice(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="polyp-ssl embed", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     p.add_argument(
@@ -1027,14 +1061,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch_size", type=int, default=32, help="tracklets per embedding batch")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--name", help="output: ROOT/embeddings/{name}.parquet (default: derived from the inputs)")
+    p.add_argument("--name", help="file name of the cached {name}.parquet (default: derived from the inputs)")
     p.add_argument(
         "--out",
         metavar="FILE",
-        help="also write the embeddings to FILE (a copy of the cached ROOT/embeddings file, written "
+        help="also write the embeddings to FILE (a copy of the cached file, written "
         "whole under a temporary name, then renamed)",
     )
+    add_cache_flag(p)
     return p
+
+
+def add_cache_flag(p: argparse.ArgumentParser) -> None:
+    """`--cache_dir DIR` (every command that embeds)."""
+    p.add_argument(
+        "--cache_dir",
+        metavar="DIR",
+        default=None,
+        help="cache the embeddings under DIR (default: POLYP_SSL_CACHE if set, else ROOT/embeddings when the "
+        "root is writable, else $XDG_CACHE_HOME/polyp-ssl or ~/.cache/polyp-ssl); files already cached in "
+        "ROOT/embeddings are reused",
+    )
 
 
 def copy_out(src: Path, dst: str | Path) -> Path:
@@ -1058,6 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        cache = resolve_cache(args.dataset_root, args.cache_dir)
+        print(cache.describe())
         path = ensure_embeddings(
             args.dataset_root,
             args.encoder_ckpt,
@@ -1078,6 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
             drop_last=not args.data_fragment_pad_last,
             min_tracklet_frames=args.min_tracklet_frames,
             frame_budget=args.frame_budget,
+            cache=cache,
         )
         if args.out:
             print(f"wrote {copy_out(path, args.out)}")

@@ -10,16 +10,34 @@ Pure functions used by `polyp-ssl eval | probe | count` (eval/cli.py) and `repor
 - `setting_mismatches`: the embedding settings that differ from the checkpoint's training
   settings, one line each;
 - `training_split_overlap`: whether a split is the one the encoder was trained on.
+
+and how a result reaches its folder (never stale, never half-written):
+
+- `refuse_existing` / `new_stage` / `publish` (eval, probe, count): a command's result files in
+  its output folder (which other commands' results may share) are refused when an earlier run
+  left them, unless `--overwrite`; the new ones are written complete into a staging folder
+  inside it, then renamed in, the result JSON last (the old one is removed first, so a kill
+  never pairs an old JSON with new figures);
+- `replacing_folder` (report): a whole output folder, written complete beside the old one and
+  exchanged with it in one rename (`renameat2(RENAME_EXCHANGE)` where the kernel has it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.+-]+")
 
@@ -27,7 +45,10 @@ _NAME_OK = re.compile(r"[^A-Za-z0-9_.+-]+")
 # that only its size module has (polypsense.downstream.size.cli); `--n_classes` alone means size,
 # the seed's size command being the one without a class mapping.
 HISTOLOGY_ONLY_FLAGS = (
-    "--class_mapping", "--gradient_clip_val", "--gradient_clip_algorithm", "--videomae_pretrained"
+    "--class_mapping",
+    "--gradient_clip_val",
+    "--gradient_clip_algorithm",
+    "--videomae_pretrained",
 )
 SIZE_ONLY_FLAGS = ("--dataset_type",)
 SIZE_HINT_FLAGS = ("--n_classes",)
@@ -79,7 +100,11 @@ def encoder_label(meta: Mapping[str, Any], path: str | Path) -> str:
 
 
 def output_name(
-    task: str, encoder: str, splits: Sequence[str], protocol: str | None, inputs: Mapping[str, Any],
+    task: str,
+    encoder: str,
+    splits: Sequence[str],
+    protocol: str | None,
+    inputs: Mapping[str, Any],
     prefix: str | None = None,
 ) -> str:
     """`[{prefix}_]{task}_{encoder}_{split+split}_{protocol tag}_{hash of inputs}`; `inputs` holds
@@ -90,13 +115,14 @@ def output_name(
 
 
 def given_flags(argv: Iterable[str]) -> set[str]:
-    """The long options named in argv (`--flag value` or `--flag=value`), up to a `--`."""
+    """The long options named in argv (`--flag value` or `--flag=value`), up to a `--`, in their
+    underscore spelling (`--class-mapping` is `--class_mapping`, as the parsers accept both)."""
     out = set()
     for tok in argv:
         if tok == "--":
             break
         if tok.startswith("--"):
-            out.add(tok.split("=", 1)[0])
+            out.add("--" + tok[2:].split("=", 1)[0].replace("-", "_"))
     return out
 
 
@@ -168,3 +194,130 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)
+
+
+# ------------------------------------------------------------------ result files and folders
+
+STAGE_PREFIX = ".polyp-ssl-new-"  # a staging folder of a run writing its results: + pid
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+class OutputExists(ValueError):
+    """An earlier run's result is where this run would write, and --overwrite was not given."""
+
+
+def refuse_existing(folder: Path, names: Sequence[str], overwrite: bool) -> None:
+    """OutputExists naming the folder, the earlier result and the flag, when one of `names`
+    (this command's result files) is already in `folder` and `overwrite` is false."""
+    found = [n for n in names if (Path(folder) / n).exists()]
+    if found and not overwrite:
+        raise OutputExists(
+            f"{folder} already holds {found[0]} of an earlier run: pass --overwrite to replace it, "
+            "or choose another --out"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_stages(parent: Path, prefix: str) -> None:
+    """Staging folders of killed runs (`{prefix}{pid}`, that pid gone) in `parent`."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(parent):
+            tail = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+            if tail.isdigit() and not _pid_alive(int(tail)) and entry.is_dir(follow_symlinks=False):
+                log.info("removing %s, left by a killed run", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def new_stage(folder: Path) -> Path:
+    """An empty staging folder inside `folder` (same file system: its files are renamed in)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_dead_stages(folder, STAGE_PREFIX)
+    stage = folder / f"{STAGE_PREFIX}{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, folder: Path, result: str) -> Path:
+    """Move the complete files of `stage` into `folder`: the old `result` file is removed first,
+    the other files (figures) are renamed in next, `result` last (its rename is the commit);
+    the staging folder is removed. Returns the result's path."""
+    folder = Path(folder)
+    (folder / result).unlink(missing_ok=True)
+    for entry in sorted(os.listdir(stage)):
+        if entry != result:
+            os.replace(stage / entry, folder / entry)
+    os.replace(stage / result, folder / result)
+    shutil.rmtree(stage, ignore_errors=True)
+    return folder / result
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one rename (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_folder(new: Path, dst: Path) -> None:
+    """Put the complete folder `new` at `dst`, the old `dst` (if any) then deleted. With an old
+    `dst` the two are exchanged in one rename where the kernel can; else the old one is renamed
+    aside first (a kill between the two renames leaves both beside `dst`, none at it)."""
+    new, dst = Path(new), Path(dst)
+    if not dst.exists() or (dst.is_dir() and not any(os.scandir(dst))):
+        os.replace(new, dst)  # a rename onto an empty folder replaces it
+        return
+    if _exchange(new, dst):
+        shutil.rmtree(new, ignore_errors=True)  # holds the old output now
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    os.replace(new, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replacing_folder(folder: Path, overwrite: bool, names: Sequence[str]) -> Iterator[Path]:
+    """A folder beside `folder` to write a whole output into; on success it replaces `folder`.
+
+    Refused (OutputExists) when `folder` holds one of `names` (an earlier output) and `overwrite`
+    is false, or when it holds other files (it is not an earlier output: never replaced)."""
+    folder = Path(folder)
+    refuse_existing(folder, names, overwrite)
+    if folder.is_dir() and any(os.scandir(folder)) and not any((folder / n).exists() for n in names):
+        raise OutputExists(
+            f"{folder} holds files but no earlier output ({', '.join(names)}): choose a new or empty --out"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise OutputExists(f"{folder} is not a folder: choose another --out")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{folder.name}.new-"
+    _remove_dead_stages(folder.parent, prefix)
+    tmp = folder.parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, folder)

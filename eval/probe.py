@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,48 @@ TASKS = ("size", "histology")
 
 class ProbeError(ValueError):
     """Inputs a probe cannot be trained on; the message says which and why."""
+
+
+class OneClassError(ProbeError):
+    """The training rows hold one class only: nothing to learn. Callers that know the protocol add
+    what it kept (`protocol_hint`)."""
+
+
+def protocol_hint(parts: Sequence) -> str:
+    """What the evaluation protocol left of the embeddings files `parts` (eval.embeddings.Embeddings:
+    their rows and metadata), naming the flag that keeps more: `the protocol kept 5 of 18 tracklets
+    (13 shorter than --min_tracklet_frames 30), 40 fragments; lower --min_tracklet_frames ...`."""
+    kept = sum(len(set(map(str, e.tracklet_id))) for e in parts)
+    rows = sum(len(e.tracklet_id) for e in parts)
+    unit = "fragments" if any((np.asarray(e.fragment_index) >= 0).any() for e in parts) else "rows"
+    below = sum(int(e.meta.get("n_tracklets_below_min") or 0) for e in parts)
+    short = sum(int(e.meta.get("n_tracklets_too_short") or 0) for e in parts)
+    mins = {(e.meta.get("params") or {}).get("min_tracklet_frames") for e in parts} - {None}
+    flag = (
+        f"--min_tracklet_frames {'/'.join(str(m) for m in sorted(mins))}" if mins else "--min_tracklet_frames"
+    )
+    text = f"the protocol kept {kept} of {kept + below + short} tracklets ({below} shorter than {flag}"
+    if short:
+        text += f", {short} shorter than one fragment"
+    if below or short:
+        return f"{text}), {rows} {unit}; lower --min_tracklet_frames to keep more (both classes)"
+    return f"{text}), {rows} {unit}; none left out: the labelled polyps themselves hold one class"
+
+
+def degenerate_reason(y_val: np.ndarray, y_pred: np.ndarray) -> str | None:
+    """Why a probe's validation numbers say nothing about the embeddings, or None: the validation
+    side holds one class (balanced accuracy and F1 are then degenerate), or the probe predicts one
+    class for every row (it learned the majority class only)."""
+    reasons = []
+    val_classes = np.unique(np.asarray(y_val))
+    if val_classes.size == 1:
+        reasons.append(f"validation rows hold one class only ({val_classes.tolist()})")
+    pred_classes = np.unique(np.asarray(y_pred))
+    if pred_classes.size == 1 and len(y_pred) > 1:
+        reasons.append(
+            f"majority class only: predicts class {int(pred_classes[0])} for all {len(y_pred)} rows"
+        )
+    return "; ".join(reasons) or None
 
 
 @dataclass
@@ -173,9 +216,16 @@ def identity_weights(identity_ids: Sequence[str]) -> np.ndarray:
 
 
 def probe_metrics(y_true: np.ndarray, y_pred: np.ndarray, identity_ids: Sequence[str]) -> dict[str, float]:
+    labels = np.unique(np.r_[y_true, y_pred])
+    with warnings.catch_warnings():
+        # one class on the val side: sklearn's notice is noise here, degenerate_reason flags it
+        warnings.simplefilter("ignore", UserWarning)
+        return _metrics(y_true, y_pred, identity_ids, labels)
+
+
+def _metrics(y_true: np.ndarray, y_pred: np.ndarray, identity_ids: Sequence[str], labels: np.ndarray) -> dict:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-    labels = np.unique(np.r_[y_true, y_pred])
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
@@ -336,6 +386,7 @@ class ProbeResult:
     val_class_counts: dict[int, int]
     loss_history: list[float] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    degenerate: str | None = None  # degenerate_reason: one validation class, or one predicted class
     # the val rows' labels and predictions (for bootstrap intervals); not part of the JSON
     y_true: np.ndarray | None = field(default=None, repr=False)
     y_pred: np.ndarray | None = field(default=None, repr=False)
@@ -356,7 +407,9 @@ def run_probe(train: ProbeData, val: ProbeData, cfg: ProbeConfig) -> ProbeResult
     if leak:
         raise ProbeError(f"{len(leak)} polyps on both train and val sides (e.g. {sorted(leak)[0]!r})")
     if np.unique(train.y).size < 2:
-        raise ProbeError(f"training rows hold one class only ({np.unique(train.y).tolist()}); cannot train")
+        raise OneClassError(
+            f"training rows hold one class only ({np.unique(train.y).tolist()}); cannot train"
+        )
     model, history = train_probe(train.x, train.y, cfg)
     pred = predict(model, val.x, cfg.n_classes)
     return ProbeResult(
@@ -371,6 +424,7 @@ def run_probe(train: ProbeData, val: ProbeData, cfg: ProbeConfig) -> ProbeResult
         val_class_counts={int(k): int(v) for k, v in zip(*np.unique(val.y, return_counts=True), strict=True)},
         loss_history=history,
         config=asdict(cfg),
+        degenerate=degenerate_reason(val.y, pred),
         y_true=np.asarray(val.y),
         y_pred=np.asarray(pred),
     )

@@ -2,7 +2,8 @@
 into one results table (OUT/results.parquet, appended) and one OUT/report.md with figures.
 
 Each encoder is run once per split it needs (eval/embed.py caches the files under
-ROOT/embeddings/); every task then reads those vectors. A task that the data cannot support
+ROOT/embeddings/, or the user cache when the root is read-only); every task then reads those
+vectors. A task that the data cannot support
 (no labels of that kind, a single class, no validation split for counting) is skipped with its
 reason in the report; asked for explicitly with --tasks, it is an error.
 """
@@ -25,14 +26,22 @@ from polyp_ssl.eval import embed as embed_mod
 from polyp_ssl.eval.embed import DESCRIPTOR, INIT_PREFIX, EmbedError, NoItemsError
 from polyp_ssl.eval.embeddings import Embeddings, EmbeddingsError, read_embeddings
 from polyp_ssl.eval.intervals import Interval, UnitStatistic
+from polyp_ssl.eval.outputs import OutputExists, replacing_folder
 from polyp_ssl.eval.plots import intervals_png, save_figure
 from polyp_ssl.eval.task_intervals import DEFAULT_CI_RESAMPLES, CiOptions, add_ci_flags, intervals
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
+from polyp_ssl.shards.embeddings_cache import EmbeddingsCache
 
 log = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "reid", "size", "histology", "count")
-BASELINES = ("init", DESCRIPTOR)
+# init: each run's own step-0 weights (checkpoints/init.ckpt) where the run has them, else a fresh
+# init of the same config; fresh_init: always the fresh init (random weights drawn with seed 0)
+BASELINES = ("init", "fresh_init", DESCRIPTOR)
+RUN_INIT_FILE = "init.ckpt"  # polyp_ssl.callbacks.INIT_CKPT (not imported: that pulls in lightning)
+# lower is better: a negative difference is an improvement
+LOWER_IS_BETTER = {("count", "fragmentation_rate"), ("count", "FPR")}
 # (task, metric) columns of the table, in order; value formatting per metric
 COLUMNS: list[tuple[str, str]] = [
     ("retrieval", "mAP"),
@@ -67,9 +76,29 @@ class Subject:
     """One row of the table: a checkpoint, a baseline, or a given embeddings file."""
 
     label: str
-    kind: str  # "checkpoint" | "init" | "descriptor" | "zoo" | "embeddings"
+    # "checkpoint" (trained) | "run_init" (a run's step-0 weights, init.ckpt) | "init" (fresh init of
+    # a config) | "descriptor" | "zoo" | "embeddings"
+    kind: str
     spec: str  # what ensure_embeddings takes (checkpoint, init:..., descriptor, zoo:NAME=PATH) or the file
     sha256: str | None = None
+    names: list[str] = field(default_factory=list)  # every checkpoint name with these bytes
+    reference: str | None = None  # label of this row's initialisation row (differences by default)
+
+    @property
+    def provenance(self) -> str:
+        """Where the row's weights come from, in words (report.md and results.parquet)."""
+        return {
+            "checkpoint": "trained checkpoint",
+            "run_init": "the run's step-0 weights (checkpoints/init.ckpt)",
+            "init": f"fresh random init of the same encoder config (seed {embed_mod.DEFAULT_INIT_SEED})",
+            DESCRIPTOR: "hand-made colour descriptor, no weights",
+            "zoo": "foundation model from local weights",
+            "embeddings": "given embeddings file",
+        }.get(self.kind, self.kind)
+
+    @property
+    def is_trained(self) -> bool:
+        return self.kind in ("checkpoint", "embeddings")
 
 
 def resolve_checkpoints(paths: Sequence[str | Path]) -> list[Path]:
@@ -84,6 +113,9 @@ def resolve_checkpoints(paths: Sequence[str | Path]) -> list[Path]:
                 raise ReportError(f"{p}: a run folder without checkpoints ({cdir}/*.ckpt)")
             out.extend(found)
         elif p.is_file():
+            from polyp_ssl.checkpoint import check_checkpoint_kind
+
+            check_checkpoint_kind(p)  # empty, text, Parquet: named (CheckpointError, exit 2)
             out.append(p)
         else:
             raise ReportError(f"{p}: no such checkpoint file or run folder")
@@ -96,36 +128,97 @@ def checkpoint_label(path: Path) -> str:
     return path.stem
 
 
+def run_name(path: Path) -> str:
+    """The run a checkpoint belongs to: RUN of RUN/checkpoints/X.ckpt, else its folder's name."""
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
+
+
+def run_init_label(runs: Sequence[str]) -> str:
+    """Row label of a run's own step-0 weights, e.g. `init (step-0 weights of demo)`."""
+    return f"init (step-0 weights of {' = '.join(runs)})"
+
+
+def fresh_init_label(arch: str) -> str:
+    """Row label of a fresh init of an encoder config, e.g. `fresh init (hmve_resnet18, seed 0)`."""
+    return f"fresh init ({arch}, seed {embed_mod.DEFAULT_INIT_SEED})"
+
+
+def _is_run_init(path: Path) -> bool:
+    return path.name == RUN_INIT_FILE
+
+
+def checkpoint_subjects(ckpts: Sequence[Path]) -> list[Subject]:
+    """One subject per distinct content (sha256): checkpoints with the same bytes (last and best of
+    a run that never improved, or arms that share their step-0 weights) are one row listing every
+    name, e.g. `demo/last = demo/best`. A group of init.ckpt files only is a run-init row."""
+    groups: dict[str, list[Path]] = {}
+    for c in ckpts:
+        groups.setdefault(embed_mod.sha256_file(c), []).append(c)
+    subjects = []
+    for digest, paths in groups.items():
+        names = list(dict.fromkeys(checkpoint_label(p) for p in paths))
+        if len(paths) > 1:
+            log.info("%s hold the same bytes; evaluated once, as one row", ", ".join(map(str, paths)))
+        if all(_is_run_init(p) for p in paths):
+            runs = list(dict.fromkeys(run_name(p) for p in paths))
+            subjects.append(Subject(run_init_label(runs), "run_init", str(paths[0]), digest, names))
+        else:
+            main = [p for p in paths if not _is_run_init(p)][0]
+            subjects.append(Subject(" = ".join(names), "checkpoint", str(main), digest, names))
+    return subjects
+
+
+def _fresh_init(s: Subject, inits: dict[str, Subject]) -> Subject:
+    """The fresh-init row of s's encoder config (one per distinct config)."""
+    src = embed_mod.resolve_source(INIT_PREFIX + s.spec)
+    if src.identity not in inits:
+        label = fresh_init_label(src.label.removeprefix("init_"))
+        inits[src.identity] = Subject(label, "init", INIT_PREFIX + s.spec, None, [label])
+    return inits[src.identity]
+
+
+def init_subjects(subjects: list[Subject], baselines: Sequence[str]) -> list[Subject]:
+    """The initialisation rows the baselines ask for, and each trained row's `reference`: with
+    `init`, a run's own step-0 weights (its checkpoints/init.ckpt, given or found beside the
+    checkpoint) and a fresh init only for a checkpoint whose run has none; with `fresh_init`, a
+    fresh init of every distinct config. A run-init row given as a checkpoint is referenced too."""
+    by_sha = {s.sha256: s for s in subjects if s.sha256}
+    added: list[Subject] = []
+    inits: dict[str, Subject] = {}
+    for s in [s for s in subjects if s.kind == "checkpoint"]:
+        own = Path(s.spec).with_name(RUN_INIT_FILE)
+        ref = None
+        if own.is_file() and Path(s.spec).parent.name == "checkpoints":
+            digest = embed_mod.sha256_file(own)
+            ref = by_sha.get(digest)
+            if ref is None and "init" in baselines:
+                ref = Subject(
+                    run_init_label([run_name(own)]), "run_init", str(own), digest, [checkpoint_label(own)]
+                )
+                by_sha[digest] = ref
+                added.append(ref)
+            if ref is not None and ref.kind != "run_init":
+                ref = None  # a trained checkpoint with the bytes of init.ckpt: not its own reference
+        if "fresh_init" in baselines or (ref is None and "init" in baselines):
+            fresh = _fresh_init(s, inits)
+            if ref is None:
+                ref = fresh
+        s.reference = ref.label if ref is not None else None
+    return added + list(inits.values())
+
+
 def build_subjects(
     ckpts: Sequence[Path], baselines: Sequence[str], embeddings: Sequence[Path] = ()
 ) -> list[Subject]:
-    """Checkpoints (deduplicated by content), then one init baseline per distinct encoder
-    config, then the descriptor, then given embeddings files."""
-    subjects: list[Subject] = []
-    seen: set[str] = set()
-    for c in ckpts:
-        digest = embed_mod.sha256_file(c)
-        if digest in seen:
-            log.info("%s has the same content as an earlier checkpoint; evaluated once", c)
-            continue
-        seen.add(digest)
-        subjects.append(Subject(checkpoint_label(c), "checkpoint", str(c), digest))
+    """Checkpoints (one row per distinct content), then the initialisation rows (init_subjects),
+    then the descriptor, zoo models and given embeddings files."""
     for b in baselines:
         if b not in BASELINES and not b.startswith(embed_mod.ZOO_PREFIX):
             raise ReportError(
                 f"--baselines: unknown baseline {b!r} (choose from {', '.join(BASELINES)}, zoo:NAME=PATH)"
             )
-    if "init" in baselines:
-        inits: dict[str, Subject] = {}
-        for s in [s for s in subjects if s.kind == "checkpoint"]:
-            src = embed_mod.resolve_source(INIT_PREFIX + s.spec)
-            if src.identity not in inits:
-                inits[src.identity] = Subject(
-                    f"init ({src.label.removeprefix('init_')})", "init", INIT_PREFIX + s.spec, None
-                )
-        if not inits and ckpts:
-            raise ReportError("the init baseline needs a checkpoint to take its encoder config from")
-        subjects.extend(inits.values())
+    subjects = checkpoint_subjects(ckpts)
+    subjects.extend(init_subjects(subjects, baselines))
     if DESCRIPTOR in baselines:
         subjects.append(Subject("hand-made descriptor", DESCRIPTOR, DESCRIPTOR, None))
     for b in baselines:  # foundation models from local weights (eval.zoo), in the order given
@@ -171,7 +264,9 @@ class ReportOptions:
     ci_unit: str = "polyp"  # bootstrap unit of the intervals (eval.task_intervals); count: always video
     ci_resamples: int = DEFAULT_CI_RESAMPLES  # 0: no intervals
     ci_seed: int = 0
-    baseline: str | None = None  # row the paired differences are taken against (None: the first)
+    # row the paired differences are taken against (None: each row's initialisation, choose_references)
+    baseline: str | None = None
+    cache: EmbeddingsCache | None = None  # where embeddings are cached (None: the root's default rule)
 
     @property
     def ci(self) -> CiOptions:
@@ -184,6 +279,7 @@ class TaskOutcome:
     metrics: dict[str, float]
     time_s: float
     note: str = ""
+    degenerate: str | None = None  # a probe that learned nothing: why (eval.probe.degenerate_reason)
     extra: Any = None
     stats: dict[str, UnitStatistic] = field(default_factory=dict, repr=False)  # metric -> bootstrap statistic
     ci: dict[str, Interval] = field(default_factory=dict)  # metric -> its interval (empty: disabled)
@@ -225,10 +321,11 @@ class EmbeddingSource:
                 pooling=o.pooling,
                 batch_size=o.batch_size,
                 device=o.device,
-                encoder_type=o.encoder_type if self.subject.kind == "checkpoint" else None,
+                encoder_type=o.encoder_type if self.subject.kind in ("checkpoint", "run_init") else None,
                 progress=o.progress,
                 min_tracklet_frames=o.min_tracklet_frames,
                 max_frames=o.max_frames,
+                cache=o.cache,
             )
             emb = read_embeddings(path, split=split, root=o.root)
         if str(path) not in self.result.files:
@@ -338,7 +435,10 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
         raise TaskSkipped(f"no {where} polyp has a {task} label ({reasons})")
     ids, y, x, vids = ids[keep], y[keep], vectors[keep], vids[keep]
     if np.unique(y).size < 2:
-        raise TaskSkipped(f"every labelled {where} polyp has the same {task} class ({int(y[0])})")
+        raise TaskSkipped(
+            f"every labelled {where} polyp has the same {task} class ({int(y[0])}); "
+            + probe.protocol_hint(parts)
+        )
     train, val = probe.split_by_identity(ids, y, 0.7, seed=opts.seed)
     try:
         with warnings.catch_warnings():
@@ -349,6 +449,8 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
                 probe.ProbeData(x[val], y[val], ids[val]),
                 probe.ProbeConfig(seed=opts.seed),
             )
+    except probe.OneClassError as e:
+        raise TaskSkipped(f"{e}; {probe.protocol_hint(parts)}") from e
     except probe.ProbeError as e:
         raise TaskSkipped(str(e)) from e
     m = res.metrics
@@ -371,7 +473,9 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
         f"{sum(int(e.meta.get('n_tracklets_too_short') or 0) for e in parts)} tracklets shorter than one "
         "fragment"
     )
-    return TaskOutcome(task, metrics, 0.0, note=note, stats=stats)
+    if res.degenerate:
+        note += f"; **degenerate probe**: {res.degenerate}"
+    return TaskOutcome(task, metrics, 0.0, note=note, stats=stats, degenerate=res.degenerate)
 
 
 def task_count(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:
@@ -531,6 +635,10 @@ def result_rows(
                     "diff_vs_baseline": d.estimate if d is not None else None,
                     "diff_ci_low": d.low if d is not None else None,
                     "diff_ci_high": d.high if d is not None else None,
+                    "kind": res.subject.kind,
+                    "provenance": res.subject.provenance,
+                    "checkpoint_names": list(res.subject.names) or None,
+                    "probe_degenerate": o.degenerate,
                 }
             )
     return rows
@@ -566,6 +674,13 @@ def results_schema():
             ("diff_vs_baseline", pa.float64()),
             ("diff_ci_low", pa.float64()),
             ("diff_ci_high", pa.float64()),
+            # what the row is: checkpoint | run_init | init (fresh) | descriptor | zoo | embeddings,
+            # in words, and every checkpoint name with these bytes (one row per distinct sha256)
+            ("kind", pa.string()),
+            ("provenance", pa.string()),
+            ("checkpoint_names", pa.list_(pa.string())),
+            # size/histology: why the probe's numbers say nothing (one class predicted or on a side)
+            ("probe_degenerate", pa.string()),
         ]
     )
 
@@ -604,6 +719,7 @@ def format_value(metric: str, value: float | None) -> str:
 
 def format_interval(metric: str, value: float | None, iv: Interval | None, signed: bool = False) -> str:
     """`47.0 [41.2, 52.9]` (percent; the fragmentation rate as it is); without an interval, the value."""
+
     def one(x: float | None) -> str:
         text = format_value(metric, x)
         return f"+{text}" if signed and x is not None and np.isfinite(x) and x > 0 else text
@@ -618,43 +734,79 @@ def _columns(results: Sequence[SubjectResult]) -> list[tuple[str, str]]:
     return [c for c in COLUMNS if c in have] + sorted(have - set(COLUMNS))
 
 
+def degenerate_flags(res: SubjectResult) -> str:
+    """`size: majority class only: predicts class 0 for all 21 rows; histology: ...` ('' if none)."""
+    return "; ".join(f"{o.task}: {o.degenerate}" for o in res.outcomes if o.degenerate)
+
+
 def markdown_table(results: Sequence[SubjectResult]) -> str:
     """One row per subject, one column per (task, metric) that any subject has; with intervals,
-    each cell is `value [low, high]`."""
+    each cell is `value [low, high]`. A probe whose numbers say nothing (one class predicted, or one
+    class on a side) has its cells marked `(!)` and its reason in a last `flags` column."""
     cols = _columns(results)
-    head = "| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
-    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    flagged = any(degenerate_flags(r) for r in results)
+    head = "| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + (" | flags |" if flagged else " |")
+    sep = "|---|" + "|".join("---:" for _ in cols) + ("|---|" if flagged else "|")
     lines = [head, sep]
     for r in results:
         vals = {(o.task, m): (v, o.ci.get(m)) for o in r.outcomes for m, v in o.metrics.items()}
-        cells = " | ".join(format_interval(m, *vals.get((t, m), (None, None))) for t, m in cols)
-        lines.append(f"| {r.subject.label} | {cells} |")
+        bad = {o.task for o in r.outcomes if o.degenerate}
+        cells = " | ".join(
+            format_interval(m, *vals.get((t, m), (None, None))) + (" (!)" if t in bad else "")
+            for t, m in cols
+        )
+        flags = f" | {degenerate_flags(r) or '-'} |" if flagged else " |"
+        lines.append(f"| {r.subject.label} | {cells}{flags}")
     return "\n".join(lines)
 
 
-def choose_baseline(results: Sequence[SubjectResult], name: str | None) -> SubjectResult:
-    """The row named `name` (default: the first row)."""
-    if name is None:
-        return results[0]
+def find_row(results: Sequence[SubjectResult], name: str) -> SubjectResult:
+    """The row whose label, or one of whose checkpoint names (e.g. `demo/init`), is `name`."""
     for r in results:
-        if r.subject.label == name:
+        if name == r.subject.label or name in r.subject.names:
             return r
     labels = ", ".join(repr(r.subject.label) for r in results)
     raise ReportError(f"--baseline {name!r}: no such row (rows: {labels})")
 
 
+def choose_references(results: Sequence[SubjectResult], name: str | None) -> dict[str, SubjectResult]:
+    """Row label -> the row its differences are taken against: `name` for every other row when the
+    user names one (--baseline); by default a trained row's own initialisation (its run's step-0
+    weights, else the fresh init of its config) and, for the other rows, the first initialisation
+    row (else the first reference row: descriptor or zoo; else the first row). Initialisation rows
+    themselves get no difference by default."""
+    if not results:
+        return {}
+    if name is not None:
+        base = find_row(results, name)
+        return {r.subject.label: base for r in results if r is not base}
+    by_label = {r.subject.label: r for r in results}
+    inits = [r for r in results if r.subject.kind in ("run_init", "init")]
+    others = [r for r in results if not r.subject.is_trained]
+    fallback = (inits or others or list(results))[0]
+    refs: dict[str, SubjectResult] = {}
+    for r in results:
+        if r in inits:
+            continue
+        ref = by_label.get(r.subject.reference or "", fallback)
+        if ref is not r:
+            refs[r.subject.label] = ref
+    return refs
+
+
 def paired_differences(
-    results: Sequence[SubjectResult], baseline: SubjectResult, opts: ReportOptions
+    results: Sequence[SubjectResult], refs: dict[str, SubjectResult], opts: ReportOptions
 ) -> dict[str, dict[tuple[str, str], Interval]]:
-    """Per row other than the baseline: (task, metric) -> interval of row - baseline, both on the
-    same resamples (eval.intervals.paired_interval)."""
+    """Per row with a reference (choose_references): (task, metric) -> interval of row - reference,
+    both on the same resamples (eval.intervals.paired_interval)."""
     from polyp_ssl.eval.task_intervals import paired
 
-    base = {o.task: o for o in baseline.outcomes}
     out: dict[str, dict[tuple[str, str], Interval]] = {}
     for r in results:
-        if r is baseline:
+        ref = refs.get(r.subject.label)
+        if ref is None:
             continue
+        base = {o.task: o for o in ref.outcomes}
         diffs: dict[tuple[str, str], Interval] = {}
         for o in r.outcomes:
             b = base.get(o.task)
@@ -669,24 +821,29 @@ def paired_differences(
 
 def difference_table(
     results: Sequence[SubjectResult],
-    baseline: SubjectResult,
+    refs: dict[str, SubjectResult],
     diffs: dict[str, dict[tuple[str, str], Interval]],
 ) -> str:
-    """Row - baseline per metric, `+3.1 [0.5, 5.8]` (percentage points; an interval excluding 0 is a
-    difference the resampled units support)."""
+    """Row - reference per metric, `+3.1 [0.5, 5.8]` (percentage points; an interval excluding 0 is a
+    difference the resampled units support); a `minus` column when the rows have different
+    references. Lower-is-better columns say so in their header."""
     cols = _columns(results)
-    head = "| encoder | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
-    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    several = len({id(ref) for ref in refs.values()}) > 1
+    names = [f"{t} {m}" + (" (lower is better)" if (t, m) in LOWER_IS_BETTER else "") for t, m in cols]
+    head = "| encoder | " + ("minus | " if several else "") + " | ".join(names) + " |"
+    sep = "|---|" + ("---|" if several else "") + "|".join("---:" for _ in cols) + "|"
     lines = [head, sep]
     for r in results:
-        if r is baseline:
+        ref = refs.get(r.subject.label)
+        if ref is None:
             continue
         d = diffs.get(r.subject.label, {})
         cells = " | ".join(
             format_interval(m, d[(t, m)].estimate, d[(t, m)], signed=True) if (t, m) in d else "-"
             for t, m in cols
         )
-        lines.append(f"| {r.subject.label} | {cells} |")
+        minus = f"{ref.subject.label} | " if several else ""
+        lines.append(f"| {r.subject.label} | {minus}{cells} |")
     return "\n".join(lines)
 
 
@@ -755,8 +912,6 @@ def plot_reid_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Pa
     return paths
 
 
-
-
 def training_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Path]:
     """The training curves (eval.curves) of every run whose checkpoint is evaluated, one PNG per
     run folder with CSV logs; a log that cannot be read is a warning, not a failed report."""
@@ -764,7 +919,7 @@ def training_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Pat
 
     runs: list[Path] = []
     for r in results:
-        run = run_of_checkpoint(r.subject.spec) if r.subject.kind == "checkpoint" else None
+        run = run_of_checkpoint(r.subject.spec) if r.subject.kind in ("checkpoint", "run_init") else None
         if run is not None and run.resolve() not in [x.resolve() for x in runs]:
             runs.append(run)
     paths = []
@@ -860,7 +1015,7 @@ def write_report_md(
     opts: ReportOptions,
     created: str,
     command: str,
-    baseline: SubjectResult | None = None,
+    refs: dict[str, SubjectResult] | None = None,
     diffs: dict[str, dict[tuple[str, str], Interval]] | None = None,
 ) -> Path:
     from polyp_ssl.eval.embeddings import manifest_sha256
@@ -892,15 +1047,18 @@ def write_report_md(
             f"test {c.unit}s, seed {c.seed}; counting resamples videos).",
             "",
         ]
-    if baseline is not None and diffs and any(diffs.values()):
+    if refs and diffs and any(diffs.values()):
+        bases = list(dict.fromkeys(r.subject.label for r in refs.values()))
+        minus = bases[0] if len(bases) == 1 else "the row named in `minus` (each row's initialisation)"
         lines += [
-            f"## Difference vs {baseline.subject.label}",
+            f"## Difference vs {bases[0]}" if len(bases) == 1 else "## Differences",
             "",
-            f"Row minus {baseline.subject.label}, in percentage points (fragmentation rate: as it is), "
-            "with the 95% interval of the paired bootstrap (both encoders on the same resamples). An "
-            "interval that excludes 0 is a difference the data supports.",
+            f"Row minus {minus}, in percentage points (fragmentation rate: as it is), positive when "
+            "the row is higher (for the columns marked lower is better, a negative difference is an "
+            "improvement), with the 95% interval of the paired bootstrap (both encoders on the same "
+            "resamples). An interval that excludes 0 is a difference the data supports.",
             "",
-            difference_table(results, baseline, diffs),
+            difference_table(results, refs, diffs),
             "",
         ]
     notes = []
@@ -917,10 +1075,10 @@ def write_report_md(
         for title, paths in figures.items():
             for p in paths:
                 lines += [f"### {title}: {p.stem}", "", f"![{p.stem}]({p.name})", ""]
-    lines += ["## Encoders", "", "| encoder | kind | source | sha256 |", "|---|---|---|---|"]
+    lines += ["## Encoders", "", "| encoder | kind | provenance | source | sha256 |", "|---|---|---|---|---|"]
     for r in results:
         s = r.subject
-        lines.append(f"| {s.label} | {s.kind} | `{s.spec}` | {(s.sha256 or '-')[:16]} |")
+        lines.append(f"| {s.label} | {s.kind} | {s.provenance} | `{s.spec}` | {(s.sha256 or '-')[:16]} |")
     lines += ["", "## Embeddings files", ""]
     for r in results:
         for f in r.files:
@@ -947,9 +1105,16 @@ def run_report(
     opts.out = Path(opts.out)
     for e in embeddings:  # a file of another dataset is refused before any work
         read_embeddings(e, root=opts.root)
+    if not checkpoints and not embeddings and opts.baseline is None:
+        raise ReportError(
+            "nothing to compare: give checkpoints or run folders (RUN_OR_CKPT) or --embeddings FILE; "
+            "baselines alone are compared only when --baseline names the row to compare with"
+        )
     subjects = build_subjects(resolve_checkpoints(checkpoints), baselines, [Path(e) for e in embeddings])
     if not subjects:
         raise ReportError("nothing to evaluate: give checkpoints, run folders, --embeddings or --baselines")
+    if opts.baseline is not None:  # a misspelt row name is refused before any work
+        find_row([SubjectResult(s) for s in subjects], opts.baseline)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = []
     for i, subject in enumerate(subjects, 1):
@@ -961,13 +1126,20 @@ def run_report(
             f"{o.task} {m} {format_value(m, v)}" for o in res.outcomes for m, v in o.metrics.items()
         )
         print(f"    {summary or 'no task ran'} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    baseline = choose_baseline(results, opts.baseline)
-    diffs = paired_differences(results, baseline, opts) if len(results) > 1 and opts.ci.enabled else {}
+        if degenerate_flags(res):
+            print(f"    warning: degenerate probe: {degenerate_flags(res)}", flush=True)
+    refs = choose_references(results, opts.baseline)
+    diffs = paired_differences(results, refs, opts) if len(results) > 1 and opts.ci.enabled else {}
     rows = [
         row
         for r in results
         for row in result_rows(
-            r, created, report_protocol(opts), opts, diffs.get(r.subject.label), baseline.subject.label
+            r,
+            created,
+            report_protocol(opts),
+            opts,
+            diffs.get(r.subject.label),
+            refs[r.subject.label].subject.label if r.subject.label in refs else None,
         )
     ]
     append_results(opts.out / RESULTS_FILE, rows)
@@ -977,7 +1149,7 @@ def run_report(
     figures["retrieval gallery"] = [p for r in results if (p := gallery_for(r, opts, scale))]
     figures["2-D projection"] = [p for r in results if (p := projection_for(r, opts))]
     figures["training curves"] = training_curves(results, opts.out)
-    write_report_md(opts.out / REPORT_FILE, results, figures, opts, created, command, baseline, diffs)
+    write_report_md(opts.out / REPORT_FILE, results, figures, opts, created, command, refs, diffs)
     return results
 
 
@@ -995,7 +1167,7 @@ def _crop_scale(opts: ReportOptions, results: Sequence[SubjectResult]) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="polyp-ssl report", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     p.add_argument(
@@ -1012,10 +1184,16 @@ def build_parser() -> argparse.ArgumentParser:
         "{protocol}_{hash of the inputs}, so reports of other inputs never share a folder)",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the output folder holds an earlier report: replace it whole (once the new one is complete)",
+    )
+    p.add_argument(
         "--baselines",
         default="init,descriptor",
-        help="comma-separated: init (same encoder, random weights), descriptor, zoo:NAME=PATH (a "
-        "foundation model from local weights, docs/zoo.md); 'none' for none",
+        help="comma-separated: init (each run's step-0 weights, checkpoints/init.ckpt; a fresh init of "
+        "the same config where the run has none), fresh_init (always the fresh init, seed 0), "
+        "descriptor, zoo:NAME=PATH (a foundation model from local weights, docs/zoo.md); 'none' for none",
     )
     p.add_argument("--embeddings", nargs="*", default=[], help="also evaluate these embeddings files")
     p.add_argument(
@@ -1079,11 +1257,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=42, help="random seed (probes, projection, gallery)")
     add_ci_flags(p)
+    embed_mod.add_cache_flag(p)
     p.add_argument(
         "--baseline",
         default=None,
         metavar="ROW_NAME",
-        help="row (encoder label) the paired differences are taken against (default: the first row)",
+        help="row (its label, or a checkpoint name it lists, e.g. demo/init) the paired differences are "
+        "taken against (default: each trained row's own initialisation)",
     )
     return p
 
@@ -1093,12 +1273,12 @@ def default_out(
 ) -> Path:
     """report/{root name}_{tasks}_{protocol tag}_{hash}: the hash covers the root, the evaluated
     checkpoints, baselines and embeddings files (resolved paths) and every option, so the same
-    command reuses its folder (results.parquet appended) and any other gets its own."""
+    command names the same folder (refused there unless --overwrite) and any other gets its own."""
     from dataclasses import asdict
 
     from polyp_ssl.eval.outputs import protocol_tag, short_hash, slug
 
-    settings = {k: v for k, v in asdict(opts).items() if k not in ("out", "progress")}
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("out", "progress", "cache")}
     inputs = {
         "settings": settings,
         "root": str(Path(opts.root).resolve()),
@@ -1110,6 +1290,14 @@ def default_out(
     tag = protocol_tag(report_protocol(opts))
     name = f"{Path(opts.root).resolve().name}_{tasks}_{tag}_{short_hash(inputs)}"
     return Path("report") / slug(name)
+
+
+def parse_probe_splits(text: str) -> tuple[str, ...]:
+    """`val,test` -> ("val", "test"); at least one split."""
+    splits = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not splits:
+        raise ReportError(f"--probe_splits: no split in {text!r} (e.g. val,test)")
+    return splits
 
 
 def parse_tasks(text: str) -> tuple[tuple[str, ...], bool]:
@@ -1146,6 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
             pooling=args.encoder_pooling,
             encoder_type=args.encoder_type,
             probe_fragment_length=args.probe_fragment_length,
+            probe_splits=parse_probe_splits(args.probe_splits),
             min_tracklet_frames=args.min_tracklet_frames,
             max_frames=args.max_frames,
             projection=args.projection,
@@ -1163,10 +1352,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError(str(e)) from None
         if not args.out:
             opts.out = default_out(opts, args.checkpoints, baselines, args.embeddings)
-        results = run_report(
-            args.checkpoints, opts, baselines, args.embeddings, command="polyp-ssl report " + " ".join(argv)
-        )
-    except (ReportError, EmbedError, EmbeddingsError) as e:
+        opts.cache = embed_mod.resolve_cache(opts.root, args.cache_dir)
+        print(opts.cache.describe())
+        final = opts.out  # written complete beside it, then swapped in (eval.outputs.replacing_folder)
+        with replacing_folder(final, args.overwrite, (REPORT_FILE, RESULTS_FILE)) as opts.out:
+            command = "polyp-ssl report " + " ".join(argv)
+            results = run_report(args.checkpoints, opts, baselines, args.embeddings, command=command)
+        opts.out = final
+    except (ReportError, EmbedError, EmbeddingsError, OutputExists) as e:
         print(f"polyp-ssl report: error: {e}", file=sys.stderr)
         return 2
     print()

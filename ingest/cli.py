@@ -18,6 +18,7 @@ from polyp_ssl.ingest.run import IngestConfig, IngestRefused, Part, run_ingest
 from polyp_ssl.ingest.sources import link_targets
 from polyp_ssl.shards.cli_errors import debug_enabled
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
 
 
 def parse_part(text: str) -> Part:
@@ -39,7 +40,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl ingest",
         description="Build WebDataset shards (one sample per tracklet) and the Parquet catalog from a "
@@ -135,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug_enabled():
             raise
         again = "--overwrite" if args.overwrite else "--resume"
-        print(
-            f"polyp-ssl ingest: interrupted; finished shards are kept: rerun with {again}", file=sys.stderr
-        )
+        print(f"polyp-ssl ingest: interrupted; finished shards are kept: rerun with {again}", file=sys.stderr)
         return 130
     except IngestError as e:
         print(f"ingest: {e}", file=sys.stderr)

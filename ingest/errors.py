@@ -71,9 +71,11 @@ class ErrorSink:
 
 
 def count_by_reason(rows: list[ErrorRow] | list[dict]) -> dict[str, int]:
-    """{"reason (action)": count}, sorted by reason."""
+    """{"reason (action)": items}, sorted by reason: the items the rows stand for (a row of a
+    converter's report such as "47 boxes dropped" has `items` 47; every other row is one item)."""
     counts: Counter[str] = Counter()
     for r in rows:
         reason, action = (r["reason"], r["action"]) if isinstance(r, dict) else (r.reason, r.action)
-        counts[f"{reason} ({action})"] += 1
+        items = r.get("items", 1) if isinstance(r, dict) else 1
+        counts[f"{reason} ({action})"] += items if isinstance(items, int) and items >= 0 else 1
     return dict(sorted(counts.items()))

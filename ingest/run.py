@@ -566,7 +566,8 @@ def _ingest_locked(
         "shards": len(stats_list),
         "shards_written": len(todo),
         "bytes": n_bytes,
-        "errors": count_by_reason(tables["errors"]),
+        "errors": count_by_reason(tables["errors"]),  # items per reason (47 dropped boxes: 47)
+        "error_rows": len(tables["errors"]),  # rows of the catalog's errors table
         "seconds": round(elapsed, 2),
         "frames_per_second": round(n_frames / elapsed, 1) if elapsed > 0 else None,
     }

@@ -17,33 +17,53 @@ and put in together (ingest.staged: all of them or none, also on a full disk; th
 the file), and the `instances_*.json` files that are not among the new splits are removed
 (their content is in `source/`). A rerun reads `source/` again, so rerunning after a crash, or
 with other fractions, gives what an uninterrupted run gives.
+
+Stale sources are never split silently: each split also records, in `annotations/.polyp-ssl-split`
+(put in with the split files), the sha256 of the sources it read and of the files it wrote. A
+rerun re-splits `source/` only when the root's current `instances_*.json` are exactly the files
+the last split wrote; a file it did not write (a later merge or convert put it there, or it was
+edited) is refused, naming it, unless `--overwrite`: then the files the last split did not write
+become the new sources and replace `source/` (in the same staged set). Each run prints which
+source files it splits and their counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from polyp_ssl.ingest.convert.common import SPLIT_RE, ConvertError, load_coco, write_coco_atomic
+from polyp_ssl.ingest.convert.common import (
+    SPLIT_RE,
+    ConvertError,
+    load_coco,
+    write_coco_atomic,
+    write_json_atomic,
+)
 from polyp_ssl.ingest.staged import StagedFiles, finish_interrupted
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
+from polyp_ssl.shards.files import open_regular
 from polyp_ssl.shards.ids import text_problem
-from polyp_ssl.shards.labels import histology_binary, size_binary
-from polyp_ssl.shards.textio import shown
+from polyp_ssl.shards.labels import DIMINUTIVE_MAX_MM, histology_binary, size_binary
+from polyp_ssl.shards.textio import load_json, shown
 
 log = logging.getLogger(__name__)
 
 _ANN_RE = re.compile(r"^instances_(.+)\.json$")
 SOURCE_DIR = "source"
+STAMP = ".polyp-ssl-split"  # in annotations/: what the last split read and wrote (sha256 per file)
+SPLIT_DESCRIPTION = "split by polyp with polyp-ssl split"
 STRATA = ("size", "histology")
 
 
@@ -92,6 +112,13 @@ def assign(polyps: dict[str, str], fractions: list[float], names: list[str], see
     return out
 
 
+# the binary labels of shards.labels (size_binary, histology_binary) by name
+STRATUM_NAMES = {
+    "size": {"0": f"diminutive (<= {DIMINUTIVE_MAX_MM:g} mm)", "1": f"larger (> {DIMINUTIVE_MAX_MM:g} mm)"},
+    "histology": {"0": "non-adenoma", "1": "adenoma"},
+}
+
+
 def _stratum(stratify: str | None, size: Any, histology: Any, dataset: Any) -> str:
     if stratify is None:
         return "all"
@@ -121,33 +148,105 @@ def source_files(root: Path) -> dict[str, Path]:
     return found
 
 
-def _keep_sources(root: Path, files: dict[str, Path]) -> dict[str, Path]:
-    """Copy (hard link) the source files into annotations/source/ once; returns their new paths."""
-    ann = root / "annotations"
-    kept = ann / SOURCE_DIR
-    if kept.is_dir():
-        return files
-    tmp = ann / f".{SOURCE_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for stale in ann.glob(f".{SOURCE_DIR}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open_regular(path, "annotation file") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _current_files(ann: Path) -> dict[str, Path]:
+    return {m.group(1): ann / n for n in sorted(os.listdir(ann)) if (m := _ANN_RE.match(n))}
+
+
+def _read_stamp(ann: Path) -> dict[str, Any] | None:
+    """The last split's record (sources and outputs, name -> sha256), or None (none, or unreadable)."""
+    path = ann / STAMP
+    if not path.is_file():
+        return None
     try:
-        for path in files.values():
+        stamp = load_json(path, "split record")
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(stamp, dict) and all(isinstance(stamp.get(k), dict) for k in ("sources", "outputs"))
+    return stamp if ok else None
+
+
+def _info_of(path: Path) -> dict[str, Any]:
+    info = load_coco(path).get("info")
+    return info if isinstance(info, dict) else {}
+
+
+def _written_by_last_split(ann: Path, current: dict[str, Path]) -> dict[str, bool]:
+    """split name -> whether the current `instances_{name}.json` is a file the last split wrote
+    from the sources now in annotations/source/. Roots split before the record existed: a file
+    counts as the split's when its `info` says a split wrote it."""
+    stamp = _read_stamp(ann)
+    if stamp is None:
+        return {s: _info_of(p).get("description") == SPLIT_DESCRIPTION for s, p in current.items()}
+    kept = ann / SOURCE_DIR
+    sources = {p.name: _sha256(p) for p in _current_files(kept).values()}
+    same_sources = sources == stamp["sources"]
+    return {s: same_sources and stamp["outputs"].get(p.name) == _sha256(p) for s, p in current.items()}
+
+
+def plan_sources(root: Path, overwrite: bool) -> tuple[dict[str, Path], bool]:
+    """(the annotation files to split, whether they become the new annotations/source/).
+
+    No source/ yet: the root's instances_*.json (kept in source/ by this split). With source/:
+    source/ again when the root's instances_*.json are the files the last split wrote; else a
+    ValueError naming the first file it did not write, unless `overwrite`: then those files are
+    the sources and replace source/."""
+    ann = root / "annotations"
+    if not (ann / SOURCE_DIR).is_dir():
+        return source_files(root), True
+    current = _current_files(ann)
+    written = _written_by_last_split(ann, current)
+    foreign = {s: p for s, p in current.items() if not written[s]}
+    if not foreign:
+        return source_files(root), False
+    if not overwrite:
+        first = next(iter(foreign.values()))
+        raise ValueError(
+            f"{first} is not a file the last split of {root} wrote from {ann / SOURCE_DIR}/ (a later merge "
+            "or convert put it there, or it was edited): re-splitting would split the old sources; pass "
+            f"--overwrite to split {', '.join(p.name for p in foreign.values())} instead (they replace "
+            "annotations/source/)"
+        )
+    return foreign, True
+
+
+def _stage_sources(staged: StagedFiles, root: Path, files: dict[str, Path]) -> dict[str, str]:
+    """Put the source files into annotations/source/ with the split files (hard links, else
+    copies); the old source files not among them are removed. Returns name -> sha256."""
+    kept = root / "annotations" / SOURCE_DIR
+    digests = {}
+    for path in files.values():
+        with staged.writing(f"annotations/{SOURCE_DIR}/{path.name}") as dst:
             try:
-                os.link(path, tmp / path.name)
+                os.link(path, dst)
             except OSError:
-                shutil.copyfile(path, tmp / path.name)
-        os.replace(tmp, kept)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {s: kept / p.name for s, p in files.items()}
+                shutil.copyfile(path, dst)
+        digests[path.name] = _sha256(path)
+    if kept.is_dir():
+        for old in _current_files(kept).values():
+            if old.name not in digests:
+                staged.remove_on_commit(f"annotations/{SOURCE_DIR}/{old.name}")
+    return digests
 
 
 def split_root(
-    root: Path, fractions: list[float], names: list[str], seed: int = 42, stratify: str | None = None
+    root: Path,
+    fractions: list[float],
+    names: list[str],
+    seed: int = 42,
+    stratify: str | None = None,
+    overwrite: bool = False,
+    say: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """Split ROOT in place (see the module doc); returns per-split counts."""
+    """Split ROOT in place (see the module doc); returns per-split counts. `say` gets one line
+    naming the source files split and their counts."""
     if len(fractions) != len(names) or len(fractions) < 2:
         raise ValueError(f"need as many split names as fractions (>= 2), got {names} for {fractions}")
     if any(not f > 0 for f in fractions):
@@ -160,7 +259,7 @@ def split_root(
         raise ValueError(f"--stratify must be one of {STRATA}, got {stratify!r}")
     root = Path(root)
     finish_interrupted(root)  # a split or merge killed while putting its files in: finish that first
-    files = source_files(root)
+    files, new_sources = plan_sources(root, overwrite)
     loaded = {s: load_coco(p) for s, p in files.items()}
 
     # polyps, their strata and videos; images keyed by (source split, id)
@@ -202,6 +301,11 @@ def split_root(
                 )
             video_polyps.setdefault((img.get("dataset_id"), img.get("sequence_id")), set()).add(ident)
             anns.append((s, ann))
+    kept = " (kept in annotations/source/)" if new_sources else ""
+    say(
+        f"splitting {', '.join(map(str, files.values()))}{kept}: {len(images)} images, {len(anns)} "
+        f"annotations, {len(polyp_stratum)} polyps"
+    )
     where = assign(polyp_stratum, fractions, names, seed)
 
     out: dict[str, dict[str, list]] = {n: {"images": [], "annotations": [], "videos": []} for n in names}
@@ -231,10 +335,9 @@ def split_root(
     for n in names:
         out[n]["videos"] = [dict(videos_meta[v], split=n) for v in videos_in[n] if v in videos_meta]
 
-    files = _keep_sources(root, files)
     ann_dir = root / "annotations"
     info = {
-        "description": "split by polyp with polyp-ssl split",
+        "description": SPLIT_DESCRIPTION,
         "fractions": fractions,
         "seed": seed,
         "stratify": stratify,
@@ -242,11 +345,19 @@ def split_root(
     }
     # all split files or none: written complete into the staging folder, then put in together
     with StagedFiles(root) as staged:
+        if new_sources:
+            source_digests = _stage_sources(staged, root, files)
+        else:
+            source_digests = {p.name: _sha256(p) for p in files.values()}
+        outputs = {}
         for n in names:
             with staged.writing(f"annotations/instances_{n}.json") as path:
                 write_coco_atomic(
                     path, dict(info, split=n), out[n]["images"], out[n]["annotations"], out[n]["videos"]
                 )
+            outputs[path.name] = _sha256(path)
+        with staged.writing(f"annotations/{STAMP}") as path:
+            write_json_atomic(path, {"sources": source_digests, "outputs": outputs})
         for p in sorted(ann_dir.iterdir()):
             m = _ANN_RE.match(p.name)
             if m and p.is_file() and m.group(1) not in names:
@@ -260,13 +371,22 @@ def split_root(
             "videos": len(videos_in[n]),
             "images": len(out[n]["images"]),
             "annotations": len(out[n]["annotations"]),
-            "strata": dict(sorted(Counter(polyp_stratum[p] for p in polyps).items())),
+            "strata": {
+                stratum_name(stratify, k): v
+                for k, v in sorted(Counter(polyp_stratum[p] for p in polyps).items())
+            },
         }
     return summary
 
 
+def stratum_name(stratify: str | None, stratum: str) -> str:
+    """How a stratum is shown: the class name of its binary label (`_stratum` keys the strata by
+    the label, "0" / "1", which the assignment's order depends on)."""
+    return STRATUM_NAMES.get(stratify or "", {}).get(stratum, stratum)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl split",
         description="Split a dataset root by polyp into annotations/instances_{name}.json (no polyp in "
@@ -279,6 +399,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--names", default=None, help="split names (default train,val or train,val,test)")
     p.add_argument("--seed", type=int, default=42, help="random seed of the assignment of polyps to splits")
     p.add_argument("--stratify", choices=STRATA, default=None, help="keep each class's fractions")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the root's instances_*.json are not the files its last split wrote (a new merge): split "
+        "them instead of annotations/source/, which they replace; without it such a root is refused",
+    )
     return p
 
 
@@ -301,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.root.is_dir():
             raise ConvertError(args.root, "missing_file", "dataset root not found")
         with output_lock(args.root, "polyp-ssl split"):
-            summary = split_root(args.root, fractions, names, args.seed, args.stratify)
+            summary = split_root(
+                args.root, fractions, names, args.seed, args.stratify, args.overwrite, say=print
+            )
     except LockHeld as exc:
         print(f"polyp-ssl split: {exc}", file=sys.stderr)
         return 2
@@ -314,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     for n, c in summary.items():
         print(
             f"{n}: {c['polyps']} polyps, {c['videos']} videos, {c['images']} images, "
-            f"{c['annotations']} annotations, strata {c['strata']}"
+            f"{c['annotations']} annotations, strata: "
+            + ", ".join(f"{k} {v}" for k, v in c["strata"].items())
         )
     print(f"wrote {args.root}/annotations/instances_{{{','.join(summary)}}}.json")
     return 0

@@ -12,6 +12,14 @@ and the draft is removed; the error names the file that failed. A process killed
 marker is rolled forward by the next writer of the root (`finish_interrupted`, called under the
 root's write lock), and `polyp-ssl ingest` refuses a root whose swap did not finish
 (`pending_swap`), so no reader ever sees half of a new set of files.
+
+A whole output is replaced the same way (`convert merge --overwrite`): its new folders are
+staged whole (`staged.folder("images")`), and the old entries it replaces
+(`staged.replace_on_commit("annotations")`) are moved aside into the staging folder after the
+marker, before the new ones are renamed in; once every rename is done the marker is rewritten
+empty (nothing left to roll forward) and the old entries are deleted with the staging folder.
+A kill at any point leaves the old entries in place (before the marker) or is rolled forward to
+the new ones: never a mix of the two.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 STAGING_DIR = ".polyp-ssl-staging"
 MARKER = ".swap.json"
 MAX_MARKER_BYTES = 1 << 20  # the marker lists file names: far below this
+REPLACED = ".replaced"  # in the staging folder: old entries moved aside by a whole-output swap
 
 
 class StagedWriteError(OSError):
@@ -56,6 +65,16 @@ def pending_swap(root: str | os.PathLike[str]) -> Path | None:
     return marker if marker.exists() else None
 
 
+def pending_entries(root: str | os.PathLike[str]) -> tuple[set[str], bool]:
+    """What an unfinished swap in `root` puts in: (the top-level names of its new entries,
+    whether it replaces old entries of the root); (empty set, False) when none is pending."""
+    marker = pending_swap(root)
+    if marker is None:
+        return set(), False
+    files, _, replace = _read_marker(marker)
+    return {rel.split("/")[0] for rel in files}, bool(replace)
+
+
 def _check_rel(rel: str, where: str) -> str:
     """`rel` when it is a relative path inside the root (not absolute, no '.' or '..' part, no
     empty part, no NUL); ValueError else. A marker is read back from disk: its paths never
@@ -71,27 +90,62 @@ def _refuse_link(staging: Path) -> None:
         raise ValueError(f"{staging} is a symbolic link, not a staging folder; remove it")
 
 
-def _read_marker(marker: Path) -> tuple[list[str], list[str]]:
-    """(files, remove) of a marker, each a relative path of plain names."""
+def _read_marker(marker: Path) -> tuple[list[str], list[str], list[str]]:
+    """(files, remove, replace) of a marker, each a relative path of plain names."""
     try:
         with open(marker, "rb") as f:
             data = json.loads(f.read(MAX_MARKER_BYTES + 1)[:MAX_MARKER_BYTES].decode("utf-8"))
-        files, remove = data["files"], data["remove"]
-        if not isinstance(files, list) or not isinstance(remove, list):
-            raise TypeError("'files' and 'remove' must be lists")
-        if not all(isinstance(x, str) for x in [*files, *remove]):
+        files, remove, replace = data["files"], data["remove"], data.get("replace", [])
+        if not all(isinstance(x, list) for x in (files, remove, replace)):
+            raise TypeError("'files', 'remove' and 'replace' must be lists")
+        if not all(isinstance(x, str) for x in [*files, *remove, *replace]):
             raise TypeError("not a list of strings")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(
             f"{marker}: unreadable swap marker of an interrupted write ({exc}); "
             f"remove {marker.parent} and run the command again"
         ) from None
-    return [_check_rel(r, str(marker)) for r in files], [_check_rel(r, str(marker)) for r in remove]
+    files, remove, replace = ([_check_rel(r, str(marker)) for r in rels] for rels in (files, remove, replace))
+    return files, remove, replace
 
 
-def _swap(root: Path, files: list[str], remove: list[str], point: str = "staged_moved") -> None:
+def _write_marker(marker: Path, files: list[str], remove: list[str], replace: list[str]) -> None:
+    data = {"files": files, "remove": remove, "replace": replace}
+    write_atomic(marker, json.dumps(data, indent=1).encode("utf-8"))
+
+
+def _move_aside(root: Path, replace: list[str], point: str) -> None:
+    """Old entries (files or whole folders) of a whole-output swap, renamed into the staging
+    folder's `.replaced/N`; an N already there was moved by a killed run (or did not exist) and
+    is never looked at again, so a new entry renamed in later is never taken for the old one."""
+    if not replace:
+        return
+    parked = staging_dir(root) / REPLACED
+    parked.mkdir(exist_ok=True)
+    for i, rel in enumerate(replace):
+        slot = parked / str(i)
+        if os.path.lexists(slot):
+            continue
+        old = root / rel
+        if os.path.lexists(old):
+            os.replace(old, slot)
+        else:
+            slot.mkdir()
+        crash_point(point)
+    fsync_dir(parked)
+    fsync_dir(root)
+
+
+def _swap(
+    root: Path,
+    files: list[str],
+    remove: list[str],
+    point: str = "staged_moved",
+    replace: list[str] | None = None,
+) -> None:
     """The renames after the commit point; safe to run again after a kill at any point."""
     staging = staging_dir(root)
+    _move_aside(root, replace or [], point)
     folders = set()
     for rel in files:
         src = staging / rel
@@ -108,6 +162,8 @@ def _swap(root: Path, files: list[str], remove: list[str], point: str = "staged_
             (root / rel).unlink(missing_ok=True)
     for folder in sorted(folders):
         fsync_dir(folder)
+    if replace:  # every new entry is in: nothing is left to roll forward but the cleaning
+        _write_marker(staging / MARKER, [], [], [])
     discard(root)
 
 
@@ -143,8 +199,8 @@ def finish_interrupted(root: str | os.PathLike[str]) -> bool:
             discard(root)
         return False
     log.warning("finishing the swap of an interrupted run into %s", root)
-    files, remove = _read_marker(marker)
-    _swap(root, files, remove)
+    files, remove, replace = _read_marker(marker)
+    _swap(root, files, remove, replace=replace)
     return True
 
 
@@ -165,6 +221,7 @@ class StagedFiles:
         self.staging = staging_dir(self.root)
         self.files: list[str] = []
         self.remove: list[str] = []
+        self.replace: list[str] = []
         self.committed = False
 
     def __enter__(self) -> StagedFiles:
@@ -194,6 +251,23 @@ class StagedFiles:
         if rel not in self.files:
             self.files.append(rel)
 
+    def folder(self, rel: str) -> Path:
+        """A new folder of the root, filled by the caller under the staging folder and renamed
+        into place whole (the old one must be given to `replace_on_commit`)."""
+        _check_rel(rel, "staged folder")
+        if rel.split("/")[0] == REPLACED:
+            raise ValueError(f"staged folder: {rel!r} is a name the swap uses")
+        path = self.staging / rel
+        path.mkdir(parents=True, exist_ok=True)
+        if rel not in self.files:
+            self.files.append(rel)
+        return path
+
+    def replace_on_commit(self, rel: str) -> None:
+        """An old entry of the root (a file or a whole folder) that the new set replaces: moved
+        aside after the commit point, before the new entries are renamed in, then deleted."""
+        self.replace.append(_check_rel(rel, "entry to replace"))
+
     def remove_on_commit(self, rel: str) -> None:
         """A file of the root that the new set replaces (removed after the renames)."""
         self.remove.append(_check_rel(rel, "file to remove"))
@@ -204,10 +278,9 @@ class StagedFiles:
             if names:
                 fsync_dir(folder)
         marker = self.staging / MARKER
-        data = json.dumps({"files": self.files, "remove": self.remove}, indent=1).encode("utf-8")
         try:
-            write_atomic(marker, data)
+            _write_marker(marker, self.files, self.remove, self.replace)
         except OSError as exc:
             raise StagedWriteError(exc, marker, self.root) from exc
         self.committed = True
-        _swap(self.root, self.files, self.remove, self.point)
+        _swap(self.root, self.files, self.remove, self.point, self.replace)

@@ -113,3 +113,18 @@ class TrainingStarted(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = True
+
+
+class FlushLogs(L.Callback):
+    """Writes the loggers' buffered metrics whenever a checkpoint is written, so the metrics of every
+    step a checkpoint holds are on disk with it: a segment cut short (SIGKILL, a node lost) keeps
+    its metrics up to the checkpoint the next segment continues from."""
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        for logger in trainer.loggers:
+            try:
+                logger.save()
+            except OSError as exc:  # a full disk shows at the checkpoint write itself
+                log.warning("could not write the metrics of %s: %s", type(logger).__name__, exc)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,108 @@ EXPORT_VERSION = 1  # the torch.save format, still read
 EXPORT_SAFETENSORS_VERSION = "2"  # what export_encoder writes
 ENCODER_PREFIX = "encoder."
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot give a tracklet encoder."""
+    """A checkpoint file that cannot give a tracklet encoder (bad input: exit 2)."""
+
+    bad_input = True
+
+
+RUN_LAST_CKPT = Path("checkpoints") / "last.ckpt"  # what a run folder stands for where a file is expected
+# what a checkpoint file starts with: a torch zip, a torch pickle (the legacy format), safetensors
+# (8-byte header length, then a JSON object: recognised by `is_safetensors`)
+TORCH_ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
+PARQUET_MAGIC = b"PAR1"
+SNIFF_BYTES = 4096  # read to tell text from binary
+
+
+def resolve_checkpoint_path(spec: str | os.PathLike[str], what: str = "checkpoint") -> Path:
+    """The checkpoint file that `spec` names: a file whose contents are a checkpoint's (see
+    `check_checkpoint_kind`), or a run folder of `polyp-ssl train`, which stands for its
+    checkpoints/last.ckpt (as `report` takes run folders), said in one log line. Anything else
+    is a CheckpointError naming the path and what it is (missing, empty, text, Parquet, a folder
+    that is not a run). The one resolution of `--encoder_ckpt` for every command."""
+    path = Path(spec)
+    if path.is_dir():
+        last = path / RUN_LAST_CKPT
+        if last.is_file():
+            log.info("%s is a run folder: using its %s", path, RUN_LAST_CKPT)
+            path = last
+        elif (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+            raise CheckpointError(
+                f"{path}: is a run folder without {RUN_LAST_CKPT} (training has not written a checkpoint "
+                "yet); give a checkpoint file of its checkpoints/"
+            )
+        else:
+            raise CheckpointError(
+                f"{path}: is a folder, not a {what} file (a run folder of `polyp-ssl train` holds "
+                f"{RUN_LAST_CKPT})"
+            )
+    elif not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: no such file or run folder")
+    check_checkpoint_kind(path, what)
+    return path
+
+
+def checkpoint_kind(path: str | os.PathLike[str], what: str = "checkpoint") -> str:
+    """What a file is, by its first bytes (never by its name): "torch" (a torch zip or pickle),
+    "safetensors", "empty", "parquet", "text" or "binary" (none of these). A FIFO or device is
+    refused without being read (shards.files.check_regular)."""
+    path = Path(path)
+    size = check_regular(path, what).st_size
+    if size == 0:
+        return "empty"
+    with open_regular(path, what) as f:
+        head = f.read(SNIFF_BYTES)
+    if head.startswith(TORCH_ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+        return "torch"
+    if head[8:9] == b"{":  # a safetensors header (its sizes: check_safetensors_header)
+        return "safetensors"
+    if head.startswith(PARQUET_MAGIC):
+        return "parquet"
+    if _looks_like_text(head):
+        return "text"
+    return "binary"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 without NUL bytes (a truncated last character allowed)."""
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and len(head) == SNIFF_BYTES
+    return True
+
+
+def check_checkpoint_kind(path: str | os.PathLike[str], what: str = "checkpoint") -> str:
+    """`checkpoint_kind` of a file that must be a checkpoint: "torch" or "safetensors", else one
+    CheckpointError naming the file and what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a {what} file")
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: {what} file not found")
+    kind = checkpoint_kind(path, what)
+    if kind in ("torch", "safetensors"):
+        return kind
+    problem = {
+        "empty": "is empty (0 bytes; a copy or a save that never finished?), not a checkpoint",
+        "parquet": "is a Parquet file (embeddings? pass it with --embeddings), not a checkpoint",
+        "text": "is text, not a checkpoint" + _text_hint(path),
+        "binary": "is not a checkpoint (neither a torch file, zip or pickle, nor safetensors)",
+    }[kind]
+    raise CheckpointError(f"{path}: {problem}")
+
+
+def _text_hint(path: Path) -> str:
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        return f" (an encoder at initialisation from a run config: init:{path})"
+    return ""
 
 
 def encoder_config_from(config: dict[str, Any]) -> EncoderConfig:
@@ -336,16 +437,28 @@ def check_encoder_fits(path: Path, cfg: EncoderConfig, state: dict[str, Any]) ->
 
 
 def _read(path: Path, map_location: Any) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    check_checkpoint_kind(path)  # empty, text, Parquet, a folder: named, never handed to torch
     check_checkpoint_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for pickled objects, RuntimeError for other formats
-        raise CheckpointError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True): it holds pickled Python "
-            f"objects or is not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
+        raise CheckpointError(f"{path}: {_torch_load_problem(e)}") from e
+
+
+def _torch_load_problem(e: Exception) -> str:
+    """What a failed weights-only torch.load says about the file, without torch's advice to load it
+    with weights_only=False (which would run the code a pickle holds)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, pickle.UnpicklingError):
+        detail = next(
+            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("WeightsUnpickler error")), ""
+        )
+        return "holds pickled Python objects, which torch.load(weights_only=True) refuses" + (
+            f": {detail[:200]}" if detail else ""
+        )
+    # torch's first sentence says what failed; the rest is advice ("an internal miniz error ...")
+    first = lines[0].split(". ", 1)[0][:200] if lines else "no message"
+    return f"a torch file that cannot be read ({type(e).__name__}: {first}); truncated or damaged?"
 
 
 def check_loadable(path: str | os.PathLike[str], training_state: bool = False) -> None:
@@ -353,10 +466,6 @@ def check_loadable(path: str | os.PathLike[str], training_state: bool = False) -
     handing a checkpoint to anything that might unpickle it). With `training_state`, it must also be
     a Lightning checkpoint a run can continue from (weights, optimizer and loop states)."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if path.is_file() and path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes; a write that never finished)")
     obj = _read(path, "cpu")
     if training_state:
         if not isinstance(obj, dict):
@@ -369,7 +478,7 @@ def check_loadable(path: str | os.PathLike[str], training_state: bool = False) -
 def read_encoder_state(path: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[dict, dict]:
     """``(encoder state dict, run config)`` from any file of the module docstring's list."""
     path = Path(path)
-    if is_safetensors(path):
+    if check_checkpoint_kind(path) == "safetensors":
         return _read_safetensors(path)
     obj = _read(path, map_location)
     if not isinstance(obj, dict):

@@ -13,8 +13,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from polyp_ssl.config import (
     ENCODERS,
     LOGGERS,
@@ -29,7 +27,9 @@ from polyp_ssl.config import (
     unknown_setting_message,
 )
 from polyp_ssl.reference_flags import TRAIN_FLAGS, add_flag, apply_reference_values, flag_help
+from polyp_ssl.run_folder import RunFolder, check_run_folder
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
 from polyp_ssl.shards.textio import TextInputError, load_json, load_yaml
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def _type_of(f: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl train",
         description="Streaming contrastive training (NT-SSL) on an ingested root. Takes the reference "
@@ -210,29 +210,6 @@ def check_crop_scale(bbox_scale_factor: float, root: str | Path, flag: str = "--
         )
 
 
-def check_run_folder(runs_dir: str | Path, exp_name: object, source: str = "--exp_name") -> Path:
-    """The run folder `{runs_dir}/{exp_name}`, always inside `runs_dir`: `exp_name` must be one
-    plain folder name (shards.ids: no '/', not '..', no control characters), and an existing run
-    folder that is a link must not lead outside `runs_dir`. ValueError naming the setting and
-    where it came from (`source`: the flag or the config file) otherwise; checked before
-    anything is written."""
-    from polyp_ssl.shards.ids import UnsafeIdError, path_component
-
-    try:
-        path_component(exp_name, source)
-    except UnsafeIdError as exc:
-        raise ValueError(f"{exc} (the run folder is {{runs_dir}}/{{exp_name}}, inside --runs_dir)") from None
-    run_dir = Path(runs_dir) / str(exp_name)
-    if run_dir.is_symlink():
-        real, base = Path(os.path.realpath(run_dir)), Path(os.path.realpath(runs_dir))
-        if not real.is_relative_to(base) or real == base:
-            raise ValueError(
-                f"{source} {exp_name!r}: the run folder {run_dir} is a link to {real}, outside --runs_dir "
-                f"{runs_dir}; remove the link or choose another --exp_name"
-            )
-    return run_dir
-
-
 def check_config_file(loaded: dict[Any, Any], name: str) -> dict[str, Any]:
     """The settings of a `--config` YAML, checked as the command line checks its flags: an unknown
     key (with the closest setting), a value of the wrong type (key, value, expected type). The keys
@@ -270,14 +247,28 @@ def resolve_config(argv: list[str]) -> TrainConfig:
     values.update(args)
     own = {f.name for f in fields(TrainConfig)}
     values = apply_reference_values(values, TRAIN_FLAGS, "polyp-ssl train", own)
-    cfg = TrainConfig.from_dict(values)
     exp_source = (
         "--exp_name" if "exp_name" in args or not config_file else f"--config {config_file}: exp_name"
     )
+    saved, run = None, None
+    if values.get("resume"):
+        # settings not given (flags or --config) come from the run's config.yaml, not the defaults
+        runs_dir, exp_name = values.get("runs_dir", TrainConfig.runs_dir), values.get("exp_name", "default")
+        run = RunFolder(runs_dir, exp_name, exp_source)
+        saved = run.saved_settings()
+        if saved is not None:
+            # the run's own keys as they are (no second notice of a reference flag it holds)
+            other = {k: v for k, v in saved.items() if k not in own}
+            saved = {k: v for k, v in saved.items() if k in own}
+            saved.update(apply_reference_values(other, TRAIN_FLAGS, "polyp-ssl train", own))
+            values = {**saved, **values}
+    cfg = TrainConfig.from_dict(values)
     check_run_folder(cfg.runs_dir, cfg.exp_name, exp_source)
     if not cfg.dataset_root:
         raise ValueError("--dataset_root is required")
     cfg.validate()
+    if run is not None and saved is not None:
+        run.check_resume_settings(TrainConfig.from_dict(saved), cfg)  # before anything is written
     from polyp_ssl.checkpoint import check_model_config  # imports torch: not for --help
 
     # the allow-listed backbones and the size estimate of every model config (CheckpointError: exit 2)
@@ -302,15 +293,48 @@ def single_log_output() -> None:
                     lg.removeHandler(handler)
 
 
+# Messages that every run printed and that say nothing about it: warnings about what this stack
+# does on purpose, and advertisements. Filtered here, for every train process (DDP ranks included).
+KNOWN_HARMLESS_WARNINGS = (
+    # the streaming dataset's __len__ is its batches per rank; each worker takes its own share
+    r"Your `IterableDataset` has `__len__` defined",
+    # a resumed run's checkpoint folder holds its checkpoints: last.ckpt is managed here
+    r"Checkpoint directory .* exists and is not empty",
+    # validation embeds a few whole tracklets in the main process, on purpose
+    r"The 'val_dataloader' does not have many workers",
+    # Lightning's own pytree helper on a newer torch: nothing a user can change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+KNOWN_HARMLESS_LOG_PREFIXES = ("\N{ELECTRIC LIGHT BULB} Tip:",)  # Lightning's product advertisements
+
+
+class _DropKnownHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(KNOWN_HARMLESS_LOG_PREFIXES)
+
+
+def quiet_known_messages() -> None:
+    """Filter the known harmless warnings and log lines of Lightning and torch (the one place)."""
+    import warnings
+
+    for pattern in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownHarmless) for f in logger.filters):
+            logger.addFilter(_DropKnownHarmless())
+
+
 def _is_rank_zero() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def _write_yaml(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+def _val_batches(limit: float) -> int | float | None:
+    """Lightning's limit_val_batches: a count above 1, a fraction up to 1; None for all of them
+    (Lightning's default, without its "configured so 100% of the batches will be used" line)."""
+    if limit > 1:
+        return int(limit)
+    return None if limit == 1.0 else limit
 
 
 def _devices(text: str) -> Any:
@@ -325,7 +349,8 @@ def _logger(cfg: TrainConfig, run_dir: Path) -> Any:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
     if cfg.logger == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="logs")
+        # written as logged (not every 100 steps): an interrupted segment keeps its metrics
+        return CSVLogger(save_dir=str(run_dir), name="logs", flush_logs_every_n_steps=1)
     if cfg.logger == "tensorboard":
         if (
             importlib.util.find_spec("tensorboard") is None
@@ -340,59 +365,6 @@ def _logger(cfg: TrainConfig, run_dir: Path) -> Any:
     return WandbLogger(
         project=cfg.wandb_project or "polyp-ssl", name=cfg.exp_name, id=cfg.exp_id, save_dir=str(run_dir)
     )
-
-
-def _new_dirs(path: Path) -> list[Path]:
-    """`path` and those of its parents that do not exist yet, deepest first."""
-    out = []
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        out.append(p)
-    return out
-
-
-def _remove_new_dirs(created: list[Path]) -> None:
-    """Undo a run that failed before training started: remove the run folder it created (and its
-    parents, only when they are still empty), so a refused run leaves nothing behind."""
-    import shutil
-
-    if not created:
-        return
-    shutil.rmtree(created[0], ignore_errors=True)
-    for parent in created[1:]:
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-
-
-def resume_checkpoint(ckpt_dir: Path) -> tuple[Path, str | None]:
-    """The checkpoint `--resume` continues: ``last.ckpt``, or ``last.prev.ckpt`` when ``last.ckpt``
-    is missing or cannot be loaded (empty, truncated, a folder, not a checkpoint). Returns the path
-    and, for a fallback, the one-line warning naming both files. Raises ValueError (exit 2) naming
-    the file and the cause when neither can be loaded."""
-    from polyp_ssl.checkpoint import CheckpointError, check_loadable
-    from polyp_ssl.ckpt_io import LAST, previous_path
-
-    last = ckpt_dir / LAST
-    prev = previous_path(last)
-    if not last.exists() and not prev.exists():
-        raise ValueError(f"--resume: {last} does not exist")
-    cause = f"{last}: does not exist"
-    if last.exists():
-        try:
-            check_loadable(last, training_state=True)
-            return last, None
-        except CheckpointError as exc:
-            cause = str(exc)
-    if not prev.exists():
-        raise ValueError(f"--resume refused: {cause}")
-    try:
-        check_loadable(prev, training_state=True)
-    except CheckpointError as exc:
-        raise ValueError(f"--resume refused: {cause}; the previous checkpoint too: {exc}") from exc
-    return prev, f"--resume: {cause}; continuing from the previous checkpoint {prev}"
 
 
 def last_checkpoint_callbacks(ckpt_dir: Path, every_n_steps: int) -> list[Any]:
@@ -421,15 +393,9 @@ def last_checkpoint_callbacks(ckpt_dir: Path, every_n_steps: int) -> list[Any]:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run training; returns the checkpoint folder. A run that fails before training starts removes
-    the run folder it created."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from polyp_ssl.callbacks import INIT_CKPT, InitialCheckpoint, RngStateCallback, TrainingStarted
-    from polyp_ssl.ckpt_io import LAST, AtomicCheckpointIO, temporaries
-    from polyp_ssl.datamodule import StreamDataModule, StreamEpochCallback
-    from polyp_ssl.module import NTSSLModule
+    """Run training; returns the checkpoint folder. Rank 0 holds the run folder's lock throughout
+    (a second train on the folder is refused, naming the holder). A run that fails before training
+    starts removes the run folder it created."""
     from polyp_ssl.shards.catalog import CatalogError, read_manifest
 
     root = Path(cfg.dataset_root)
@@ -442,21 +408,29 @@ def train(cfg: TrainConfig) -> Path:
 
         # before anything is built or written: our message, not the kernel's OOM killer or a CUDA error
         check_before_training(cfg, skip_memory=cfg.skip_memory_check)
-    run_dir = Path(cfg.runs_dir) / cfg.exp_name
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / LAST
-    resume_from: Path | None = None
-    if cfg.resume:
-        resume_from, warning = resume_checkpoint(ckpt_dir)
-        if warning:
-            print(f"polyp-ssl train: {warning}", file=sys.stderr)
-            if _is_rank_zero() and resume_from != last and last.exists():
-                # set the unloadable file aside (kept for inspection), so that the next save does not
-                # keep it as the previous checkpoint in place of the good one
-                last.replace(last.with_name(LAST + ".unloadable"))
-    elif last.exists() and _is_rank_zero():
-        raise ValueError(f"{last} exists: continue it with --resume, or choose another --exp_name")
-    created = _new_dirs(run_dir) if _is_rank_zero() else []
+    run = RunFolder(cfg.runs_dir, cfg.exp_name)
+    if not _is_rank_zero():  # the other ranks of a DDP run: rank 0 holds the lock for them all
+        return _train_in(run, cfg)
+    with run.lock():
+        return _train_in(run, cfg)
+
+
+def _train_in(run: RunFolder, cfg: TrainConfig) -> Path:
+    """The training of `train`, in its run folder (locked by rank 0)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from polyp_ssl.callbacks import INIT_CKPT, FlushLogs, InitialCheckpoint, RngStateCallback, TrainingStarted
+    from polyp_ssl.ckpt_io import AtomicCheckpointIO, temporaries
+    from polyp_ssl.datamodule import StreamDataModule, StreamEpochCallback
+    from polyp_ssl.module import NTSSLModule
+    from polyp_ssl.run_folder import check_checkpoint_fits
+
+    run_dir, ckpt_dir = run.path, run.ckpt_dir
+    plan = run.resume_plan(cfg.resume, rank_zero=_is_rank_zero())
+    if plan.line:
+        print(f"polyp-ssl train: {plan.line}", file=sys.stderr)
+    resume_from = plan.checkpoint
     started = TrainingStarted()
     try:
         if _is_rank_zero():
@@ -473,12 +447,15 @@ def train(cfg: TrainConfig) -> Path:
         logger = _logger(cfg, run_dir)
         module_cfg = {**cfg.to_dict(), "lr_schedule": cfg.lr_schedule}
         model = NTSSLModule(module_cfg)
+        if resume_from is not None:
+            check_checkpoint_fits(resume_from, model)  # one line naming the key, before any write
         if _is_rank_zero():
-            _write_yaml(run_dir / "config.yaml", {**cfg.to_dict(), "resolved_monitor": monitor})
+            run.write_config(cfg, monitor)
         callbacks: list[Any] = [
             StreamEpochCallback(dm, run_dir),
             InitialCheckpoint(ckpt_dir / INIT_CKPT),
             RngStateCallback(),
+            FlushLogs(),
             started,
         ]
         if monitor:
@@ -509,9 +486,7 @@ def train(cfg: TrainConfig) -> Path:
             plugins=[AtomicCheckpointIO()],
             default_root_dir=str(run_dir),
             log_every_n_steps=cfg.log_every_n_steps,
-            limit_val_batches=int(cfg.limit_val_batches)
-            if cfg.limit_val_batches > 1
-            else cfg.limit_val_batches,
+            limit_val_batches=_val_batches(cfg.limit_val_batches),
             check_val_every_n_epoch=cfg.val_every_n_epochs,
             use_distributed_sampler=False,
             num_sanity_val_steps=0,
@@ -520,9 +495,11 @@ def train(cfg: TrainConfig) -> Path:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     except BaseException:
         if not started.started and _is_rank_zero():
-            _remove_new_dirs(created)
+            run.remove_new_dirs()
         raise
     write_skip_summary(ckpt_dir, trainer.global_rank, cfg.on_shard_error, dm.skip_counts())
+    if _is_rank_zero():  # every rank finished (a failed rank breaks rank 0's fit): the notes are stale
+        run.remove_failure_notes()
     return ckpt_dir
 
 
@@ -637,14 +614,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if any(a in ("-h", "--help") for a in argv):
-        build_parser().parse_args(argv)  # prints the help without importing torch or Lightning
+    # --help, and usage errors (an unknown flag: one line), before torch or Lightning is imported
+    build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import time
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     single_log_output()
+    quiet_known_messages()
 
     from polyp_ssl.datamodule import read_failure_notes
     from polyp_ssl.device_decode import FrameDecodeError

@@ -65,7 +65,7 @@ class StreamDataModule(L.LightningDataModule):
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         if stage in (None, "fit") and self.train_loader is None:
             ds = BagStream(self.train_index, self.params, self.rank, self.world_size, self.cfg.num_workers)
-            self.train_loader = StreamLoader(ds, pin_memory=self.cfg.accelerator not in ("cpu",))
+            self.train_loader = StreamLoader(ds, pin_memory=self._pin_memory())
             # the loader draws its worker seeds from a generator of its own, not from torch's global
             # one, so that the global state saved in a checkpoint is the one the next step uses
             self.train_loader.generator = torch.Generator()
@@ -79,6 +79,12 @@ class StreamDataModule(L.LightningDataModule):
                 ds.length,
                 ds.per_worker,
             )
+
+    def _pin_memory(self) -> bool:
+        """Pinned batches only for a CUDA device (pinning without one is refused with a warning by torch)."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return self.cfg.accelerator not in ("cpu",) and torch.cuda.is_available()
 
     def train_dataloader(self) -> StreamLoader:
         if self.train_loader is None:

@@ -122,6 +122,9 @@ def run_command(name: str, rest: list[str]) -> int:
         if debug_enabled():
             raise
         text = " ".join(str(exc).split())[:500] or "(no message)"
+        if getattr(exc, "bad_input", False):  # a bad file or flag (CheckpointError, ...): exit 2
+            print(f"{prog}: error: {text}", file=sys.stderr)
+            return 2
         print(
             f"{prog}: error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
             file=sys.stderr,

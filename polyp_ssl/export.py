@@ -15,12 +15,13 @@ import logging
 import sys
 
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl export",
         description="Write the tracklet encoder of a checkpoint to a plain safetensors file "

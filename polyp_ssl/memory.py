@@ -202,6 +202,13 @@ def device_problem(accelerator: str, devices: str, precision: str, cuda_count: i
             "(torch.cuda.is_available() is False); use --accelerator cpu, or auto"
         )
     n = _device_count(devices)
+    if accelerator == "auto" and cuda_count == 0 and n is not None and n > 1:
+        # Lightning would start n CPU processes (DDP over gloo), each holding the whole model: asked
+        # for with --accelerator cpu (tests do), never guessed from a GPU count on a host without GPUs
+        return (
+            f"--devices {devices}: this machine has no CUDA GPU, and --accelerator auto would start "
+            f"{n} CPU processes; pass --accelerator cpu to train with {n} CPU processes, or --devices 1"
+        )
     if wants_gpu and n is not None and n > cuda_count:
         return f"--devices {devices}: this machine has {cuda_count} CUDA GPU(s)"
     if wants_gpu and "," in str(devices):

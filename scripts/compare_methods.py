@@ -37,11 +37,23 @@ log = logging.getLogger("compare_methods")
 ARMS: dict[str, list[str]] = {
     "ntssl": ["--sampler", "temporaltemperaturebag", "--loss_type", "mil-nce", "--loss_weights", "1", "1"],
     "ntssl_fragment_only": [
-        "--sampler", "temporaltemperaturebag", "--loss_type", "mil-nce", "--loss_weights", "1", "0",
+        "--sampler",
+        "temporaltemperaturebag",
+        "--loss_type",
+        "mil-nce",
+        "--loss_weights",
+        "1",
+        "0",
     ],
     "tracklet": ["--sampler", "tracklet", "--loss_type", "mil-nce", "--loss_weights", "1", "1"],
     "supcon_same_bags": [
-        "--sampler", "temporaltemperaturebag", "--loss_type", "supervised", "--loss_weights", "1", "1",
+        "--sampler",
+        "temporaltemperaturebag",
+        "--loss_type",
+        "supervised",
+        "--loss_weights",
+        "1",
+        "1",
     ],
     "multipos_labels": ["--sampler", "multipos", "--loss_type", "mil-nce", "--loss_weights", "1", "1"],
 }
@@ -64,26 +76,37 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}_s{seed}"
 
 
-def train_command(
-    arm: str, seed: int, root: Path, runs: Path, a: argparse.Namespace
-) -> list[str]:
+def train_command(arm: str, seed: int, root: Path, runs: Path, a: argparse.Namespace) -> list[str]:
     """The `polyp-ssl train` command of one arm and seed; the arm's flags come last but before
     `--train_args`, which may override anything."""
     accel = {"gpu": "gpu", "cuda": "gpu", "cpu": "cpu"}.get(a.device, a.device)
     return [
-        *a.cli, "train",
-        "--dataset_root", str(root),
-        "--runs_dir", str(runs),
-        "--exp_name", run_name(arm, seed),
-        "--seed", str(seed),
-        "--max_steps", str(a.max_steps),
-        "--max_epochs", str(a.max_epochs),
-        "--batch_size", str(a.batch_size),
-        "--n_views", str(a.n_views),
-        "--im_size", str(a.im_size),
-        "--sfe_backbone_arch", a.backbone,
-        "--accelerator", accel,
-        "--aug_anchorcrop", "--eval_aug_anchorcrop",
+        *a.cli,
+        "train",
+        "--dataset_root",
+        str(root),
+        "--runs_dir",
+        str(runs),
+        "--exp_name",
+        run_name(arm, seed),
+        "--seed",
+        str(seed),
+        "--max_steps",
+        str(a.max_steps),
+        "--max_epochs",
+        str(a.max_epochs),
+        "--batch_size",
+        str(a.batch_size),
+        "--n_views",
+        str(a.n_views),
+        "--im_size",
+        str(a.im_size),
+        "--sfe_backbone_arch",
+        a.backbone,
+        "--accelerator",
+        accel,
+        "--aug_anchorcrop",
+        "--eval_aug_anchorcrop",
         *ARMS[arm],
         *shlex.split(a.train_args),
     ]
@@ -94,12 +117,20 @@ def report_command(
 ) -> list[str]:
     device = "cuda" if a.device in ("gpu", "cuda") else a.device
     return [
-        *a.cli, "report", *map(str, ckpts),
-        "--dataset_root", str(root),
-        "--out", str(out),
-        "--baselines", "descriptor",
-        "--baseline", baseline,
-        "--device", device,
+        *a.cli,
+        "report",
+        *map(str, ckpts),
+        "--dataset_root",
+        str(root),
+        "--out",
+        str(out),
+        "--overwrite",  # a rerun reports again: its report replaces the earlier one
+        "--baselines",
+        "descriptor",
+        "--baseline",
+        baseline,
+        "--device",
+        device,
         *shlex.split(a.report_args),
     ]
 
@@ -221,8 +252,10 @@ def shared_inits(runs: Path, arms: list[str], seeds: list[int]) -> dict[str, boo
 
     out = {}
     for seed in seeds:
-        states = [load_encoder(runs / run_name(arm, seed) / "checkpoints" / "init.ckpt")[0].state_dict()
-                  for arm in arms]
+        states = [
+            load_encoder(runs / run_name(arm, seed) / "checkpoints" / "init.ckpt")[0].state_dict()
+            for arm in arms
+        ]
         out[str(seed)] = all(
             st.keys() == states[0].keys() and all(torch.equal(st[k], states[0][k]) for k in st)
             for st in states[1:]
@@ -239,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max_steps", type=int, default=200, help="optimizer steps of every run")
-    ap.add_argument("--max_epochs", type=int, default=50,
-                    help="length of the bag temperature schedule; must not end a run before max_steps")
+    ap.add_argument(
+        "--max_epochs",
+        type=int,
+        default=50,
+        help="length of the bag temperature schedule; must not end a run before max_steps",
+    )
     ap.add_argument("--baseline", default="init", help="'init' (the shared initialisation) or an arm")
     ap.add_argument(
         "--paired_vs",
@@ -312,6 +349,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def check_device(device: str, dry_run: bool) -> None:
+    """--device gpu / cuda on a host without a CUDA device: refused before any data is generated
+    or ingested (a --dry_run only prints the commands, so it may plan a GPU run anywhere)."""
+    if dry_run or device not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CompareError(
+            f"--device {device}: no CUDA device on this host (torch.cuda.is_available() is False); "
+            "use --device cpu, or --dry_run to print the commands"
+        )
+
+
 def _main(a: argparse.Namespace) -> int:
     if a.max_steps < 1:
         raise CompareError(f"--max_steps {a.max_steps}: use >= 1 (runs are compared at equal steps)")
@@ -319,14 +370,23 @@ def _main(a: argparse.Namespace) -> int:
         raise CompareError(f"--scale {a.scale}: use a value in (0, 10]")
     if len(set(a.seeds)) != len(a.seeds) or len(set(a.arms)) != len(a.arms):
         raise CompareError("--seeds and --arms must not repeat")
+    check_device(a.device, a.dry_run)
     a.backbone = a.backbone or ("resnet50" if a.device in ("gpu", "cuda") else "resnet18")
     a.cli = [str(Path(sys.executable).with_name("polyp-ssl"))]
     if not Path(a.cli[0]).exists():
         a.cli = [sys.executable, "-m", "polyp_ssl"]
     out = a.out.resolve()
     runs, report = out / "runs", out / "report"
-    summary: dict = {"arms": a.arms, "seeds": a.seeds, "max_steps": a.max_steps, "backbone": a.backbone,
-                     "im_size": a.im_size, "batch_size": a.batch_size, "n_views": a.n_views, "seconds": {}}
+    summary: dict = {
+        "arms": a.arms,
+        "seeds": a.seeds,
+        "max_steps": a.max_steps,
+        "backbone": a.backbone,
+        "im_size": a.im_size,
+        "batch_size": a.batch_size,
+        "n_views": a.n_views,
+        "seconds": {},
+    }
     if a.synth:
         root = out / "data"
         counts = synth_split_counts(a.scale)
@@ -345,8 +405,19 @@ def _main(a: argparse.Namespace) -> int:
             summary["seconds"]["synth"] = time.perf_counter() - t0
         if a.dry_run or not (root / "catalog").exists():
             summary["seconds"]["ingest"] = run(
-                [*a.cli, "ingest", str(root), "--store-size", str(a.store_size), "--workers",
-                 str(a.workers), "--no-progress"], a.dry_run, "ingest")
+                [
+                    *a.cli,
+                    "ingest",
+                    str(root),
+                    "--store-size",
+                    str(a.store_size),
+                    "--workers",
+                    str(a.workers),
+                    "--no-progress",
+                ],
+                a.dry_run,
+                "ingest",
+            )
     else:
         root = a.root.resolve()
         if not (root / "catalog").is_dir():
@@ -385,7 +456,9 @@ def _main(a: argparse.Namespace) -> int:
         summary["same_init_per_seed"] = shared_inits(runs, a.arms, a.seeds)
         if not all(summary["same_init_per_seed"].values()):
             log.warning("arms of one seed start from different weights: %s", summary["same_init_per_seed"])
-        summary.update(summarise(report / "results.parquet", a.arms, a.seeds, f"{init_run}/init"))
+        from polyp_ssl.eval.report import run_init_label  # the report's row name of a run's init.ckpt
+
+        summary.update(summarise(report / "results.parquet", a.arms, a.seeds, run_init_label([init_run])))
     if a.paired_vs:
         if a.paired_vs not in a.arms:
             raise CompareError(f"--paired_vs {a.paired_vs!r}: not one of the arms ({', '.join(a.arms)})")

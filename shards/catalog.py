@@ -1,7 +1,8 @@
 """Read-only SQL over an ingested root: DuckDB in memory, one view per catalog table.
 
     con = connect(root)                       # views: videos, polyps, tracklets, frames, shards,
-                                              # errors, embeddings_{name} (ROOT/embeddings/*.parquet)
+                                              # errors, embeddings_{name} (ROOT/embeddings/*.parquet
+                                              # and the root's user cache folder: embeddings_cache)
     query(root, "SELECT split, count(*) FROM tracklets GROUP BY 1")   # -> pyarrow.Table
 
 The Parquet files are handed to DuckDB as pyarrow datasets with the pinned schemas of
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from polyp_ssl.shards.embeddings_cache import cached_files, embeddings_places
 from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
 from polyp_ssl.shards.textio import TextInputError, load_json
@@ -57,6 +59,13 @@ class CatalogError(RuntimeError):
     """A catalog that is missing, of another version, or does not match the pinned schema."""
 
 
+class NoCatalogError(CatalogError):
+    """A root that has no catalog (never ingested, or not there): bad input, exit 2, one message
+    for every command that reads a root (catalog, verify, train, embed, eval, ...)."""
+
+    bad_input = True
+
+
 def catalog_dir(root: str | Path) -> Path:
     return Path(root) / CATALOG_DIR
 
@@ -65,17 +74,22 @@ def _require_ingested(root: Path) -> Path:
     cdir = catalog_dir(root)
     if not (cdir / MANIFEST).exists():  # a FIFO here is refused by name when read
         if not root.exists():
-            raise CatalogError(f"{root}: no such directory")
+            raise NoCatalogError(f"{root} has no catalog: no such directory")
         if (root / ".ingest-staging" / "all" / ".swap.json").is_file():  # written by ingest/run.py
             raise CatalogError(
                 f"{root}: an `ingest --overwrite` was stopped while it swapped its complete new output "
                 "in; run that ingest again (e.g. with --resume) to finish the swap"
             )
-        raise CatalogError(
+        raise NoCatalogError(
             f"{root} has no catalog ({cdir / MANIFEST} is missing): run `polyp-ssl ingest {root}` first "
             f"(or `polyp-ssl catalog merge {root}` after `ingest --part I/N` runs)"
         )
     return cdir
+
+
+def require_catalog(root: str | Path) -> Path:
+    """The catalog folder of an ingested root; NoCatalogError (one message) otherwise."""
+    return _require_ingested(Path(root))
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -167,35 +181,35 @@ def _check_embeddings_schema(path: Path, schema: pa.Schema) -> None:
     check_schema(path, schema, embeddings_schema(vtype.list_size))
 
 
-def connect(root: str | Path) -> duckdb.DuckDBPyConnection:
+def connect(root: str | Path, cache_dir: str | Path | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory, locked-down DuckDB connection with one view per catalog table and per
-    embeddings file. A missing table file is an error; a missing embeddings folder is not."""
+    embeddings file cached for the root, in ROOT/embeddings and in the user cache folder
+    (shards.embeddings_cache; `cache_dir` as `--cache_dir`). A missing table file is an error;
+    a missing embeddings folder is not."""
     root = Path(root)
     read_manifest(root)
     datasets: dict[str, pads.Dataset] = {}
     for name, schema in TABLES.items():
         datasets[name] = _dataset(_table_path(root, name), schema)
-    emb_dir = root / EMBEDDINGS_DIR
-    colliding = embeddings_collisions(sorted(emb_dir.glob("*.parquet"))) if emb_dir.is_dir() else {}
+    emb_files = cached_files(embeddings_places(root, cache_dir))
+    colliding = embeddings_collisions(emb_files)
     for view, paths in colliding.items():
         log.warning(
-            "%s: left out: the embeddings files %s all map to view %r; rename all but one",
-            emb_dir,
-            ", ".join(p.name for p in paths),
+            "left out: the embeddings files %s all map to view %r; rename all but one",
+            ", ".join(str(p) for p in paths),
             view,
         )
-    if emb_dir.is_dir():
-        for path in sorted(emb_dir.glob("*.parquet")):
-            view = embeddings_view_name(path.stem)
-            if view in colliding:
-                continue
-            try:
-                check_regular(path, "Parquet file")
-                schema = pq.read_schema(path)
-            except (OSError, pa.ArrowException) as exc:
-                raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
-            _check_embeddings_schema(path, schema)
-            datasets[view] = pads.dataset(str(path), format="parquet", schema=schema)
+    for path in emb_files:
+        view = embeddings_view_name(path.stem)
+        if view in colliding:
+            continue
+        try:
+            check_regular(path, "Parquet file")
+            schema = pq.read_schema(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
+        _check_embeddings_schema(path, schema)
+        datasets[view] = pads.dataset(str(path), format="parquet", schema=schema)
     con = duckdb.connect(":memory:")
     try:
         for view, ds in datasets.items():

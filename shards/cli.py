@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,12 @@ def format_csv(table: pa.Table) -> str:
 
 
 def _query_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl catalog",
         description="Run SQL on an ingested root's catalog (read-only DuckDB; one view per table: videos, "
-        "polyps, tracklets, frames, shards, errors, embeddings_NAME). `polyp-ssl catalog merge OUT` merges "
+        "polyps, tracklets, frames, shards, errors, and embeddings_NAME for each embeddings file cached for "
+        "the root in ROOT/embeddings or the user cache folder). `polyp-ssl catalog merge OUT` merges "
         "the partial catalogs of `ingest --part I/N` runs.",
         epilog='example: polyp-ssl catalog data/rc "SELECT split, count(*) FROM tracklets GROUP BY 1"',
     )
@@ -126,8 +128,14 @@ def _query_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CELL_WIDTH,
         help="cut table cells longer than this (default: %(default)s)",
     )
+    p.add_argument("--tables", action="store_true", help="list the views (full names) and their row counts")
     p.add_argument(
-        "--tables", action="store_true", help="list the views (full names) and their row counts"
+        "--cache_dir",
+        default=None,
+        metavar="DIR",
+        help="also list the root's embeddings cached under DIR (as given to embed/eval/report "
+        "--cache_dir); default: POLYP_SSL_CACHE, else $XDG_CACHE_HOME/polyp-ssl or ~/.cache/polyp-ssl. "
+        "ROOT/embeddings is always listed",
     )
     p.add_argument(
         "--timeout",
@@ -150,7 +158,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def _merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl catalog merge",
         description="Combine OUT/catalog/parts/III-of-NNN (from `polyp-ssl ingest --part I/N`) "
@@ -180,8 +188,9 @@ def statement_header(index: int, total: int, statement: str, width: int = 100) -
 
 
 def _error(prog: str, exc: BaseException) -> int:
+    """One line; exit 2 for bad input (a root without a catalog: NoCatalogError), else 1."""
     print(f"{prog}: error: {exc}", file=sys.stderr)
-    return 1
+    return 2 if getattr(exc, "bad_input", False) else 1
 
 
 def _emit(table: pa.Table, fmt: str, max_rows: int | None, width: int) -> None:
@@ -255,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         run_sql,
         view_names,
     )
+    from polyp_ssl.shards.embeddings_cache import embeddings_places
 
     try:
-        con = connect(args.root)
+        con = connect(args.root, args.cache_dir)
     except (CatalogError, OSError) as exc:
         return _error(prog, exc)
     try:
@@ -266,12 +276,17 @@ def main(argv: list[str] | None = None) -> int:
             def count_views() -> pa.Table:
                 names = view_names(con)
                 counts = [con.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names]
-                return pa.table({"view": names, "rows": pa.array(counts, pa.int64())})
+                where = [sources.get(n, "catalog") for n in names]
+                return pa.table({"view": names, "rows": pa.array(counts, pa.int64()), "source": where})
+
+            sources = embeddings_sources(args.root, args.cache_dir)
 
             table = run_interruptible(con, count_views, args.timeout)
             # full view names: they are pasted into queries
             width = max([args.max_width, *(len(n) for n in table.column("view").to_pylist())])
             _emit(table, args.format, args.max_rows, width)
+            if args.format == "table" and "user cache" in sources.values():
+                print(f"user cache: {embeddings_places(args.root, args.cache_dir)[1]}")
             return 0
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         for i, statement in enumerate(statements, 1):
@@ -291,8 +306,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def embeddings_sources(root: str, cache_dir: str | None) -> dict[str, str]:
+    """Embeddings view name -> where its file is: "ROOT/embeddings" or "user cache"."""
+    from polyp_ssl.shards.catalog import embeddings_view_name
+    from polyp_ssl.shards.embeddings_cache import cached_files, embeddings_places
+
+    in_root, user = embeddings_places(root, cache_dir)
+    out = {embeddings_view_name(p.stem): "user cache" for p in cached_files((user,))}
+    out.update({embeddings_view_name(p.stem): "ROOT/embeddings" for p in cached_files((in_root,))})
+    return out
+
+
 def _verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl verify",
         description="Re-hash every shard listed in the catalog; compare sha256, byte size and sample count; "

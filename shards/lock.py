@@ -21,6 +21,7 @@ import fcntl
 import glob
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator
 
@@ -36,6 +37,12 @@ class LockHeld(RuntimeError):
 def lock_path(root: str | os.PathLike[str], part: str | None = None) -> str:
     name = LOCK_NAME if part is None else PART_LOCK_PATTERN.format(part=part)
     return os.path.join(os.fspath(root), name)
+
+
+def read_holder(path: str | os.PathLike[str]) -> dict | None:
+    """The note of the process that holds (or last held) the lock file `path`: {"pid", "host",
+    "command", ...}; None when there is none or it is not a note (the file is not trusted)."""
+    return _read_holder(os.fspath(path))
 
 
 def _read_holder(path: str) -> dict | None:
@@ -134,7 +141,7 @@ def output_lock(root: str | os.PathLike[str], command: str, part: str | None = N
     """Hold the write lock of `root` (which must exist) for the block; raises LockHeld at once
     when another live process holds it. `part` names one part of a partitioned ingest."""
     root = os.path.abspath(os.fspath(root))
-    note = {"pid": os.getpid(), "command": command, "argv": sys.argv[:20]}
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "argv": sys.argv[:20]}
     main_path = lock_path(root)
     try:
         main_fd = _acquire(main_path, shared=part is not None, note=note)

@@ -146,7 +146,7 @@ def test_end_to_end_two_arms_two_seeds(tmp_path):
     assert (out / "report" / "report.md").exists() and (out / "report" / "results.parquet").exists()
     assert summary["steps"] == {f"{a}_s{s}": 2 for a in ("ntssl", "tracklet") for s in (0, 1)}
     assert summary["same_init_per_seed"] == {"0": True, "1": True}
-    assert summary["baseline"] == "ntssl_s0/init"
+    assert summary["baseline"] == "init (step-0 weights of ntssl_s0)"  # --baseline ntssl_s0/init names it
     for key in ("retrieval/mAP", "reid/AUROC"):
         init = summary["init"][key]
         assert 0 <= init["value"] <= 1 and init["diff_vs_baseline"] is None
@@ -174,7 +174,8 @@ def test_end_to_end_two_arms_two_seeds(tmp_path):
     assert s2["arms"] == summary["arms"]
     for s in ("0", "1"):
         rows = s2["paired_vs"]["seeds"][s]
-        assert set(rows) == {f"tracklet_s{s}/last", f"ntssl_s{s}/init", "hand-made descriptor"}
+        init_row = f"init (step-0 weights of ntssl_s{s})"
+        assert set(rows) == {f"tracklet_s{s}/last", init_row, "hand-made descriptor"}
         for key in ("retrieval/mAP", "reid/AUROC"):
             d = rows[f"tracklet_s{s}/last"][key]
             want = (

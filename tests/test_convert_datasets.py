@@ -311,7 +311,10 @@ def test_report_rows_for_the_errors_table(raw, tmp_path, capsys):
     by = {(r["reason"], r["action"]) for r in rows}
     assert ("boxes_converted", "converted") in by and ("box_clamped", "clamped") in by
     assert ("box_outside_frame", "dropped") in by and ("extra_box_same_polyp", "dropped") in by
-    assert all(set(r) == {"source", "id", "field", "reason", "detail", "action"} for r in rows)
+    # the table's columns, and `items`: what the row stands for (ingest's summary counts it)
+    assert all(set(r) == {"source", "id", "field", "reason", "detail", "action", "items"} for r in rows)
+    counts = {r["reason"]: r["items"] for r in rows if r["action"] == "dropped" and r["id"] is None}
+    assert counts["extra_box_same_polyp"] == report["boxes"]["dropped"]["extra_box_same_polyp"]
 
 
 def test_symlinked_raw_input_is_refused(raw, tmp_path, capsys):

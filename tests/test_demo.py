@@ -145,7 +145,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert (report / "report.md").stat().st_size > 0
     rows = pq.read_table(report / "results.parquet").to_pylist()
     subjects = {r["checkpoint"] for r in rows}
-    assert subjects == {"demo/last", "demo/init", "hand-made descriptor"}
+    assert subjects == {"demo/last", "init (step-0 weights of demo)", "hand-made descriptor"}
     assert {r["task"] for r in rows} >= {"retrieval", "reid", "count"}
     assert "| demo/last |" in out and str(report / "report.md") in out
     assert list(report.glob("gallery_*.png")) and list(report.glob("projection_*.png"))

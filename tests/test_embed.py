@@ -167,7 +167,7 @@ def test_cli_bad_inputs(env, tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["--encoder_ckpt", str(bad), "--dataset_root", str(root)]) == 2
-    assert "cannot load the encoder" in capsys.readouterr().err
+    assert f"{bad}: is text, not a checkpoint" in capsys.readouterr().err
     assert not (root / "embeddings" / "bad_test").exists()
 
 

@@ -142,6 +142,7 @@ def test_probe_cli_split_by_polyp_and_given_sides(frag_root, tmp_path, capsys):
                 "--val_embeddings",
                 str(val),
                 *args,
+                "--overwrite",  # replaces the first size probe's result in the same --out
             ]
         )
         == 0
@@ -236,7 +237,7 @@ def test_count_cli(root, tmp_path, capsys):
     assert got["test_fragmentation_rate"] == pytest.approx(
         np.mean([r["n_clusters"] / r["n_polyps"] for r in got["per_video"]])
     )
-    assert count_main([*args, "--method", "affinity", "--grid", "-1", "-0.5", "0"]) == 0
+    assert count_main([*args, "--method", "affinity", "--grid", "-1", "-0.5", "0", "--overwrite"]) == 0
     assert json.loads((tmp_path / "count.json").read_text())["value"] in (-1.0, -0.5, 0.0)
     assert "fragmentation" in capsys.readouterr().out
     assert count_main(["--val_embeddings", str(root / "embeddings" / "val.parquet")]) == 2

@@ -167,16 +167,17 @@ def test_report_results_have_intervals_and_differences(report_run):
             assert r["value_ci_low"] <= r["value"] <= r["value_ci_high"], r["metric"]
         assert r["ci_unit"] == ("video" if r["task"] == "count" else "polyp")
         assert r["ci_resamples"] == 100
-    base = [r for r in rows if r["checkpoint"] == "a"]
-    other = [r for r in rows if r["checkpoint"] == "hand-made descriptor"]
+    # no initialisation row: the trained row is compared with the reference row (the descriptor)
+    base = [r for r in rows if r["checkpoint"] == "hand-made descriptor"]
+    other = [r for r in rows if r["checkpoint"] == "a"]
     assert all(r["diff_vs_baseline"] is None for r in base)  # the baseline row: no difference
     by = {(r["task"], r["metric"]): r["value"] for r in base}
     for r in other:
-        assert r["baseline"] == "a"
+        assert r["baseline"] == "hand-made descriptor"
         assert r["diff_vs_baseline"] == pytest.approx(r["value"] - by[(r["task"], r["metric"])], abs=1e-9)
         assert r["diff_ci_low"] <= r["diff_vs_baseline"] <= r["diff_ci_high"]
     md = (out / "report.md").read_text()
-    assert "## Difference vs a" in md and "bootstrap interval" in md
+    assert "## Difference vs hand-made descriptor" in md and "bootstrap interval" in md
     assert md.count(" [") >= 5 and (out / "intervals.png").stat().st_size > 0
     assert "![intervals](intervals.png)" in md
 
@@ -209,7 +210,7 @@ def test_report_without_intervals_and_bad_baseline(report_run, tmp_path, capsys)
     assert all(r["value_ci_low"] is None and r["diff_vs_baseline"] is None for r in rows)
     md = (out / "report.md").read_text()
     assert "Difference vs" not in md and "bootstrap interval" not in md
-    assert main([*base, "--baselines", "descriptor", "--baseline", "nope"]) == 2
+    assert main([*base, "--baselines", "descriptor", "--baseline", "nope", "--overwrite"]) == 2
     assert "--baseline 'nope'" in capsys.readouterr().err
 
 

@@ -185,8 +185,11 @@ def test_two_probes_with_different_splits_write_two_results(tmp_path, capsys):
     rules = sorted(json.loads(f.read_text())["evaluates_on"] for f in found)
     assert rules[0].endswith("split val") and rules[2] == "the other 30% of its polyps"
     assert any("_train+70pct_" in str(f) for f in found) and any("_train+val_" in str(f) for f in found)
-    # the same command again: the same folder (rewritten), not a fourth
-    assert probe_main(common) == 0
+    # the same command again: the same folder, refused there; with --overwrite rewritten, not a fourth
+    capsys.readouterr()
+    assert probe_main(common) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert probe_main([*common, "--overwrite"]) == 0
     assert len(list((root / "eval").glob("same_probe_size_*"))) == 3
     capsys.readouterr()
 

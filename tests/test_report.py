@@ -55,7 +55,7 @@ def _png_ok(path):
 def test_report_files_and_figures(run):
     root, _, out, _ = run
     md = (out / "report.md").read_text()
-    for label in ("tiny/last", "init (hmve_resnet18)", "hand-made descriptor"):
+    for label in ("tiny/last", "fresh init (hmve_resnet18, seed 0)", "hand-made descriptor"):
         assert f"| {label} |" in md
     for name in (
         "reid_roc.png",
@@ -98,7 +98,8 @@ def test_results_rows_and_values(run):
     # the defaults are the paper's evaluation protocol, named on every row
     assert {r["protocol"] for r in rows} == {"paper: min 30 frames, stride 4, all frames"}
     subjects = {r["checkpoint"] for r in rows}
-    assert subjects == {"tiny/last", "init (hmve_resnet18)", "hand-made descriptor"}
+    # no init.ckpt in the run: its initialisation row is a fresh init of the same config, named so
+    assert subjects == {"tiny/last", "fresh init (hmve_resnet18, seed 0)", "hand-made descriptor"}
     expected = {
         ("retrieval", "mAP"),
         ("retrieval", "HR@1"),
@@ -139,15 +140,21 @@ def test_results_rows_and_values(run):
     assert val[("reid", "AUROC")] == pytest.approx(auroc, abs=1e-6)
 
 
-def test_rerun_appends_and_reuses_embeddings(run, capsys):
+def test_rerun_is_refused_or_replaces_and_reuses_embeddings(run, capsys):
     root, _, out, argv = run
-    n_before = pq.read_table(out / "results.parquet").num_rows
+    before = pq.read_table(out / "results.parquet")
     n_files = len(list((root / "embeddings").glob("*.parquet")))
     capsys.readouterr()
-    assert main([*argv, "--baselines", "none", "--tasks", "retrieval"]) == 0
+    # a second report to the same --out: refused, the first one kept
+    assert main([*argv, "--baselines", "none", "--tasks", "retrieval"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert pq.read_table(out / "results.parquet").equals(before)
+    # --overwrite: the new report replaces the old one (not appended to it)
+    assert main([*argv, "--baselines", "none", "--tasks", "retrieval", "--overwrite"]) == 0
     assert "reusing" in capsys.readouterr().out
     t = pq.read_table(out / "results.parquet")
-    assert t.num_rows == n_before + 3  # mAP, HR@1, HR@5 of the one checkpoint
+    assert t.num_rows == 3  # mAP, HR@1, HR@5 of the one checkpoint
     assert len(list((root / "embeddings").glob("*.parquet"))) == n_files
 
 

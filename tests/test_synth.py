@@ -194,8 +194,11 @@ def test_output_folder_problems(tmp_path, capsys):
     # --overwrite replaces the dataset's own folders and keeps other files
     assert main([str(full), *args, "--overwrite"]) == 0
     assert sorted(p.name for p in full.iterdir()) == ["annotations", "images", "keep.txt"]
-    assert main([str(tmp_path / "no" / "such" / "parent"), *args]) != 0
-    assert "does not exist" in capsys.readouterr().err
+    # missing parents are created (mkdir -p); a parent that is a file is refused
+    assert main([str(tmp_path / "no" / "such" / "parent"), *args]) == 0
+    assert (tmp_path / "no" / "such" / "parent" / "annotations").is_dir()
+    assert main([str(a_file / "sub"), *args]) == 2
+    assert "is not a folder" in capsys.readouterr().err
     assert main(["--quiet"]) != 0  # neither OUT_DIR nor --stats
 
 

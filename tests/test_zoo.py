@@ -84,16 +84,19 @@ def encoders(files):
 
 
 # DINOv2 ViT-B/14 shares ViT-S/14's file format (only sizes differ): its full-size run is slow-only
-ENTRIES = [
-    pytest.param(n, marks=pytest.mark.slow) if n == "dinov2-vitb14" else n for n in sorted(WRITERS)
-]
+ENTRIES = [pytest.param(n, marks=pytest.mark.slow) if n == "dinov2-vitb14" else n for n in sorted(WRITERS)]
 
 
 @pytest.mark.parametrize("name", ENTRIES)
 def test_entry_loads_release_format_and_embeds_split(name, root, files, capsys):
     spec = zoo.get_spec(name)
     path = ensure_embeddings(
-        root, None, encoder=f"zoo:{name}", weights=files[name], split="test", im_size=TINY_SIZE[name],
+        root,
+        None,
+        encoder=f"zoo:{name}",
+        weights=files[name],
+        split="test",
+        im_size=TINY_SIZE[name],
         progress=False,
     )
     emb = read_embeddings(path, split="test", root=root)
@@ -268,8 +271,18 @@ def test_cli_refuses_mismatched_file_in_one_line_and_writes_nothing(root, files,
 
     before = sorted((root / "embeddings").glob("*")) if (root / "embeddings").is_dir() else []
     rc = main(
-        ["--dataset_root", str(root), "--encoder", "zoo:gastronet-resnet50", "--weights",
-         str(files["surgenet-caformer"]), "--data_im_size", "32", "--name", "refused"]
+        [
+            "--dataset_root",
+            str(root),
+            "--encoder",
+            "zoo:gastronet-resnet50",
+            "--weights",
+            str(files["surgenet-caformer"]),
+            "--data_im_size",
+            "32",
+            "--name",
+            "refused",
+        ]
     )
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -319,8 +332,21 @@ def test_eval_command_with_zoo_encoder(root, files, tmp_path):
     from polyp_ssl.eval.cli import eval_main
 
     rc = eval_main(
-        ["--task", "retrieval", "--dataset_root", str(root), "--encoder", "zoo:dinov2-vits14", "--weights",
-         str(files["dinov2-vits14"]), "--data_aug_anchorcrop", "--data_im_size", "28", "--out", str(tmp_path)]
+        [
+            "--task",
+            "retrieval",
+            "--dataset_root",
+            str(root),
+            "--encoder",
+            "zoo:dinov2-vits14",
+            "--weights",
+            str(files["dinov2-vits14"]),
+            "--data_aug_anchorcrop",
+            "--data_im_size",
+            "28",
+            "--out",
+            str(tmp_path),
+        ]
     )
     assert rc == 0
     m = json.loads((tmp_path / "metrics_retrieval.json").read_text())
@@ -339,8 +365,23 @@ def test_report_puts_checkpoint_init_descriptor_and_zoo_rows_in_one_table(root, 
         f"zoo:dinov2-vits14={files['dinov2-vits14']}"
     )
     rc = main(
-        [str(ckpt), "--dataset_root", str(root), "--out", str(out), "--baselines", baselines,
-         "--tasks", "retrieval,reid", "--data_im_size", "28", "--projection", "pca", "--gallery_queries", "1"]
+        [
+            str(ckpt),
+            "--dataset_root",
+            str(root),
+            "--out",
+            str(out),
+            "--baselines",
+            baselines,
+            "--tasks",
+            "retrieval,reid",
+            "--data_im_size",
+            "28",
+            "--projection",
+            "pca",
+            "--gallery_queries",
+            "1",
+        ]
     )
     assert rc == 0
     text = (out / "report.md").read_text()
@@ -348,7 +389,7 @@ def test_report_puts_checkpoint_init_descriptor_and_zoo_rows_in_one_table(root, 
     labels = [line.split("|")[1].strip() for line in table if not line.startswith("| encoder")]
     for want in ("tiny", "hand-made descriptor", "imagenet-resnet50", "dinov2-vits14"):
         assert any(lab == want for lab in labels), (want, labels)
-    assert any(lab.startswith("init (") for lab in labels)
+    assert any(lab.startswith("fresh init (") for lab in labels)  # a loose checkpoint: no init.ckpt
     res = pq.read_table(out / "results.parquet").to_pylist()
     zoo_rows = [r for r in res if r["checkpoint"] == "dinov2-vits14"]
     assert {r["metric"] for r in zoo_rows} >= {"mAP", "AUROC"}
@@ -362,14 +403,28 @@ def test_probe_and_count_accept_zoo_encoders(root, files, tmp_path):
     from polyp_ssl.eval.cli import count_main, count_parser, eval_parser, probe_parser
 
     flags = ["--encoder", "zoo:endovit", "--weights", "w.pth"]
-    for parser, task in ((eval_parser(), ["--task", "reid"]), (probe_parser(), ["--task", "size"]),
-                         (count_parser(), [])):
+    for parser, task in (
+        (eval_parser(), ["--task", "reid"]),
+        (probe_parser(), ["--task", "size"]),
+        (count_parser(), []),
+    ):
         args = parser.parse_args(flags + task)
         assert (args.encoder, args.weights) == ("zoo:endovit", "w.pth")
     weights = str(files["gastronet-resnet50"])
     rc = count_main(
-        ["--dataset_root", str(root), "--encoder", "zoo:gastronet-resnet50", "--weights", weights,
-         "--data_aug_anchorcrop", "--data_im_size", "32", "--out", str(tmp_path)]
+        [
+            "--dataset_root",
+            str(root),
+            "--encoder",
+            "zoo:gastronet-resnet50",
+            "--weights",
+            weights,
+            "--data_aug_anchorcrop",
+            "--data_im_size",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
     )
     assert rc == 0
     result = json.loads((tmp_path / "count.json").read_text())

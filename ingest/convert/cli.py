@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
 
 CONVERTERS = ("realcolon", "sun", "polypsset", "ldpolyp", "table", "merge")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl convert",
         description="Convert a raw dataset layout into the seed's layout (images/ + "
@@ -106,7 +107,8 @@ def _run(cfg: Any, run: Callable[[], dict]) -> int:
         return 2
     except ConvertError as exc:
         print(f"polyp-ssl convert: error: {exc}", file=sys.stderr)
-        print("polyp-ssl convert: nothing was written; fix the input or use --on-error skip", file=sys.stderr)
+        skip = " or use --on-error skip (leaves such items out)" if exc.skippable else ""
+        print(f"polyp-ssl convert: nothing was written; fix the input{skip}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"polyp-ssl convert: error: {exc}", file=sys.stderr)
@@ -148,7 +150,7 @@ def _common_options(p: argparse.ArgumentParser, on_error: bool = True) -> None:
 
 
 def _sun_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl convert sun",
         description="SUN database (caseN/*.jpg, annotation_txt/caseN.txt, case_info.csv) -> the "
@@ -174,7 +176,7 @@ def _sun_parser() -> argparse.ArgumentParser:
 
 
 def _polypsset_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl convert polypsset",
         description="PolypsSet / KUMC ({train2019,val2019,test2019}/{Image,Annotation}, VOC XML) -> "
@@ -193,7 +195,7 @@ def _polypsset_parser() -> argparse.ArgumentParser:
 
 
 def _ldpolyp_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl convert ldpolyp",
         description="LDPolypVideo ({TrainValid,Test}/{Images,Annotations}/<video>/) -> the seed's "
@@ -205,7 +207,7 @@ def _ldpolyp_parser() -> argparse.ArgumentParser:
 
 
 def _table_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl convert table",
         description="A table of boxes (CSV or Parquet) with the columns video,frame,image_path,x,y,w,h,"
@@ -222,7 +224,7 @@ def _table_parser() -> argparse.ArgumentParser:
 
 
 def _merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl convert merge",
         description="Merge dataset roots into one: a dataset_id per source, ids that cannot collide, images "
@@ -236,6 +238,12 @@ def _merge_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="all", help="split name of the merged file (default %(default)s)")
     p.add_argument("--keep-splits", action="store_true", help="keep the sources' split names instead")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT already holds a dataset: replace the whole output (its old images, annotation files "
+        "and annotations/source/) in one swap; without it such an OUT is refused",
+    )
     p.add_argument(
         "--link",
         choices=("hardlink", "symlink", "copy"),
@@ -335,5 +343,6 @@ def _main_other(name: str, argv: list[str]) -> int:
         args.link,
         args.workers,
         args.follow_symlinks,
+        args.overwrite,
     )
     return _run(cfg, lambda: merge(cfg, progress))

@@ -63,6 +63,7 @@ class ConvertError(ValueError):
         # file names that are not UTF-8 (surrogate escapes) are shown as \udcXX, control characters
         # (a terminal escape in a folder name) as \x1b: one printable line
         super().__init__(one_line(f"{where}: {detail}"))
+        self.skippable = False  # set by Problems.handle: an item that --on-error skip leaves out
 
     def as_dict(self, action: str) -> dict[str, Any]:
         def text(v: str | None) -> str | None:
@@ -88,6 +89,7 @@ class Problems:
 
     def handle(self, exc: ConvertError, action: str = "skipped") -> None:
         if self.on_error == "fail":
+            exc.skippable = True  # an item --on-error skip would leave out (the CLI says so)
             raise exc
         self.counts[exc.reason] += 1
         if len(self.items) < MAX_REPORTED_PROBLEMS:
@@ -523,7 +525,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
 
 def report_error_rows(report: dict[str, Any], source: str) -> list[dict[str, Any]]:
     """The report as rows of the catalog's `errors` table (ingest adds them): one row per count,
-    action "converted" / "clamped" / "dropped", and one per recorded problem ("dropped")."""
+    action "converted" / "clamped" / "dropped", and one per recorded problem ("dropped"). Each row
+    also has `items`, the number of items it stands for (47 for "47 boxes dropped"), which ingest's
+    summary counts (the table keeps its pinned columns)."""
     conv = report.get("converter", "realcolon")
     rows: list[dict[str, Any]] = []
     if conv == "merge":  # the sources' own reports, each named by its root
@@ -532,10 +536,13 @@ def report_error_rows(report: dict[str, Any], source: str) -> list[dict[str, Any
                 rows += report_error_rows(src["report"], str(Path(src.get("root", "")) / REPORT_NAME))
         return rows
 
-    def row(reason: str, detail: str, action: str, id: str | None = None, field: str | None = None):
+    def row(
+        reason: str, detail: str, action: str, id: str | None = None, field: str | None = None, items: int = 1
+    ):
         rows.append(
-            {"source": source, "id": id, "field": field, "reason": reason, "detail": detail, "action": action}
-        )
+            {"source": source, "id": id, "field": field, "reason": reason, "detail": detail, "action": action,
+             "items": items}
+        )  # fmt: skip
 
     boxes = report.get("boxes")
     if boxes:
@@ -543,17 +550,23 @@ def report_error_rows(report: dict[str, Any], source: str) -> list[dict[str, Any
             "boxes_converted",
             f"{boxes['converted']} of {boxes['seen']} raw boxes converted ({conv})",
             "converted",
+            items=int(boxes["converted"]),
         )
         if boxes.get("clamped"):
-            row("box_clamped", f"{boxes['clamped']} boxes clamped to the frame ({conv})", "clamped")
+            row(
+                "box_clamped",
+                f"{boxes['clamped']} boxes clamped to the frame ({conv})",
+                "clamped",
+                items=int(boxes["clamped"]),
+            )
         for reason, n in (boxes.get("dropped") or {}).items():
-            row(reason, f"{n} boxes dropped: {reason} ({conv})", "dropped")
+            row(reason, f"{n} boxes dropped: {reason} ({conv})", "dropped", items=int(n))
     else:
         n = sum(c.get("annotations", 0) for c in report.get("splits", {}).values())
-        row("boxes_converted", f"{n} boxes converted ({conv})", "converted")
+        row("boxes_converted", f"{n} boxes converted ({conv})", "converted", items=int(n))
     for kind, n in (report.get("files") or {}).items():
         if kind.startswith("unpaired") or kind.endswith("skipped"):
-            row(kind, f"{n} files: {kind} ({conv})", "dropped")
+            row(kind, f"{n} files: {kind} ({conv})", "dropped", items=int(n))
     for p in report.get("problems") or []:
         row(p.get("reason") or "bad_input", p.get("detail") or "", "dropped", p.get("id"), p.get("field"))
     return rows
@@ -574,7 +587,7 @@ def read_report_rows(root: str | Path) -> list[dict[str, Any]]:
         return []
     try:
         return report_error_rows(report, str(path))
-    except (TypeError, KeyError, AttributeError) as exc:
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
         log.warning("%s: unexpected content (%s); no conversion rows in the errors table", path, exc)
         return []
 

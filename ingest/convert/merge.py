@@ -21,6 +21,13 @@ would nest them as `sun/sun/...`; merge its sources instead); with --keep-splits
 name that ingest would refuse as a split (shards.ids). The report and the annotation files are
 put in all together or not at all (ingest.staged); frames a killed run was linking
 (`.NAME.tmp-PID`) are removed by the next run.
+
+An OUT that already holds a dataset (images, annotation files or a convert report) is refused
+unless `--overwrite`, which replaces the whole output: the new images/, annotations/ and report
+are built in the root's staging folder and swapped in for the old ones (ingest.staged: a kill
+leaves the old root or is rolled forward to the new one), so no old `instances_*.json`,
+`annotations/source/` or image of an earlier merge or split is left for the next step to use.
+Other entries of OUT (not written by merge) are left as they are.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from polyp_ssl.ingest.convert.common import (
     write_json_atomic,
 )
 from polyp_ssl.ingest.sources import link_problem
-from polyp_ssl.ingest.staged import StagedFiles, pending_swap
+from polyp_ssl.ingest.staged import StagedFiles, pending_entries, pending_swap
 from polyp_ssl.shards.ids import id_problem
 from polyp_ssl.shards.textio import load_json
 
@@ -65,6 +72,15 @@ class MergeConfig:
     link: str = "hardlink"
     workers: int = 8
     follow_symlinks: bool = False
+    overwrite: bool = False
+
+
+# what a merge writes into OUT: the entries `--overwrite` replaces whole
+OUTPUT_ENTRIES = ("images", "annotations", REPORT_NAME)
+
+
+class OutputExists(ValueError):
+    """The output root already holds a dataset and --overwrite was not given."""
 
 
 @dataclass
@@ -131,6 +147,37 @@ def check_roots(sources: list[str], out_root: str | Path) -> None:
             )
 
 
+def _holds_data(path: Path) -> bool:
+    """A file, or a folder with anything in it but the temporaries of a killed run."""
+    if path.is_symlink() or path.is_file():
+        return True
+    if not path.is_dir():
+        return False
+    return any(not (e.name.startswith(".") and ".tmp-" in e.name) for e in os.scandir(path))
+
+
+def dataset_entries(out: str | Path) -> list[str]:
+    """The entries of OUT that hold a dataset (images/, annotations/, the convert report); the
+    new entries of an interrupted merge into an empty root (its unfinished swap) are not counted:
+    the rerun finishes and then replaces them."""
+    out = Path(out)
+    pending, replaces = pending_entries(out)
+    ignore = pending if not replaces else set()
+    return [n for n in OUTPUT_ENTRIES if n not in ignore and _holds_data(out / n)]
+
+
+def check_output(out: str | Path, overwrite: bool) -> None:
+    """OutputExists naming OUT, what it holds and the flag, when OUT already holds a dataset
+    and `overwrite` is false."""
+    held = dataset_entries(out)
+    if held and not overwrite:
+        raise OutputExists(
+            f"{out} already holds a dataset ({', '.join(held)}): pass --overwrite to replace the whole "
+            "output (old images, annotation files and annotations/source/ included), or choose an empty "
+            "output folder"
+        )
+
+
 def _check_not_merged(src: Source, path: Path, obj: dict[str, Any], report: Any) -> None:
     """ValueError when `src` is itself a merge's output: its file names and identities already
     carry their dataset ids, so a second merge would nest them (`sun/sun/...`)."""
@@ -174,6 +221,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
     if not SPLIT_RE.match(cfg.split):
         raise ValueError(f"--split must match [A-Za-z0-9_-]+, got {cfg.split!r}")
     check_roots(cfg.sources, cfg.out_root)
+    check_output(cfg.out_root, cfg.overwrite)
     sources = [parse_source(s) for s in cfg.sources]
     if cfg.dataset_ids is not None and len(cfg.dataset_ids) != len(sources):
         raise ValueError(f"--dataset-ids names {len(cfg.dataset_ids)} ids for {len(sources)} sources")
@@ -261,7 +309,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
                 new_ids[img["id"]] = image_id
                 rec = dict(img, id=image_id, file_name=f"{src.dataset_id}/{name}", dataset_id=src.dataset_id)
                 bucket["images"].append(rec)
-                to_place.append((srcfile, out / "images" / src.dataset_id / name))
+                to_place.append((srcfile, Path(src.dataset_id) / name))
                 c["images"] += 1
             for i, ann in enumerate(obj.get("annotations", [])):
                 where = f"annotation {ann.get('id')!r}" if isinstance(ann, dict) else f"annotations[{i}]"
@@ -304,11 +352,33 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
             }
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(exist_ok=True)
-    # frames a killed run was linking (`.NAME.tmp-PID`); the output lock says no live writer owns them
-    remove_stale_temporaries(out / "annotations", {out, *(d.parent for _, d in to_place)})
+    # temporaries a killed run of an older version left in place (`.NAME.tmp-PID`); the output
+    # lock says no live writer owns them (a killed run's staging folder is removed by StagedFiles)
+    remove_stale_temporaries(out / "annotations", {out})
+    # the whole output (images, report, annotation files) put in together, replacing the old one
+    with StagedFiles(out) as staged:
+        report = _write_output(staged, cfg, to_place, per_split, counts, reports, progress)
+        for name in OUTPUT_ENTRIES:
+            if os.path.lexists(out / name):
+                staged.replace_on_commit(name)
+        staged.commit()
+    return report
+
+
+def _write_output(
+    staged: StagedFiles,
+    cfg: MergeConfig,
+    to_place: list[tuple[Path, Path]],
+    per_split: dict[str, dict[str, list]],
+    counts: dict[str, Counter],
+    reports: list[dict[str, Any]],
+    progress: bool,
+) -> dict[str, Any]:
+    """The images, the report and every annotation file of the merge, under the staging folder."""
+    out = Path(cfg.out_root)
+    images = staged.folder("images")
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="merge") as pool:
-        links = place_images(to_place, cfg.link, pool, progress)
+        links = place_images([(src, images / rel) for src, rel in to_place], cfg.link, pool, progress)
     report = {
         "converter": "merge",
         "out_root": str(out),
@@ -332,12 +402,9 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
             {"root": r["root"], "dataset_id": r["dataset_id"], "splits": r["splits"]} for r in reports
         ],
     }
-    # the report and every annotation file, put in together (all or none, also on a full disk)
-    with StagedFiles(out) as staged:
-        with staged.writing(REPORT_NAME) as path:
-            write_json_atomic(path, report)
-        for split, b in sorted(per_split.items()):
-            with staged.writing(f"annotations/instances_{split}.json") as path:
-                write_coco_atomic(path, dict(info, split=split), b["images"], b["annotations"], b["videos"])
-        staged.commit()
+    with staged.writing(REPORT_NAME) as path:
+        write_json_atomic(path, report)
+    for split, b in sorted(per_split.items()):
+        with staged.writing(f"annotations/instances_{split}.json") as path:
+            write_coco_atomic(path, dict(info, split=split), b["images"], b["annotations"], b["videos"])
     return report

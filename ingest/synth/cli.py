@@ -13,13 +13,14 @@ from tqdm import tqdm
 
 from polyp_ssl.ingest.synth.generate import SynthConfig, check_output_dir, generate, validate
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
+from polyp_ssl.shards.cli_parser import FlagParser
 
 log = logging.getLogger("polyp_ssl.synth")
 DEFAULTS = SynthConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
         prog="polyp-ssl synth",
         description="Generate a synthetic colonoscopy dataset in the seed's COCO layout "
@@ -111,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"polyp-ssl synth: {e}", file=sys.stderr)
             return 2
         if not args.quiet:
-            print(json.dumps({"layout": args.layout, "out_dir": str(args.out_dir),
-                              "seconds": round(time.perf_counter() - t0, 2), **expected["counts"]}))
+            print(
+                json.dumps(
+                    {
+                        "layout": args.layout,
+                        "out_dir": str(args.out_dir),
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        **expected["counts"],
+                    }
+                )
+            )
         return 0
     total = cfg.videos * cfg.frames_per_video
     bar = tqdm(total=total, unit="frame", desc="synth", disable=args.quiet, file=sys.stderr)

@@ -214,9 +214,11 @@ def check_output_dir(out: Path, overwrite: bool) -> str | None:
         return f"output folder {out} exists and is not a folder"
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         return f"output folder {out} is not empty (pass --overwrite to replace a dataset there)"
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        return f"parent folder {parent} of the output folder does not exist"
+    for ancestor in out.absolute().parents:  # missing parents are created (as mkdir -p does)
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                return f"{ancestor} (a parent of the output folder {out}) is not a folder"
+            break
     return None
 
 
