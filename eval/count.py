@@ -105,12 +105,6 @@ def agglomerative_labels(
     return [fcluster(z, t=float(t), criterion="distance").astype(np.int64) - 1 for t in thresholds]
 
 
-def affinity_labels(video: Video, preference: float, temporal: bool = False, seed: int = 0) -> np.ndarray:
-    """Affinity propagation labels; a run that does not converge leaves every tracklet alone
-    (one cluster each) and is reported by `converged=False` through `affinity_run`."""
-    return affinity_run(video, preference, temporal, seed)[0]
-
-
 def affinity_run(
     video: Video, preference: float, temporal: bool = False, seed: int = 0
 ) -> tuple[np.ndarray, bool]:

@@ -114,10 +114,6 @@ def flags(options: dict[str, Any], dash: str = "--") -> list[str]:
     return out
 
 
-class StepFailed(RuntimeError):
-    pass
-
-
 @dataclass
 class Step:
     name: str

@@ -54,14 +54,31 @@ REID_FLAGS: dict[str, RefFlag] = _t(
     RefFlag("exp_name", "str", None, S, "names the output folder {runs_dir or root}/eval/{exp_name}"),
     RefFlag("wandb_project", "str", None, N, _LOGGING),
     RefFlag("task", "str", None, S),
-    RefFlag("stages", "str+", None, S, "test (default) = the test split, validate = the val split; one stage",
-            refused_values=(("fit", "retrieval and re-identification train nothing"),)),
+    RefFlag(
+        "stages",
+        "str+",
+        None,
+        S,
+        "test (default) = the test split, validate = the val split; one stage",
+        refused_values=(("fit", "retrieval and re-identification train nothing"),),
+    ),
     RefFlag("dataset_root", "str", None, S, "an ingested root"),
     _ENCODER[0],
     _ENCODER[1],
-    RefFlag("encoder_features_source", "str", None, S, "encoder only",
-            refused_values=(("projector", "the embeddings are the encoder's output; the projector is "
-                             "part of the training loss and is not kept in the encoder"),)),
+    RefFlag(
+        "encoder_features_source",
+        "str",
+        None,
+        S,
+        "encoder only",
+        refused_values=(
+            (
+                "projector",
+                "the embeddings are the encoder's output; the projector is "
+                "part of the training loss and is not kept in the encoder",
+            ),
+        ),
+    ),
     _ENCODER[3],
     _ENCODER[2],
     RefFlag("counting_algorithm", "str", None, N, _NEVER_READ + " (counting: `polyp-ssl count`)"),
@@ -69,8 +86,13 @@ REID_FLAGS: dict[str, RefFlag] = _t(
     RefFlag("tracking_workdir", "str", None, N, _NEVER_READ),
     RefFlag("data_fragment_length", "int", None, S, "-1 = whole tracklets (at stride 4)"),
     RefFlag("data_aug_resize", "store_true", False, R, _WHOLE_FRAME),
-    RefFlag("data_aug_anchorcrop", "store_true", False, S,
-            "the deterministic anchor crop; required when an encoder runs (the whole frame is not stored)"),
+    RefFlag(
+        "data_aug_anchorcrop",
+        "store_true",
+        False,
+        S,
+        "the deterministic anchor crop; required when an encoder runs (the whole frame is not stored)",
+    ),
     RefFlag("data_bbox_scale_factor", "int", None, S, "fractional too; <= the ingest --crop-scale"),
     RefFlag("data_im_size", "int", None, S),
     RefFlag("data_aug_normalize", "store_true", False, S, "the encoder always normalises (0.45, 0.225)"),
@@ -92,8 +114,13 @@ _PROBE_COMMON = (
     RefFlag("data_fragment_drop_last", "store_true", False, S),
     RefFlag("data_fragment_padding_mode", "str", None, S, "repeat (also the padding when not given)"),
     RefFlag("data_aug_resize", "store_true", False, R, _WHOLE_FRAME),
-    RefFlag("data_aug_anchorcrop", "store_true", False, S,
-            "the deterministic anchor crop; required when an encoder runs"),
+    RefFlag(
+        "data_aug_anchorcrop",
+        "store_true",
+        False,
+        S,
+        "the deterministic anchor crop; required when an encoder runs",
+    ),
     RefFlag("data_aug_normalize", "store_true", False, S, "the encoder always normalises"),
     RefFlag("data_im_size", "int", None, S),
     RefFlag("data_bbox_scale_factor", "int", None, S, "fractional too; <= the ingest --crop-scale"),
@@ -112,8 +139,13 @@ _PROBE_COMMON = (
     RefFlag("cls_init", "str", None, S, "default / normal (linear probe; also xavier, zeros here)"),
     RefFlag("cls_use_layer_norm", "store_true", False, S, "LayerNorm before the linear probe"),
     RefFlag("stages", "str+", None, N, "the reference's probes never read it (always fit, then test)"),
-    RefFlag("train_encoder", "store_true", False, R,
-            "the probe trains on frozen, cached embeddings; fine-tuning the encoder is not supported"),
+    RefFlag(
+        "train_encoder",
+        "store_true",
+        False,
+        R,
+        "the probe trains on frozen, cached embeddings; fine-tuning the encoder is not supported",
+    ),
     *_ENCODER,
 )
 
@@ -168,8 +200,9 @@ def apply(
         if isinstance(v, list):
             for item in v:
                 check_value(merged[k], item)
-    rest = apply_reference_values({k: v for k, v in given.items() if not isinstance(v, list) or k not in own},
-                                  merged, prog, own)
+    rest = apply_reference_values(
+        {k: v for k, v in given.items() if not isinstance(v, list) or k not in own}, merged, prog, own
+    )
     for k in given:
         if k not in rest and k not in own and hasattr(args, k):
             delattr(args, k)

@@ -147,9 +147,7 @@ def intervals(stats: Stats, opts: CiOptions) -> dict[str, Interval]:
     if not opts.enabled:
         return {}
     t0 = time.perf_counter()
-    out = {
-        name: bootstrap_interval(s, opts.resamples, opts.seed, opts.level) for name, s in stats.items()
-    }
+    out = {name: bootstrap_interval(s, opts.resamples, opts.seed, opts.level) for name, s in stats.items()}
     log.info(
         "%d bootstrap resamples over %ss for %s: %.2f s",
         opts.resamples,

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -373,17 +372,6 @@ class NTSSLModule(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.encoder.embed(batch["frames"], batch.get("mask"), pooling=self.config["encoder_pooling"])
-
-
-def make_embedder(encoder: TrackletEncoder, pooling: str = "cls") -> Callable[..., torch.Tensor]:
-    """A function frames, mask -> embeddings, running `encoder` in eval mode without gradients."""
-    encoder.eval()
-
-    @torch.no_grad()
-    def embed(frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return encoder.embed(frames, mask, pooling=pooling)
-
-    return embed
 
 
 __all__ = [

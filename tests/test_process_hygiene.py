@@ -72,12 +72,6 @@ def reference_q50(root, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def debug_off(monkeypatch):
-    """The dispatcher sets POLYP_SSL_DEBUG for --debug: keep that inside the test."""
-    monkeypatch.setenv(DEBUG_ENV, "0")
-
-
 def file_bytes(out) -> dict[str, bytes]:
     """Every file under `out`, hidden ones too (staging folders, lock files)."""
     found = {}
@@ -158,9 +152,7 @@ def finish(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- workers die with their parent
 
 
-def test_kill_9_of_the_ingest_parent_leaves_no_worker_and_resume_completes(
-    root, reference, tmp_path, capsys
-):
+def test_kill_9_of_the_ingest_parent_leaves_no_worker_and_resume_completes(root, reference, tmp_path, capsys):
     out = tmp_path / "out"
     # each worker sleeps for an hour after its first shard: without hygiene they would outlive us
     proc = cli(*ingest_cmd(root, out, "--workers", "2"), env={PAUSE_ENV: "1"})

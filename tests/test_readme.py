@@ -31,8 +31,12 @@ VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests: .ve
 # `tracklet` is the catalog example's query tracklet: a test tracklet of at least 30 frames in
 # that dataset (README's own exists only in README's dataset).
 SIZES: dict[str, dict[str, str]] = {
-    "fast": {"synth": "--videos 6 --frames-per-video 660 --width 128 --height 112", "im_size": "32",
-             "max_steps": "1", "tracklet": "001-005_1#1"},
+    "fast": {
+        "synth": "--videos 6 --frames-per-video 660 --width 128 --height 112",
+        "im_size": "32",
+        "max_steps": "1",
+        "tracklet": "001-005_1#1",
+    },
     "slow": {"synth": "", "im_size": "96", "max_steps": "2", "tracklet": "001-010_0#0"},
 }
 
@@ -62,8 +66,12 @@ def bash_blocks(text: str) -> list[str]:
     blocks = []
     for m in re.finditer(r"^( *)```bash\n(.*?)^\1```", text, re.S | re.M):
         indent = len(m.group(1))
-        blocks.append("".join(line[indent:] if line[:indent].isspace() else line
-                              for line in m.group(2).splitlines(keepends=True)))
+        blocks.append(
+            "".join(
+                line[indent:] if line[:indent].isspace() else line
+                for line in m.group(2).splitlines(keepends=True)
+            )
+        )
     return blocks
 
 
@@ -132,7 +140,7 @@ def check_output(command: str, out: str, cwd: Path) -> None:
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["videos"] > 0 and summary["frames"] > 0, out
     elif sub == "ingest":
-        summary = json.loads(out[out.index("{"):])
+        summary = json.loads(out[out.index("{") :])
         assert summary["tracklets"] > 0 and summary["errors"] == {}, out
     elif sub == "catalog" and len(words) > 3 and "SELECT" in words[3].upper():
         lines = [line for line in out.splitlines() if line.strip()]
@@ -158,14 +166,24 @@ def check_output(command: str, out: str, cwd: Path) -> None:
 def run_readme(tmp_path: Path, sizes: dict[str, str]) -> list[str]:
     assert (VENV_BIN / "polyp-ssl").is_file(), f"no polyp-ssl in {VENV_BIN}: install the project first"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLYP_SSL")}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(VENV_BIN.parent),
-               MPLBACKEND="Agg")
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        VIRTUAL_ENV=str(VENV_BIN.parent),
+        MPLBACKEND="Agg",
+    )
     work = tmp_path / "clone"  # a fresh working directory: nothing in it, not even data/
     work.mkdir()
     commands = readme_commands(sizes)
     for command in commands:
-        proc = subprocess.run(["bash", "-e", "-c", command], cwd=work, env=env, capture_output=True,
-                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["bash", "-e", "-c", command],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
         assert proc.returncode == 0, (
             f"README command failed (exit {proc.returncode}):\n{command}\n"
             f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
@@ -178,8 +196,19 @@ def test_readme_commands_parse_as_expected() -> None:
     commands = readme_commands(SIZES["fast"])
     subs = [shlex.split(c, comments=True)[1] for c in commands if c.startswith("polyp-ssl")]
     # the pipeline in README's order, then the catalog example
-    assert subs == ["synth", "ingest", "catalog", "verify", "train", "report", "eval", "probe",
-                    "count", "embed", "catalog"], subs
+    assert subs == [
+        "synth",
+        "ingest",
+        "catalog",
+        "verify",
+        "train",
+        "report",
+        "eval",
+        "probe",
+        "count",
+        "embed",
+        "catalog",
+    ], subs
     assert commands[0] == "mkdir -p data"
 
 

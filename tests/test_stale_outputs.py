@@ -30,16 +30,13 @@ from polyp_ssl.eval.cli import count_main, eval_main, probe_main
 from polyp_ssl.eval.outputs import OutputExists, replacing_folder
 from polyp_ssl.ingest.faults import CRASH_ENV
 from polyp_ssl.ingest.staged import MARKER, STAGING_DIR, finish_interrupted
-from polyp_ssl.shards.cli_errors import DEBUG_ENV
 from polyp_ssl.shards.lock import LOCK_NAME
 
 SYNTH = ["--frames-per-video", "20", "--width", "64", "--height", "64", "--workers", "1", "--quiet"]
 CLI_TIMEOUT = 180
 
 
-@pytest.fixture(autouse=True)
-def debug_off(monkeypatch):
-    monkeypatch.setenv(DEBUG_ENV, "0")
+pytestmark = pytest.mark.usefixtures("debug_off")  # tests/conftest.py
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

@@ -38,16 +38,13 @@ from polyp_ssl.ingest.faults import CRASH_ENV
 from polyp_ssl.ingest.staged import MARKER, STAGING_DIR
 from polyp_ssl.ingest.workers import WORKERS_DIR, start_time, stop_old_workers
 from polyp_ssl.ingest.write import PAUSE_ENV
-from polyp_ssl.shards.cli_errors import DEBUG_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTH = ["--frames-per-video", "40", "--width", "96", "--height", "80", "--workers", "1", "--quiet"]
 CLI_TIMEOUT = 180
 
 
-@pytest.fixture(autouse=True)
-def debug_off(monkeypatch):
-    monkeypatch.setenv(DEBUG_ENV, "0")
+pytestmark = pytest.mark.usefixtures("debug_off")  # tests/conftest.py
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

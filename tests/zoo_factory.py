@@ -85,8 +85,13 @@ def dinov2_hf_folder(folder: Path, arch: str = "vit_small_patch14_dinov2", bin_f
         "layernorm.weight": sd.pop("norm.weight"),
         "layernorm.bias": sd.pop("norm.bias"),
     }
-    names = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense", "mlp.fc1": "mlp.fc1",
-             "mlp.fc2": "mlp.fc2"}
+    names = {
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "attn.proj": "attention.output.dense",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     n_layers = 0
     for k, v in sd.items():
         m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", k)
@@ -135,8 +140,10 @@ def endovit_file(path: Path) -> Path:
     sd["decoder_norm.weight"] = torch.ones(512)
     sd["decoder_pred.weight"] = torch.randn(768, 512) * 0.02
     sd["decoder_pred.bias"] = torch.zeros(768)
-    torch.save({"model": sd, "args": argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.9),
-                "epoch": 399}, path)
+    torch.save(
+        {"model": sd, "args": argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.9), "epoch": 399},
+        path,
+    )
     return path
 
 
