@@ -37,6 +37,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from polyp_ssl.shards.lock import process_alive
+
 log = logging.getLogger(__name__)
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.+-]+")
@@ -218,22 +220,12 @@ def refuse_existing(folder: Path, names: Sequence[str], overwrite: bool) -> None
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_stages(parent: Path, prefix: str) -> None:
     """Staging folders of killed runs (`{prefix}{pid}`, that pid gone) in `parent`."""
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(parent):
             tail = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
-            if tail.isdigit() and not _pid_alive(int(tail)) and entry.is_dir(follow_symlinks=False):
+            if tail.isdigit() and not process_alive(int(tail)) and entry.is_dir(follow_symlinks=False):
                 log.info("removing %s, left by a killed run", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
 

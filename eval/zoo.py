@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polyp_ssl.shards.files import open_regular
 from polyp_ssl.shards.textio import TextInputError, load_json
+from polyp_ssl.shards.writer import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -286,11 +286,7 @@ def weights_sha256(path: Path, spec: ZooSpec) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open_regular(path, "weights file") as f:  # a FIFO or device (/dev/zero): refused by name
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path, what="weights file")  # a FIFO or device (/dev/zero): refused by name
 
 
 # ----------------------------------------------------------------------------- key layouts

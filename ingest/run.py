@@ -44,7 +44,7 @@ from polyp_ssl.ingest.workers import register as register_worker
 from polyp_ssl.ingest.workers import registry_dir as worker_registry_dir
 from polyp_ssl.ingest.write import STATS_VERSION, stats_path, video_row, write_shard
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
-from polyp_ssl.shards.lock import LockHeld, output_lock
+from polyp_ssl.shards.lock import LockHeld, output_lock, process_alive
 from polyp_ssl.shards.writer import file_sha256, fsync_dir, write_atomic
 
 log = logging.getLogger("ingest")
@@ -278,25 +278,6 @@ def worker_init(parent_pid: int, registry: str | None = None) -> None:
     if not process_alive(parent_pid):  # it died before the signal was set
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=_watchdog, args=(parent_pid,), name="parent-watchdog", daemon=True).start()
-
-
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, killed but not yet reaped, counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X", b"x")
 
 
 def _watchdog(parent_pid: int) -> None:

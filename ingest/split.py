@@ -30,7 +30,6 @@ source files it splits and their counts.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import re
@@ -53,10 +52,10 @@ from polyp_ssl.ingest.convert.common import (
 from polyp_ssl.ingest.staged import StagedFiles, finish_interrupted
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 from polyp_ssl.shards.cli_parser import FlagParser
-from polyp_ssl.shards.files import open_regular
 from polyp_ssl.shards.ids import text_problem
 from polyp_ssl.shards.labels import DIMINUTIVE_MAX_MM, histology_binary, size_binary
 from polyp_ssl.shards.textio import load_json, shown
+from polyp_ssl.shards.writer import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +147,6 @@ def source_files(root: Path) -> dict[str, Path]:
     return found
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open_regular(path, "annotation file") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _current_files(ann: Path) -> dict[str, Path]:
     return {m.group(1): ann / n for n in sorted(os.listdir(ann)) if (m := _ANN_RE.match(n))}
 
@@ -186,9 +177,9 @@ def _written_by_last_split(ann: Path, current: dict[str, Path]) -> dict[str, boo
     if stamp is None:
         return {s: _info_of(p).get("description") == SPLIT_DESCRIPTION for s, p in current.items()}
     kept = ann / SOURCE_DIR
-    sources = {p.name: _sha256(p) for p in _current_files(kept).values()}
+    sources = {p.name: file_sha256(p) for p in _current_files(kept).values()}
     same_sources = sources == stamp["sources"]
-    return {s: same_sources and stamp["outputs"].get(p.name) == _sha256(p) for s, p in current.items()}
+    return {s: same_sources and stamp["outputs"].get(p.name) == file_sha256(p) for s, p in current.items()}
 
 
 def plan_sources(root: Path, overwrite: bool) -> tuple[dict[str, Path], bool]:
@@ -228,7 +219,7 @@ def _stage_sources(staged: StagedFiles, root: Path, files: dict[str, Path]) -> d
                 os.link(path, dst)
             except OSError:
                 shutil.copyfile(path, dst)
-        digests[path.name] = _sha256(path)
+        digests[path.name] = file_sha256(path)
     if kept.is_dir():
         for old in _current_files(kept).values():
             if old.name not in digests:
@@ -348,14 +339,14 @@ def split_root(
         if new_sources:
             source_digests = _stage_sources(staged, root, files)
         else:
-            source_digests = {p.name: _sha256(p) for p in files.values()}
+            source_digests = {p.name: file_sha256(p) for p in files.values()}
         outputs = {}
         for n in names:
             with staged.writing(f"annotations/instances_{n}.json") as path:
                 write_coco_atomic(
                     path, dict(info, split=n), out[n]["images"], out[n]["annotations"], out[n]["videos"]
                 )
-            outputs[path.name] = _sha256(path)
+            outputs[path.name] = file_sha256(path)
         with staged.writing(f"annotations/{STAMP}") as path:
             write_json_atomic(path, {"sources": source_digests, "outputs": outputs})
         for p in sorted(ann_dir.iterdir()):

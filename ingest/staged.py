@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from polyp_ssl.ingest.faults import crash_point
+from polyp_ssl.shards.textio import load_json
 from polyp_ssl.shards.writer import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,7 @@ def _refuse_link(staging: Path) -> None:
 def _read_marker(marker: Path) -> tuple[list[str], list[str], list[str]]:
     """(files, remove, replace) of a marker, each a relative path of plain names."""
     try:
-        with open(marker, "rb") as f:
-            data = json.loads(f.read(MAX_MARKER_BYTES + 1)[:MAX_MARKER_BYTES].decode("utf-8"))
+        data = load_json(marker, "swap marker", max_bytes=MAX_MARKER_BYTES)  # a FIFO: refused, not waited on
         files, remove, replace = data["files"], data["remove"], data.get("replace", [])
         if not all(isinstance(x, list) for x in (files, remove, replace)):
             raise TypeError("'files', 'remove' and 'replace' must be lists")

@@ -29,6 +29,8 @@ import socket
 import time
 from pathlib import Path
 
+from polyp_ssl.shards.textio import load_json
+
 log = logging.getLogger("ingest")
 
 WORKERS_DIR = ".ingest-workers"
@@ -96,9 +98,8 @@ def clear(folder: str) -> None:
 
 def _read(path: Path) -> dict | None:
     try:
-        with open(path, "rb") as f:
-            record = json.loads(f.read(MAX_RECORD_BYTES).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        record = load_json(path, "worker record", max_bytes=MAX_RECORD_BYTES)  # a FIFO: refused
+    except (OSError, ValueError):
         return None
     keys = ("pid", "start", "parent", "parent_start")
     if not isinstance(record, dict) or not all(type(record.get(k)) is int for k in keys):

@@ -18,7 +18,6 @@ objects is refused. Safetensors files hold no code at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from polyp_ssl.encoders import ENCODER_TYPES, EncoderConfig, TrackletEncoder, bu
 from polyp_ssl.reference_ckpt import ReferenceCheckpointError, is_reference_checkpoint, read_reference
 from polyp_ssl.shards.files import check_regular, open_regular
 from polyp_ssl.shards.textio import loads_json
-from polyp_ssl.shards.writer import fsync_dir
+from polyp_ssl.shards.writer import file_sha256, fsync_dir
 
 EXPORT_FORMAT = "polyp-ssl-encoder"
 EXPORT_VERSION = 1  # the torch.save format, still read
@@ -151,11 +150,7 @@ def encoder_config_from(config: dict[str, Any]) -> EncoderConfig:
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open_regular(path, "checkpoint") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path, chunk, "checkpoint")
 
 
 MAX_CHECKPOINT_BYTES = 16 << 30  # a checkpoint file read whole (a ResNet-50 run with its optimizer: ~0.3 GB)

@@ -13,6 +13,7 @@ map to one path. Ids that are not path components (identity ids) are plain text 
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 MAX_ID_BYTES = 200  # below the 255-byte file name limit, with room for a prefix and suffixes
@@ -24,6 +25,11 @@ class UnsafeIdError(ValueError):
 
 # bidirectional overrides and isolates: they reorder what a terminal shows ("Trojan source")
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# every character text_problem refuses (Cc, Cs, Zl, Zp, the bidi controls), found by one scan in
+# C; what it is is then told by unicodedata, for the one character found
+_REFUSED = r"\x0a-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(rf"[\x00-\x09{_REFUSED}]")
+_UNSAFE_BUT_TAB = re.compile(rf"[\x00-\x08{_REFUSED}]")
 
 
 def text_problem(value: str) -> str | None:
@@ -31,7 +37,19 @@ def text_problem(value: str) -> str | None:
     control character (a terminal escape `\\x1b`, a newline, ...), a line or paragraph separator, a
     bidirectional override, a lone surrogate. Every id read from data (path component or not)
     goes through this check."""
-    for ch in value:
+    return _problem_of(_UNSAFE.search(value))
+
+
+def text_problem_but_tab(value: str) -> str | None:
+    """`text_problem` with tabs allowed (a field of a table or a line of a text file)."""
+    return _problem_of(_UNSAFE_BUT_TAB.search(value))
+
+
+def _problem_of(match: re.Match[str] | None) -> str | None:
+    """What the first refused character found by a scan is, in words (None: none found)."""
+    if match is None:
+        return None
+    for ch in match.group():
         if ch == "\0":
             return "contains a NUL character"
         category = unicodedata.category(ch)

@@ -34,6 +34,25 @@ class LockHeld(RuntimeError):
     """Another live process writes into the same root (or part)."""
 
 
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X", b"x")
+
+
 def lock_path(root: str | os.PathLike[str], part: str | None = None) -> str:
     name = LOCK_NAME if part is None else PART_LOCK_PATTERN.format(part=part)
     return os.path.join(os.fspath(root), name)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from polyp_ssl.shards.files import open_regular
-from polyp_ssl.shards.ids import text_problem
+from polyp_ssl.shards.ids import text_problem, text_problem_but_tab
 
 MAX_LINE_BYTES = 1 << 20  # a CSV row or box line longer than this is not a table row
 MAX_JSON_BYTES = 256 << 20  # manifests, reports, configs, metadata: KBs to a few MB
@@ -147,12 +147,7 @@ def read_lines(
 
 def _field_problem(text: str) -> str | None:
     """Why a CSV field or text line is not plain text (tabs allowed), or None."""
-    for ch in text:
-        if ch != "\t":
-            problem = text_problem(ch)
-            if problem is not None:
-                return problem
-    return None
+    return text_problem_but_tab(text)
 
 
 def csv_rows(

@@ -141,9 +141,11 @@ class ShardWriter:
         os.replace(self.tmp_path, self.path)
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20, what: str = "") -> str:
+    """The sha256 of a regular file's bytes, read in chunks; `what` names the file in the refusal
+    of a FIFO or device (never waited on)."""
     sha = hashlib.sha256()
-    with open_regular(path) as f:  # a FIFO or device: refused by name, never waited on
+    with open_regular(path, what) as f:
         while block := f.read(chunk):
             sha.update(block)
     return sha.hexdigest()

@@ -664,3 +664,30 @@ def test_a_staging_folder_that_is_a_link_is_refused_and_never_emptied(seed, tmp_
     rc, _, err = run(capsys, "split", root)
     assert rc == 2 and "symbolic link" in one_line(err)
     assert [p.name for p in elsewhere.iterdir()] == ["precious.txt"]
+
+
+def _in_thread(fn, timeout: float = 60):
+    """fn() in a daemon thread; its result, or a test failure when it has not returned in time
+    (a FIFO read would wait forever)."""
+    import threading
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("v", fn()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still waiting after {timeout} s"
+    return box["v"]
+
+
+def test_a_fifo_as_swap_marker_or_worker_record_is_refused_without_waiting(seed, tmp_path, capsys):
+    root = copy_root(seed, tmp_path / "rc")
+    staging = root / STAGING_DIR
+    staging.mkdir()
+    os.mkfifo(staging / MARKER)
+    rc, _, err = _in_thread(lambda: run(capsys, "split", root))
+    line = one_line(err)
+    assert rc == 2 and str(staging / MARKER) in line and "FIFO" in line, line
+    out = tmp_path / "out"
+    (out / WORKERS_DIR / "all").mkdir(parents=True)
+    os.mkfifo(out / WORKERS_DIR / "all" / "123.json")
+    assert _in_thread(lambda: stop_old_workers(str(out), grace_s=0.2)) == []
