@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from polyp_ssl.eval.errors import run_cli
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> int:
         runs = [run_curves(r) for r in args.runs]  # every log read before anything is drawn
         names = [slug(c.run) for c in runs]
         for run, curves, name in zip(args.runs, runs, names, strict=True):
@@ -256,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
             last = curves.series.get("train/loss")
             tail = f", last train/loss {last[1][-1]:.4f} at step {last[0][-1]}" if last else ""
             print(f"{curves.run}: {len(curves.versions)} version(s){tail}; wrote {png} and {table}")
-    except (CurvesError, OSError) as e:
-        print(f"polyp-ssl curves: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli("polyp-ssl curves", run, (CurvesError, OSError))

@@ -11,7 +11,6 @@ by identity_id / tracklet_id (`polyp_labels`, `tracklet_spans`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,7 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from polyp_ssl.shards.files import NotRegularFileError, check_regular
+from polyp_ssl.shards.hashing import file_sha256
 from polyp_ssl.shards.schema import embeddings_schema
+from polyp_ssl.shards.tables import read_catalog_table
 from polyp_ssl.shards.textio import TextInputError, loads_json
 
 META_KEY = b"polyp_ssl"
@@ -293,7 +294,7 @@ def manifest_sha256(root: str | Path) -> str:
         raise EmbeddingsError(
             f"{path}: missing; {root} is not an ingested root (run `polyp-ssl ingest` first)"
         )
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path, what="manifest")
 
 
 def check_dataset(path: str | Path, meta: Mapping[str, Any], root: str | Path) -> None:
@@ -336,7 +337,8 @@ def polyp_labels(root: str | Path) -> PolypLabels:
         raise EmbeddingsError(
             f"{path}: missing; {root} is not an ingested root (run `polyp-ssl ingest` first)"
         )
-    t = pq.read_table(path, columns=["identity_id", "size_mm", "histology", "dataset_id"]).to_pydict()
+    columns = ["identity_id", "size_mm", "histology", "dataset_id"]
+    t = read_catalog_table(root, "polyps", columns, checked=False).to_pydict()
     ids = t["identity_id"]
     return PolypLabels(
         dict(zip(ids, t["size_mm"], strict=True)),
@@ -352,7 +354,8 @@ def tracklet_spans(root: str | Path) -> dict[str, tuple[int, int]]:
         raise EmbeddingsError(
             f"{path}: missing; {root} is not an ingested root (run `polyp-ssl ingest` first)"
         )
-    t = pq.read_table(path, columns=["tracklet_id", "start_frame", "end_frame"]).to_pydict()
+    columns = ["tracklet_id", "start_frame", "end_frame"]
+    t = read_catalog_table(root, "tracklets", columns, checked=False).to_pydict()
     return {
         k: (int(a), int(b))
         for k, a, b in zip(t["tracklet_id"], t["start_frame"], t["end_frame"], strict=True)

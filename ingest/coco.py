@@ -199,11 +199,40 @@ def load_split(path: str, split: str, sink: ErrorSink) -> tuple[list[VideoPlan],
     Videos include those whose images carry no (valid) annotation, with an empty list."""
     obj = read_annotation_file(path)
     source = os.fspath(path)
+    index = _SplitIndex()
+    _check_images(obj["images"], source, sink, index)
+    videos = _group_videos(index, split)
+    per_video: dict[str, list[Annotation]] = defaultdict(list)
+    annotations = obj["annotations"]
+    for i, ann in enumerate(annotations):
+        found = _check_annotation(ann, i, source, sink, index)
+        if found is not None:
+            per_video[found[0]].append(found[1])
+    out = []
+    for vid in sorted(videos):
+        v = videos[vid]
+        v.annotations = sorted(per_video.get(vid, []), key=lambda a: (a.frame_id, a.annotation_id))
+        out.append(v)
+    return out, len(annotations)
 
-    images: dict[int, dict[str, Any]] = {}
-    bad_images: dict[int, str] = {}
+
+@dataclass
+class _SplitIndex:
+    """What the checks of one annotation file have seen so far."""
+
+    images: dict[int, dict[str, Any]] = field(default_factory=dict)  # usable image records by id
+    bad_images: dict[int, str] = field(default_factory=dict)  # image id -> why it is unusable
+    image_video: dict[int, str] = field(default_factory=dict)  # image id -> video id
+    seen_ann: set[int] = field(default_factory=set)
+    kept_at: dict[tuple[str, int, str], int] = field(default_factory=dict)  # (video, frame, identity) -> ann
+
+
+def _check_images(records: list[Any], source: str, sink: ErrorSink, index: _SplitIndex) -> None:
+    """The usable image records into `index.images`, the unusable ones (by id) into
+    `index.bad_images`; IngestError for the first bad one in fail mode."""
+    images, bad_images = index.images, index.bad_images
     n_unusable = 0  # image records without a usable id: no annotation can point at them
-    for i, img in enumerate(obj["images"]):
+    for i, img in enumerate(records):
         problem = _image_problem(img)
         img_id = img.get("id") if isinstance(img, dict) else None
         if problem is not None:
@@ -233,7 +262,6 @@ def load_split(path: str, split: str, sink: ErrorSink) -> tuple[list[VideoPlan],
                 )
             continue
         images[img_id] = img
-
     if n_unusable:
         log.warning(
             "%s: %d image records without a usable id left out (their annotations, if any, "
@@ -241,14 +269,18 @@ def load_split(path: str, split: str, sink: ErrorSink) -> tuple[list[VideoPlan],
             source,
             n_unusable,
         )
+
+
+def _group_videos(index: _SplitIndex, split: str) -> dict[str, VideoPlan]:
+    """The videos of the usable images (their frame range and image count); fills
+    `index.image_video`."""
     videos: dict[str, VideoPlan] = {}
-    image_video: dict[int, str] = {}
-    for img_id, img in images.items():
+    for img_id, img in index.images.items():
         ds = img.get("dataset_id")
         ds = str(ds) if ds not in (None, "") else None
         seq = str(img["sequence_id"])
         vid = video_id_of(seq, ds)
-        image_video[img_id] = vid
+        index.image_video[img_id] = vid
         v = videos.get(vid)
         if v is None:
             videos[vid] = VideoPlan(vid, ds, seq, split, img["frame_id"], img["frame_id"], 1)
@@ -256,122 +288,121 @@ def load_split(path: str, split: str, sink: ErrorSink) -> tuple[list[VideoPlan],
             v.first_frame = min(v.first_frame, img["frame_id"])
             v.last_frame = max(v.last_frame, img["frame_id"])
             v.n_images += 1
+    return videos
 
-    seen_ann: set[int] = set()
-    # (video, frame_id, identity) -> annotation id kept
-    kept_at: dict[tuple[str, int, str], int] = {}
-    per_video: dict[str, list[Annotation]] = defaultdict(list)
-    annotations = obj["annotations"]
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict):
-            sink.skip(
-                source,
-                f"annotations[{i}]",
-                None,
-                "bad_annotation",
-                f"annotation record is a {type(ann).__name__}, not an object",
-            )
-            continue
-        ann_label = f"annotation {ann['id']}" if _is_int(ann.get("id")) else f"annotations[{i}]"
-        missing = [k for k in ANNOTATION_KEYS if k not in ann]
-        if missing:
-            sink.skip(source, ann_label, missing[0], "missing_key", f"annotation has no {missing[0]!r}")
-            continue
-        if not _is_int(ann["id"]):
-            sink.skip(
-                source, ann_label, "id", "bad_type", f"annotation id {ann['id']!r} is not a 64-bit integer"
-            )
-            continue
-        ann_id = ann["id"]
-        if ann_id in seen_ann:
-            sink.skip(
-                source,
-                ann_label,
-                "id",
-                "duplicate_annotation_id",
-                f"annotation id {ann_id} appears more than once",
-            )
-            continue
-        seen_ann.add(ann_id)
-        image_id = ann["image_id"]
-        if image_id in bad_images:
-            sink.skip(
-                source, ann_label, "image_id", "bad_image", f"its image is unusable: {bad_images[image_id]}"
-            )
-            continue
-        if not _is_int(image_id) or image_id not in images:
-            sink.skip(
-                source,
-                ann_label,
-                "image_id",
-                "missing_image",
-                f"image_id {image_id!r} is not an image of this file",
-            )
-            continue
-        img = images[image_id]
-        identity = ann["identity_id"]
-        if not isinstance(identity, str | int) or isinstance(identity, bool) or identity == "":
-            sink.skip(
-                source, ann_label, "identity_id", "bad_type", f"identity_id {identity!r} is not a string"
-            )
-            continue
-        identity = str(identity)
-        box, reason, detail = _check_box(ann["bbox"], img["width"], img["height"])
-        if box is None:
-            sink.skip(source, ann_label, "bbox", reason, detail)
-            continue
-        size = ann.get("size")
-        if size is not None:
-            try:
-                size = float(size)
-            except (TypeError, ValueError):
-                sink.skip(source, ann_label, "size", "bad_type", f"size {size!r} is not a number")
-                continue
-            if not math.isfinite(size):
-                size = None
-            elif size < 0:
-                sink.skip(source, ann_label, "size", "bad_value", f"size {size!r} mm is negative")
-                continue
-        histology = ann.get("histology")
-        histology = None if histology in (None, "") else str(histology)
-        vid = image_video[image_id]
-        slot = (vid, img["frame_id"], identity)
-        if slot in kept_at:
-            sink.skip(
-                source,
-                ann_label,
-                "identity_id",
-                "duplicate_identity_in_frame",
-                f"identity {identity!r} already has annotation {kept_at[slot]} in frame {img['frame_id']} "
-                f"of video {vid!r}",
-            )
-            continue
-        kept_at[slot] = ann_id
-        if reason:
-            sink.fixed(source, ann_label, "bbox", reason, detail)
-        extra = {k: v for k, v in ann.items() if k not in _CONSUMED}
-        per_video[vid].append(
-            Annotation(
-                ann_id,
-                image_id,
-                img["frame_id"],
-                img["file_name"],
-                img["width"],
-                img["height"],
-                box,
-                identity,
-                size,
-                histology,
-                extra,
-            )
+
+def _check_annotation(
+    ann: Any, i: int, source: str, sink: ErrorSink, index: _SplitIndex
+) -> tuple[str, Annotation] | None:
+    """(video id, annotation) of one annotation record, or None when it is skipped (a row in
+    `sink`; IngestError in fail mode)."""
+    checked = _annotation_id(ann, i, source, sink, index)
+    if checked is None:
+        return None
+    ann_label, ann_id = checked
+    image_id = ann["image_id"]
+    if image_id in index.bad_images:
+        detail = f"its image is unusable: {index.bad_images[image_id]}"
+        sink.skip(source, ann_label, "image_id", "bad_image", detail)
+        return None
+    if not _is_int(image_id) or image_id not in index.images:
+        sink.skip(
+            source,
+            ann_label,
+            "image_id",
+            "missing_image",
+            f"image_id {image_id!r} is not an image of this file",
         )
+        return None
+    img = index.images[image_id]
+    values = _annotation_values(ann, ann_label, img, source, sink)
+    if values is None:
+        return None
+    identity, box, reason, detail, size = values
+    histology = ann.get("histology")
+    histology = None if histology in (None, "") else str(histology)
+    vid = index.image_video[image_id]
+    slot = (vid, img["frame_id"], identity)
+    if slot in index.kept_at:
+        sink.skip(
+            source,
+            ann_label,
+            "identity_id",
+            "duplicate_identity_in_frame",
+            f"identity {identity!r} already has annotation {index.kept_at[slot]} in frame {img['frame_id']} "
+            f"of video {vid!r}",
+        )
+        return None
+    index.kept_at[slot] = ann_id
+    if reason:
+        sink.fixed(source, ann_label, "bbox", reason, detail)
+    extra = {k: v for k, v in ann.items() if k not in _CONSUMED}
+    frame = (image_id, img["frame_id"], img["file_name"], img["width"], img["height"])
+    return vid, Annotation(ann_id, *frame, box, identity, size, histology, extra)
 
-    out = []
-    for vid in sorted(videos):
-        v = videos[vid]
-        v.annotations = sorted(per_video.get(vid, []), key=lambda a: (a.frame_id, a.annotation_id))
-        out.append(v)
-    return out, len(annotations)
+
+def _annotation_id(
+    ann: Any, i: int, source: str, sink: ErrorSink, index: _SplitIndex
+) -> tuple[str, int] | None:
+    """(label, id) of an annotation record that is an object with the keys and a new integer id."""
+    if not isinstance(ann, dict):
+        sink.skip(
+            source,
+            f"annotations[{i}]",
+            None,
+            "bad_annotation",
+            f"annotation record is a {type(ann).__name__}, not an object",
+        )
+        return None
+    ann_label = f"annotation {ann['id']}" if _is_int(ann.get("id")) else f"annotations[{i}]"
+    missing = [k for k in ANNOTATION_KEYS if k not in ann]
+    if missing:
+        sink.skip(source, ann_label, missing[0], "missing_key", f"annotation has no {missing[0]!r}")
+        return None
+    if not _is_int(ann["id"]):
+        sink.skip(source, ann_label, "id", "bad_type", f"annotation id {ann['id']!r} is not a 64-bit integer")
+        return None
+    ann_id = ann["id"]
+    if ann_id in index.seen_ann:
+        sink.skip(
+            source,
+            ann_label,
+            "id",
+            "duplicate_annotation_id",
+            f"annotation id {ann_id} appears more than once",
+        )
+        return None
+    index.seen_ann.add(ann_id)
+    return ann_label, ann_id
+
+
+def _annotation_values(
+    ann: dict[str, Any], ann_label: str, img: dict[str, Any], source: str, sink: ErrorSink
+) -> tuple[str, Any, str, str, float | None] | None:
+    """(identity, box, fix reason, fix detail, size) of an annotation, or None when one is
+    unusable (skipped)."""
+    identity = ann["identity_id"]
+    if not isinstance(identity, str | int) or isinstance(identity, bool) or identity == "":
+        sink.skip(source, ann_label, "identity_id", "bad_type", f"identity_id {identity!r} is not a string")
+        return None
+    identity = str(identity)
+    box, reason, detail = _check_box(ann["bbox"], img["width"], img["height"])
+    if box is None:
+        sink.skip(source, ann_label, "bbox", reason, detail)
+        return None
+    size = ann.get("size")
+    if size is not None:
+        try:
+            size = float(size)
+        except (TypeError, ValueError):
+            sink.skip(source, ann_label, "size", "bad_type", f"size {size!r} is not a number")
+            return None
+        if not math.isfinite(size):
+            size = None
+        elif size < 0:
+            sink.skip(source, ann_label, "size", "bad_value", f"size {size!r} mm is negative")
+            return None
+    return identity, box, reason, detail, size
 
 
 def drop_shared_identities(videos: list[VideoPlan], sink: ErrorSink, source_of: dict[str, str]) -> None:

@@ -79,3 +79,7 @@ def count_by_reason(rows: list[ErrorRow] | list[dict]) -> dict[str, int]:
         items = r.get("items", 1) if isinstance(r, dict) else 1
         counts[f"{reason} ({action})"] += items if isinstance(items, int) and items >= 0 else 1
     return dict(sorted(counts.items()))
+
+
+class IngestRefused(Exception):
+    """The run did not start: the message says why and what to do."""

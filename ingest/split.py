@@ -37,6 +37,7 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,43 @@ def split_root(
 ) -> dict[str, Any]:
     """Split ROOT in place (see the module doc); returns per-split counts. `say` gets one line
     naming the source files split and their counts."""
+    _check_options(fractions, names, stratify)
+    root = Path(root)
+    finish_interrupted(root)  # a split or merge killed while putting its files in: finish that first
+    files, new_sources = plan_sources(root, overwrite)
+    records = _read_records({s: load_coco(p) for s, p in files.items()}, files, stratify)
+    kept = " (kept in annotations/source/)" if new_sources else ""
+    say(
+        f"splitting {', '.join(map(str, files.values()))}{kept}: {len(records.images)} images, "
+        f"{len(records.anns)} annotations, {len(records.polyp_stratum)} polyps"
+    )
+    where = assign(records.polyp_stratum, fractions, names, seed)
+    out, videos_in = _build_splits(records, where, names)
+    info = {
+        "description": SPLIT_DESCRIPTION,
+        "fractions": fractions,
+        "seed": seed,
+        "stratify": stratify,
+        "sources": sorted(files),
+    }
+    _write_splits(root, files, new_sources, names, out, info)
+    summary: dict[str, Any] = {}
+    for n in names:
+        polyps = {str(a["identity_id"]) for a in out[n]["annotations"]}
+        summary[n] = {
+            "polyps": len(polyps),
+            "videos": len(videos_in[n]),
+            "images": len(out[n]["images"]),
+            "annotations": len(out[n]["annotations"]),
+            "strata": {
+                stratum_name(stratify, k): v
+                for k, v in sorted(Counter(records.polyp_stratum[p] for p in polyps).items())
+            },
+        }
+    return summary
+
+
+def _check_options(fractions: list[float], names: list[str], stratify: str | None) -> None:
     if len(fractions) != len(names) or len(fractions) < 2:
         raise ValueError(f"need as many split names as fractions (>= 2), got {names} for {fractions}")
     if any(not f > 0 for f in fractions):
@@ -248,30 +286,36 @@ def split_root(
         raise ValueError(f"--names must be distinct names matching [A-Za-z0-9_-]+, got {names}")
     if stratify not in (None, *STRATA):
         raise ValueError(f"--stratify must be one of {STRATA}, got {stratify!r}")
-    root = Path(root)
-    finish_interrupted(root)  # a split or merge killed while putting its files in: finish that first
-    files, new_sources = plan_sources(root, overwrite)
-    loaded = {s: load_coco(p) for s, p in files.items()}
 
-    # polyps, their strata and videos; images keyed by (source split, id)
-    images: dict[tuple[str, Any], dict] = {}
-    anns: list[tuple[str, dict]] = []
-    polyp_stratum: dict[str, str] = {}
-    video_polyps: dict[tuple[Any, Any], set[str]] = {}
-    videos_meta: dict[tuple[Any, Any], dict] = {}
+
+@dataclass
+class _Records:
+    """The checked records of the source files: images keyed by (source split, id), the
+    annotations in order, each polyp's stratum, the polyps of each video, the video records."""
+
+    images: dict[tuple[str, Any], dict] = field(default_factory=dict)
+    anns: list[tuple[str, dict]] = field(default_factory=list)
+    polyp_stratum: dict[str, str] = field(default_factory=dict)
+    video_polyps: dict[tuple[Any, Any], set[str]] = field(default_factory=dict)
+    videos_meta: dict[tuple[Any, Any], dict] = field(default_factory=dict)
+
+
+def _read_records(loaded: dict[str, dict], files: dict[str, Path], stratify: str | None) -> _Records:
+    """The records of every source file, checked (ConvertError naming the file and record)."""
+    r = _Records()
     for s, obj in loaded.items():
         for i, img in enumerate(obj["images"]):
             _check_record(files[s], img, f"images[{i}]", IMAGE_ID_FIELDS)
-            if (s, img["id"]) in images:
+            if (s, img["id"]) in r.images:
                 raise ConvertError(files[s], "bad_image", "image id repeated", f"images[{i}]", "id")
-            images[(s, img["id"])] = img
+            r.images[(s, img["id"])] = img
         for i, v in enumerate(obj.get("videos") or []):
             if isinstance(v, dict):
                 _check_record(files[s], v, f"videos[{i}]", VIDEO_ID_FIELDS)
-                videos_meta.setdefault((v.get("dataset_id"), v.get("sequence_id")), v)
+                r.videos_meta.setdefault((v.get("dataset_id"), v.get("sequence_id")), v)
         for i, ann in enumerate(obj["annotations"]):
             _check_record(files[s], ann, f"annotations[{i}]", ANNOTATION_ID_FIELDS)
-            if (s, ann["image_id"]) not in images:
+            if (s, ann["image_id"]) not in r.images:
                 raise ConvertError(
                     files[s],
                     "missing_image",
@@ -285,37 +329,36 @@ def split_root(
                     files[s], "bad_type", "identity_id is empty", f"annotations[{i}]", "identity_id"
                 )
             ident = str(ident)
-            img = images[(s, ann["image_id"])]
-            if ident not in polyp_stratum:
-                polyp_stratum[ident] = _stratum(
+            img = r.images[(s, ann["image_id"])]
+            if ident not in r.polyp_stratum:
+                r.polyp_stratum[ident] = _stratum(
                     stratify, ann.get("size"), ann.get("histology"), img.get("dataset_id")
                 )
-            video_polyps.setdefault((img.get("dataset_id"), img.get("sequence_id")), set()).add(ident)
-            anns.append((s, ann))
-    kept = " (kept in annotations/source/)" if new_sources else ""
-    say(
-        f"splitting {', '.join(map(str, files.values()))}{kept}: {len(images)} images, {len(anns)} "
-        f"annotations, {len(polyp_stratum)} polyps"
-    )
-    where = assign(polyp_stratum, fractions, names, seed)
+            r.video_polyps.setdefault((img.get("dataset_id"), img.get("sequence_id")), set()).add(ident)
+            r.anns.append((s, ann))
+    return r
 
+
+def _build_splits(
+    records: _Records, where: dict[str, str], names: list[str]
+) -> tuple[dict[str, dict[str, list]], dict[str, list[tuple[Any, Any]]]]:
+    """(records per split, renumbered; the videos of each split in order). An image goes to the
+    split of each polyp it shows; one without a box to the split of its video's first polyp."""
     out: dict[str, dict[str, list]] = {n: {"images": [], "annotations": [], "videos": []} for n in names}
-    image_ids: dict[tuple[str, tuple[str, Any]], int] = {}
     by_image: dict[tuple[str, Any], list[dict]] = {}
-    for s, ann in anns:
+    for s, ann in records.anns:
         by_image.setdefault((s, ann["image_id"]), []).append(ann)
     next_image = next_ann = 0
     videos_in: dict[str, list[tuple[Any, Any]]] = {n: [] for n in names}
-    for key, img in images.items():  # source order: files (sorted), then images as listed
+    for key, img in records.images.items():  # source order: files (sorted), then images as listed
         vkey = (img.get("dataset_id"), img.get("sequence_id"))
         boxes = by_image.get(key, [])
         targets = sorted({where[str(a["identity_id"])] for a in boxes}, key=names.index)
         if not targets:
-            vp = sorted(video_polyps.get(vkey, ()))
+            vp = sorted(records.video_polyps.get(vkey, ()))
             targets = [where[vp[0]] if vp else names[0]]
         for t in targets:
             next_image += 1
-            image_ids[(t, key)] = next_image
             out[t]["images"].append(dict(img, id=next_image))
             if vkey not in videos_in[t]:
                 videos_in[t].append(vkey)
@@ -324,17 +367,22 @@ def split_root(
                     next_ann += 1
                     out[t]["annotations"].append(dict(a, id=next_ann, image_id=next_image))
     for n in names:
-        out[n]["videos"] = [dict(videos_meta[v], split=n) for v in videos_in[n] if v in videos_meta]
+        meta = records.videos_meta
+        out[n]["videos"] = [dict(meta[v], split=n) for v in videos_in[n] if v in meta]
+    return out, videos_in
 
+
+def _write_splits(
+    root: Path,
+    files: dict[str, Path],
+    new_sources: bool,
+    names: list[str],
+    out: dict[str, dict[str, list]],
+    info: dict[str, Any],
+) -> None:
+    """All split files or none: written complete into the staging folder, then put in together
+    (with the stamp, the sources kept aside, and other split files removed)."""
     ann_dir = root / "annotations"
-    info = {
-        "description": SPLIT_DESCRIPTION,
-        "fractions": fractions,
-        "seed": seed,
-        "stratify": stratify,
-        "sources": sorted(files),
-    }
-    # all split files or none: written complete into the staging folder, then put in together
     with StagedFiles(root) as staged:
         if new_sources:
             source_digests = _stage_sources(staged, root, files)
@@ -354,20 +402,6 @@ def split_root(
             if m and p.is_file() and m.group(1) not in names:
                 staged.remove_on_commit(f"annotations/{p.name}")
         staged.commit()
-    summary: dict[str, Any] = {}
-    for n in names:
-        polyps = {str(a["identity_id"]) for a in out[n]["annotations"]}
-        summary[n] = {
-            "polyps": len(polyps),
-            "videos": len(videos_in[n]),
-            "images": len(out[n]["images"]),
-            "annotations": len(out[n]["annotations"]),
-            "strata": {
-                stratum_name(stratify, k): v
-                for k, v in sorted(Counter(polyp_stratum[p] for p in polyps).items())
-            },
-        }
-    return summary
 
 
 def stratum_name(stratify: str | None, stratum: str) -> str:

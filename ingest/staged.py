@@ -1,11 +1,15 @@
-"""All-or-nothing writing of a set of files into one dataset root (split, merge, the converters).
+"""All-or-nothing writing of a set of files into a root: the one swap protocol of ingest.
 
-The protocol of `ingest --overwrite` (ingest/run.py `swap_in`), for files of a dataset root:
+Used by split, merge and the converters for the files of a dataset root (`StagedFiles`), and by
+`ingest --overwrite` for its shards and catalog (`ingest.output_area`, through `commit_swap`,
+`run_swap` and `read_marker` with its own staging folder per part):
 
-1. every new file is written complete into the staging folder `ROOT/.polyp-ssl-staging/`
-   (inside the root: the same file system, so the files are later renamed, never copied);
+1. every new file is written complete into a staging folder inside the root (the same file
+   system, so the files are later renamed, never copied): `ROOT/.polyp-ssl-staging/` here;
 2. a marker listing them (and the files they replace) is written atomically: the commit point;
-3. each file is renamed into place, the replaced files are removed, the marker goes last.
+3. old entries to replace are moved aside into the staging folder, each new file is renamed into
+   place (those of `last` after the old files listed in `remove` are deleted: ingest's manifest),
+   and the staging folder is removed, its marker last.
 
 A failure before the marker (a full disk, bad input, Ctrl-C) leaves the root exactly as it was
 and the draft is removed; the error names the file that failed. A process killed after the
@@ -30,7 +34,9 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from polyp_ssl.ingest.faults import crash_point
 from polyp_ssl.shards.textio import load_json
@@ -72,17 +78,34 @@ def pending_entries(root: str | os.PathLike[str]) -> tuple[set[str], bool]:
     marker = pending_swap(root)
     if marker is None:
         return set(), False
-    files, _, replace = _read_marker(marker)
-    return {rel.split("/")[0] for rel in files}, bool(replace)
+    m = read_marker(marker)
+    return {rel.split("/")[0] for rel in [*m.files, *m.last]}, bool(m.replace)
 
 
-def _check_rel(rel: str, where: str) -> str:
+@dataclass
+class Marker:
+    """A swap marker: the new entries, renamed from the staging folder into the root in order
+    (`files`, then `last`), the old files deleted (`remove`, after `files`, before `last`) and
+    the old entries moved aside first (`replace`). `extra`: what the writer records besides."""
+
+    files: list[str]
+    remove: list[str] = field(default_factory=list)
+    replace: list[str] = field(default_factory=list)
+    last: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_LISTS = ("files", "remove", "replace", "last")
+
+
+def _check_rel(rel: str, where: str, key: str | None = None) -> str:
     """`rel` when it is a relative path inside the root (not absolute, no '.' or '..' part, no
-    empty part, no NUL); ValueError else. A marker is read back from disk: its paths never
-    lead out of the root."""
+    empty part, no NUL); ValueError else (naming the marker's field `key`). A marker is read
+    back from disk: its paths never lead out of the root."""
     parts = rel.split("/")
     if rel.startswith("/") or "\0" in rel or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"{where}: {rel!r} is not a relative path inside the root")
+        what = f"field {key!r} holds {rel!r}," if key else f"{rel!r} is"
+        raise ValueError(f"{where}: {what} not a relative path inside the root")
     return rel
 
 
@@ -91,36 +114,42 @@ def _refuse_link(staging: Path) -> None:
         raise ValueError(f"{staging} is a symbolic link, not a staging folder; remove it")
 
 
-def _read_marker(marker: Path) -> tuple[list[str], list[str], list[str]]:
-    """(files, remove, replace) of a marker, each a relative path of plain names."""
+def read_marker(
+    marker: str | os.PathLike[str], writer: str = "write", rerun: str = "run the command again"
+) -> Marker:
+    """The marker's lists, each a relative path of plain names; ValueError naming the marker, the
+    interrupted `writer` and what to do (`rerun`) when it cannot be read."""
+    marker = Path(marker)
     try:
         data = load_json(marker, "swap marker", max_bytes=MAX_MARKER_BYTES)  # a FIFO: refused, not waited on
-        files, remove, replace = data["files"], data["remove"], data.get("replace", [])
-        if not all(isinstance(x, list) for x in (files, remove, replace)):
-            raise TypeError("'files', 'remove' and 'replace' must be lists")
-        if not all(isinstance(x, str) for x in [*files, *remove, *replace]):
+        lists = {k: data[k] if k == "files" else data.get(k, []) for k in _LISTS}
+        if not all(isinstance(x, list) for x in lists.values()):
+            raise TypeError(f"{', '.join(map(repr, _LISTS))} must be lists")
+        if not all(isinstance(x, str) for rels in lists.values() for x in rels):
             raise TypeError("not a list of strings")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(
-            f"{marker}: unreadable swap marker of an interrupted write ({exc}); "
-            f"remove {marker.parent} and run the command again"
+            f"{marker}: unreadable swap marker of an interrupted {writer} ({exc}); "
+            f"remove {marker.parent} and {rerun}"
         ) from None
-    files, remove, replace = ([_check_rel(r, str(marker)) for r in rels] for rels in (files, remove, replace))
-    return files, remove, replace
+    checked = {k: [_check_rel(r, str(marker), k) for r in rels] for k, rels in lists.items()}
+    return Marker(**checked, extra={k: v for k, v in data.items() if k not in _LISTS})
 
 
-def _write_marker(marker: Path, files: list[str], remove: list[str], replace: list[str]) -> None:
-    data = {"files": files, "remove": remove, "replace": replace}
-    write_atomic(marker, json.dumps(data, indent=1).encode("utf-8"))
+def write_marker(path: Path, m: Marker) -> None:
+    data = {"files": m.files, "remove": m.remove, "replace": m.replace}
+    if m.last:
+        data["last"] = m.last
+    write_atomic(path, json.dumps({**data, **m.extra}, indent=1).encode("utf-8"))
 
 
-def _move_aside(root: Path, replace: list[str], point: str) -> None:
+def _move_aside(root: Path, staging: Path, replace: list[str], point: str) -> None:
     """Old entries (files or whole folders) of a whole-output swap, renamed into the staging
     folder's `.replaced/N`; an N already there was moved by a killed run (or did not exist) and
     is never looked at again, so a new entry renamed in later is never taken for the old one."""
     if not replace:
         return
-    parked = staging_dir(root) / REPLACED
+    parked = staging / REPLACED
     parked.mkdir(exist_ok=True)
     for i, rel in enumerate(replace):
         slot = parked / str(i)
@@ -136,18 +165,9 @@ def _move_aside(root: Path, replace: list[str], point: str) -> None:
     fsync_dir(root)
 
 
-def _swap(
-    root: Path,
-    files: list[str],
-    remove: list[str],
-    point: str = "staged_moved",
-    replace: list[str] | None = None,
-) -> None:
-    """The renames after the commit point; safe to run again after a kill at any point."""
-    staging = staging_dir(root)
-    _move_aside(root, replace or [], point)
+def _rename_in(root: Path, staging: Path, rels: list[str], point: str) -> None:
     folders = set()
-    for rel in files:
+    for rel in rels:
         src = staging / rel
         if not src.exists():  # renamed already by the killed run
             continue
@@ -156,21 +176,45 @@ def _swap(
         os.replace(src, dst)
         folders.add(dst.parent)
         crash_point(point)
-    keep = set(files)
-    for rel in remove:
-        if rel not in keep:
-            (root / rel).unlink(missing_ok=True)
     for folder in sorted(folders):
         fsync_dir(folder)
-    if replace:  # every new entry is in: nothing is left to roll forward but the cleaning
-        _write_marker(staging / MARKER, [], [], [])
-    discard(root)
+
+
+def commit_swap(root: str | os.PathLike[str], staging: str | os.PathLike[str], m: Marker, point: str) -> None:
+    """Write the marker (the commit point: the staged entries are complete), then swap."""
+    staging = Path(staging)
+    for folder, _, names in os.walk(staging):
+        if names:
+            fsync_dir(folder)
+    write_marker(staging / MARKER, m)
+    run_swap(root, staging, m, point)
+
+
+def run_swap(root: str | os.PathLike[str], staging: str | os.PathLike[str], m: Marker, point: str) -> None:
+    """The renames after the commit point; safe to run again after a kill at any point. The
+    staging folder is removed at the end."""
+    root, staging = Path(root), Path(staging)
+    _move_aside(root, staging, m.replace, point)
+    _rename_in(root, staging, m.files, point)
+    keep = set(m.files) | set(m.last)
+    for rel in m.remove:
+        if rel not in keep:
+            (root / rel).unlink(missing_ok=True)
+    _rename_in(root, staging, m.last, point)
+    if m.replace:  # every new entry is in: nothing is left to roll forward but the cleaning
+        write_marker(staging / MARKER, Marker([], extra=m.extra))
+    discard_staging(staging)
 
 
 def discard(root: str | os.PathLike[str]) -> None:
-    """Remove the staging folder of `root`; its marker goes last, so an interrupted removal never
-    leaves a marker without the files it lists."""
-    staging = staging_dir(root)
+    """Remove the staging folder of `root`."""
+    discard_staging(staging_dir(root))
+
+
+def discard_staging(staging: str | os.PathLike[str]) -> None:
+    """Remove a staging folder; its marker goes last, so an interrupted removal never leaves a
+    marker without the files it lists."""
+    staging = Path(staging)
     _refuse_link(staging)
     if not staging.is_dir():
         return
@@ -199,8 +243,7 @@ def finish_interrupted(root: str | os.PathLike[str]) -> bool:
             discard(root)
         return False
     log.warning("finishing the swap of an interrupted run into %s", root)
-    files, remove, replace = _read_marker(marker)
-    _swap(root, files, remove, replace=replace)
+    run_swap(root, staging_dir(root), read_marker(marker), "staged_moved")
     return True
 
 
@@ -278,9 +321,10 @@ class StagedFiles:
             if names:
                 fsync_dir(folder)
         marker = self.staging / MARKER
+        m = Marker(self.files, self.remove, self.replace)
         try:
-            _write_marker(marker, self.files, self.remove, self.replace)
+            write_marker(marker, m)
         except OSError as exc:
             raise StagedWriteError(exc, marker, self.root) from exc
         self.committed = True
-        _swap(self.root, self.files, self.remove, self.point, self.replace)
+        run_swap(self.root, self.staging, m, self.point)

@@ -19,7 +19,7 @@ from typing import Any
 from polyp_ssl.ingest.coco import Annotation, VideoPlan
 from polyp_ssl.ingest.crop import StoredCrop, draft_reduce, stored_crop
 from polyp_ssl.ingest.errors import ErrorSink
-from polyp_ssl.ingest.faults import crash_point
+from polyp_ssl.ingest.faults import crash_point, shard_finished
 from polyp_ssl.ingest.plan import ShardTask
 from polyp_ssl.ingest.sources import FrameProblem, FrameRequest, iter_decord_video, iter_jpeg_folder
 from polyp_ssl.ingest.tracklets import Box, build_tracklets
@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 # 2: the tracklets and frames rows carry their members' byte spans (catalog version 3); resume
 # redoes a shard whose stats file is of another version
 STATS_VERSION = 2
-# Test hook: a worker process sleeps for an hour after finishing this many shards, so that a
-# test can kill the run part way (SIGKILL) and check --resume.
-PAUSE_ENV = "POLYP_SSL_INGEST_PAUSE_AFTER_SHARDS"
-PAUSE_SECONDS_ENV = "POLYP_SSL_INGEST_PAUSE_SECONDS"  # how long that pause lasts (default an hour)
-_shards_done_here = 0
 
 
 def stats_path(tar_path: str) -> str:
@@ -243,7 +238,6 @@ def add_spans(result: VideoResult, spans: dict[str, dict[str, MemberSpan]]) -> N
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write the task's shard and stats file; returns a short summary. In `fail` mode an input
     problem raises IngestError and leaves neither file behind."""
-    global _shards_done_here
     t0, c0 = time.perf_counter(), time.process_time()
     sink = ErrorSink(task.on_error)
     tar_path = os.path.join(task.out_root, task.rel_path)
@@ -284,10 +278,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
             os.remove(tar_path)
         raise
     crash_point("shard_done")
-    _shards_done_here += 1
-    pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
-    if pause_after and _shards_done_here >= pause_after:
-        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV, "3600") or 3600))
+    shard_finished()
     return summary_of(stats)
 
 

@@ -144,11 +144,6 @@ def _text_hint(path: Path) -> str:
     return ""
 
 
-def encoder_config_from(config: dict[str, Any]) -> EncoderConfig:
-    """The encoder settings of a flat run config (the training flags)."""
-    return EncoderConfig.from_flat(config)
-
-
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return file_sha256(path, chunk, "checkpoint")
 

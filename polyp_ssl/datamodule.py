@@ -18,7 +18,6 @@ from polyp_ssl.stream import (
     DataConfigError,
     StreamIndex,
     StreamLoader,
-    StreamParams,
     ValTracklets,
     build_index,
 )
@@ -34,7 +33,7 @@ class StreamDataModule(L.LightningDataModule):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.params = StreamParams.from_config(cfg)
+        self.params = cfg.stream
         self.train_index: StreamIndex = build_index(cfg.dataset_root, cfg.split, self.params, cfg.shard_base)
         self.val_index: StreamIndex | None = None
         try:
@@ -148,6 +147,10 @@ def loader_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch)) % (1 << 63)
 
 
+# Failure injection for the tests (tests/test_faults_train.py, tests/test_train_crash.py): a rank that
+# raises at a given step. An environment variable is the one channel into the ranks of a multi-device
+# run (Lightning starts them as new processes running the same command line); it is read once, when
+# the train command builds its callbacks (`failure_hooks_from_env`), and nothing is installed unless set.
 TEST_RAISE_ENV = "POLYP_SSL_TEST_RAISE_AT_STEP"
 
 
@@ -162,6 +165,28 @@ def raise_hook_from_env(env: dict[str, str] | None = None) -> tuple[int, int] | 
         return int(rank), int(step)
     except ValueError as exc:
         raise ValueError(f"{TEST_RAISE_ENV}={value!r}: expected RANK:STEP") from exc
+
+
+class RaiseAtStep(L.Callback):
+    """The test hook: rank `rank` raises RuntimeError when its training step `step` starts."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.at = (rank, step)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.at == (trainer.global_rank, trainer.global_step):
+            raise RuntimeError(
+                f"{TEST_RAISE_ENV}: rank {trainer.global_rank} raises at step {trainer.global_step} "
+                "(test hook)"
+            )
+
+
+def failure_hooks_from_env() -> list[L.Callback]:
+    """The failure-injection callbacks the environment asks for (TEST_RAISE_ENV); none when unset."""
+    at = raise_hook_from_env()
+    return [RaiseAtStep(*at)] if at is not None else []
 
 
 def failure_note_path(run_dir: Path, rank: int) -> Path:
@@ -199,16 +224,6 @@ class StreamEpochCallback(L.Callback):
     def __init__(self, datamodule: StreamDataModule, run_dir: Path | None = None) -> None:
         self.datamodule = datamodule
         self.run_dir = run_dir
-        self.raise_at = raise_hook_from_env()
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.raise_at is not None and self.raise_at == (trainer.global_rank, trainer.global_step):
-            raise RuntimeError(
-                f"{TEST_RAISE_ENV}: rank {trainer.global_rank} raises at step {trainer.global_step} "
-                "(test hook)"
-            )
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -15,10 +15,9 @@ import torch
 import torchvision
 from torch import nn
 
+from polyp_ssl.config_parts import ENCODER_TYPES, POOLINGS  # owned by the encoder part of the config
 from polyp_ssl.weights import load_backbone_weights
 
-ENCODER_TYPES = ("sfe", "mve", "hmve")
-POOLINGS = ("cls", "mean")
 NORM_MEAN = 0.45
 NORM_STD = 0.225
 

@@ -2,12 +2,12 @@
 
 Nothing here imports a stage, so `polyp-ssl catalog ...` starts without loading torch.
 Every failure a subcommand does not report itself ends as one line and an exit code
-(`run_command`); `--debug` or POLYP_SSL_DEBUG=1 lets the traceback through.
+(`run_command`, through shards.cli_errors.run_reported, where exceptions are mapped to exit codes
+once); `--debug` or POLYP_SSL_DEBUG=1 lets the traceback through.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "polyp_ssl.shards.cli:verify_main",
         "check every shard against the catalog's checksums and counts",
     ),
-    "train": ("polyp_ssl.cli:main", "streaming contrastive training (Lightning, one or many GPUs)"),
+    "train": ("polyp_ssl.train_cli:main", "streaming contrastive training (Lightning, one or many GPUs)"),
     "embed": (
         "polyp_ssl.eval.cli:embed_main",
         "embed tracklets or fragments with a frozen encoder into Parquet",
@@ -94,42 +94,15 @@ def split_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 def run_command(name: str, rest: list[str]) -> int:
     """Run one subcommand; every failure it does not report itself becomes one line on stderr
-    (and an exit code) unless debugging is on, when the traceback goes through."""
-    from polyp_ssl.shards.cli_errors import debug_enabled, describe_oserror
+    and an exit code (shards.cli_errors.run_reported: the one mapping of errors to exit codes),
+    unless debugging is on, when the traceback goes through."""
+    from polyp_ssl.shards.cli_errors import run_reported
 
-    prog = f"polyp-ssl {name}"
-    try:
+    def command() -> int | None:
         module_name, func_name = COMMANDS[name][0].split(":")
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
-    except KeyboardInterrupt:
-        if debug_enabled():
-            raise
-        hint = INTERRUPT_HINTS.get(name)
-        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # the reader of our output went away (`| head`): not an error of this command
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except OSError as exc:
-        if debug_enabled():
-            raise
-        print(f"{prog}: {describe_oserror(exc)}", file=sys.stderr)
-        return 2 if getattr(exc, "bad_input", False) else 1  # a FIFO given as input, say
-    except Exception as exc:
-        if debug_enabled():
-            raise
-        text = " ".join(str(exc).split())[:500] or "(no message)"
-        if getattr(exc, "bad_input", False):  # a bad file or flag (CheckpointError, ...): exit 2
-            print(f"{prog}: error: {text}", file=sys.stderr)
-            return 2
-        print(
-            f"{prog}: error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        return getattr(importlib.import_module(module_name), func_name)(rest)
+
+    return run_reported(f"polyp-ssl {name}", command, INTERRUPT_HINTS.get(name))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_TYPES = ("mil-nce", "supervised", "temporally-aware")
+from polyp_ssl.config_parts import LOSS_TYPES  # the loss part of the training config owns the list
+
 TERM_NAMES = ("loss_frag", "loss_cross_frame", "loss_intra_frame")
 
 

@@ -19,7 +19,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from polyp_ssl.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +224,25 @@ def device_problem(accelerator: str, devices: str, precision: str, cuda_count: i
     return None
 
 
-def check_before_training(cfg: Any, skip_memory: bool = False) -> MemoryVerdict | None:
+def check_before_training(cfg: TrainConfig, skip_memory: bool = False) -> MemoryVerdict | None:
     """Raise ValueError (one line) when the device flags cannot run here or the run cannot fit in
     memory; log a warning near the limit. Returns the memory verdict (None when skipped)."""
     cuda_count = _cuda_count()
-    problem = device_problem(cfg.accelerator, cfg.devices, cfg.precision, cuda_count)
+    t, stream = cfg.trainer, cfg.stream
+    problem = device_problem(t.accelerator, t.devices, t.precision, cuda_count)
     if problem:
         raise ValueError(problem)
     if skip_memory:
         return None
-    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and cuda_count > 0)
-    settings = {f: getattr(cfg, f) for f in ("sfe_backbone_arch", "im_size", "batch_size", "fragment_length")}
-    settings.update(n_views=cfg.n_views, precision=cfg.precision)
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and cuda_count > 0)
+    settings = {
+        "sfe_backbone_arch": cfg.encoder.sfe_backbone_arch,
+        "im_size": stream.im_size,
+        "batch_size": stream.batch_size,
+        "fragment_length": stream.fragment_length,
+        "n_views": stream.n_views,
+        "precision": t.precision,
+    }
     if on_gpu:
         index = int(os.environ.get("LOCAL_RANK", "0") or 0)
         free = cuda_free_bytes(index)
@@ -242,7 +252,7 @@ def check_before_training(cfg: Any, skip_memory: bool = False) -> MemoryVerdict 
         if found:
             found = (found[0] + current_rss_bytes(), found[1])
         # every CPU process (one per device, or per torchrun rank on this node) holds its own model
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or _device_count(cfg.devices) or 1
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or _device_count(t.devices) or 1
         verdict = memory_verdict(
             settings, "cpu", found[0] if found else None, found[1] if found else "", processes
         )

@@ -13,11 +13,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score
 from torch import nn
 
-from polyp_ssl.checkpoint import encoder_config_from
-from polyp_ssl.config import TrainConfig
+from polyp_ssl.config import SETTING_PART, TrainConfig
+from polyp_ssl.config_parts import LR_SCHEDULE_ALIASES, LR_SCHEDULES
 from polyp_ssl.diversity import batch_same_video_pair_rate
 from polyp_ssl.encoders import POOLINGS, TrackletEncoder, build_encoder, masked_mean
 from polyp_ssl.losses import (
@@ -25,12 +24,12 @@ from polyp_ssl.losses import (
     TERM_NAMES,
     HierarchicalContrastive,
 )
+from polyp_ssl.shards.retrieval import score_map
 
 log = logging.getLogger(__name__)
 
 # Defaults of the keys this module reads: the training flags' defaults, defined once in TrainConfig.
 DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
-LR_SCHEDULES = ("constant", "none", "cosine")  # "none" = "constant"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,17 +100,7 @@ def retrieval_map(emb: torch.Tensor, identity: torch.Tensor) -> tuple[float, int
     """
     known = identity >= 0
     e = F.normalize(emb[known].double(), dim=1).numpy()
-    ids = identity[known].numpy()
-    sims = e @ e.T
-    aps, excluded = [], 0
-    for i in range(len(ids)):
-        others = np.arange(len(ids)) != i
-        labels = ids[others] == ids[i]
-        if not labels.any():
-            excluded += 1
-            continue
-        aps.append(average_precision_score(labels, sims[i, others]))
-    return (float(np.mean(aps)) if aps else float("nan")), len(aps), excluded
+    return score_map(e @ e.T, identity[known].numpy())
 
 
 def temporal_alignment(emb: torch.Tensor, video: torch.Tensor, order: torch.Tensor) -> float:
@@ -126,30 +115,42 @@ def temporal_alignment(emb: torch.Tensor, video: torch.Tensor, order: torch.Tens
     return float(torch.cat(sims).mean()) if sims else float("nan")
 
 
+def settings_of(config: dict[str, Any]) -> TrainConfig:
+    """The typed parts of a flat model config (a checkpoint's hyper-parameters: keys that are no
+    setting are kept in the record, not used)."""
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k in SETTING_PART})
+
+
 class NTSSLModule(L.LightningModule):
-    def __init__(self, config: dict[str, Any]) -> None:
+    """Takes the typed parts of a TrainConfig (or a flat config: a checkpoint's hyper-parameters, a
+    script's dict) and saves them as plain flat hyper-parameters, so every checkpoint loads with
+    ``weights_only=True`` and older checkpoints (fewer keys) load with today's defaults."""
+
+    def __init__(self, config: TrainConfig | dict[str, Any]) -> None:
         super().__init__()
-        cfg = plain_config({**DEFAULTS, **config})
+        flat = config.to_dict() if isinstance(config, TrainConfig) else config
+        cfg = plain_config({**DEFAULTS, **flat})
         self.config = cfg
         self.save_hyperparameters({"config": cfg})
-        if cfg["loss_type"] not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {cfg['loss_type']!r} (choose from {', '.join(LOSS_TYPES)})")
-        if cfg["encoder_pooling"] not in POOLINGS:
-            raise ValueError(f"unknown encoder_pooling {cfg['encoder_pooling']!r} (choose from {POOLINGS})")
-        if cfg["lr_schedule"] not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {cfg['lr_schedule']!r} (choose from {LR_SCHEDULES})")
-        self.encoder: TrackletEncoder = build_encoder(encoder_config_from(cfg))
+        self.settings = settings_of(cfg)
+        enc, loss, opt = self.settings.encoder, self.settings.loss, self.settings.optimizer
+        if loss.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss.loss_type!r} (choose from {', '.join(LOSS_TYPES)})")
+        if enc.encoder_pooling not in POOLINGS:
+            raise ValueError(f"unknown encoder_pooling {enc.encoder_pooling!r} (choose from {POOLINGS})")
+        schedules = (*LR_SCHEDULE_ALIASES, *LR_SCHEDULES)
+        if opt.lr_schedule not in schedules:
+            raise ValueError(f"unknown lr_schedule {opt.lr_schedule!r} (choose from {schedules})")
+        self.encoder: TrackletEncoder = build_encoder(enc.encoder_config())
         d = self.encoder.out_dim
-        self.projector = nn.Sequential(
-            nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, int(cfg["d_proj"]))
-        )
+        self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, int(enc.d_proj)))
         # every loss type at the same three levels, weighted by loss_milnce_weights (--loss_weights)
         self.loss_fn = HierarchicalContrastive(
-            cfg["loss_milnce_weights"],
-            cfg["loss_temperature"],
-            cfg["hmve_mask_intra_fragment_frames"],
-            cfg["loss_type"],
-            cfg["loss_ta_lambda"],
+            loss.loss_milnce_weights,
+            loss.loss_temperature,
+            loss.hmve_mask_intra_fragment_frames,
+            loss.loss_type,
+            loss.loss_ta_lambda,
         )
         self._last_step_start: float | None = None
         self._val_outputs: list[dict[str, torch.Tensor]] = []
@@ -161,7 +162,7 @@ class NTSSLModule(L.LightningModule):
         `encoder_pooling` names (CLS, or the mean of frame tokens; the mean when there is no CLS), so
         training shapes the vector that evaluation uses."""
         cls, tokens = self.encoder(frames)
-        use_cls = cls is not None and self.config["encoder_pooling"] == "cls"
+        use_cls = cls is not None and self.settings.encoder.encoder_pooling == "cls"
         return (cls if use_cls else tokens.mean(dim=1)), tokens
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -266,11 +267,11 @@ class NTSSLModule(L.LightningModule):
         return out["loss"]
 
     def configure_optimizers(self) -> Any:
-        cfg = self.config
+        cfg = self.settings.optimizer
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
-        schedule = "constant" if cfg["lr_schedule"] == "none" else cfg["lr_schedule"]
-        warmup = int(cfg["warmup_steps"] or 0)
+        opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+        schedule = "constant" if cfg.lr_schedule == "none" else cfg.lr_schedule
+        warmup = int(cfg.warmup_steps or 0)
         if schedule == "constant" and warmup <= 0:
             return opt
         total = float(self.trainer.estimated_stepping_batches) if schedule == "cosine" else 0.0
@@ -283,7 +284,7 @@ class NTSSLModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_fit_start(self) -> None:
-        if self.config.get("compile"):
+        if self.settings.trainer.compile:
             self.encoder.backbone.compile()  # in place: state dict keys stay unprefixed
 
     # -- validation ----------------------------------------------------------------------------
@@ -300,7 +301,9 @@ class NTSSLModule(L.LightningModule):
             }
             if not keep.any():
                 return
-        emb = self.encoder.embed(batch["frames"], batch.get("mask"), pooling=self.config["encoder_pooling"])
+        emb = self.encoder.embed(
+            batch["frames"], batch.get("mask"), pooling=self.settings.encoder.encoder_pooling
+        )
         n = emb.shape[0]
         out = {
             "emb": emb.detach().float().cpu(),
@@ -371,7 +374,9 @@ class NTSSLModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.encoder.embed(batch["frames"], batch.get("mask"), pooling=self.config["encoder_pooling"])
+        return self.encoder.embed(
+            batch["frames"], batch.get("mask"), pooling=self.settings.encoder.encoder_pooling
+        )
 
 
 __all__ = [

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from polyp_ssl.config import TrainConfig
+from polyp_ssl.config import SETTING_PART
 from polyp_ssl.encoders import EncoderConfig, build_encoder
 
 REFERENCE_FORMAT = "ntssl-reference"
@@ -161,7 +161,7 @@ def reference_config(hp: dict[str, Any]) -> dict[str, Any]:
         if ref in hp and ref != "d_proj":
             config[ours] = hp[ref]
     encoder_fields = {f.name for f in fields(EncoderConfig)}
-    train_fields = {f.name for f in fields(TrainConfig)}
+    train_fields = set(SETTING_PART)
     for ref, ours in _OPTIONS.items():
         on = _flag(hp, ref)
         if ours in (train_fields if ref in _TRAINING_OPTIONS else encoder_fields):

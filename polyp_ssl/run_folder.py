@@ -3,11 +3,13 @@
     run = RunFolder(cfg.runs_dir, cfg.exp_name)       # path checks (inside runs_dir)
     saved = run.saved_settings()                      # its config.yaml, read strictly (or None)
     run.check_resume_settings(saved_cfg, cfg)         # --resume: only run-length settings may change
-    with run.lock():                                  # one writer: refused naming pid and host
-        plan = run.resume_plan(cfg.resume)            # last.ckpt, last.prev.ckpt, or a fresh start
+    with run.segment(cfg.resume, rank_zero, started) as plan:  # the lifecycle of one invocation:
+        # lock (one writer, refused naming pid and host); what --resume continues (last.ckpt,
+        # last.prev.ckpt or a fresh start); unfinished checkpoint writes removed
         run.write_config(cfg, monitor)
         ...                                           # training
-        run.remove_failure_notes()                    # after a successful segment
+    # failed before training started: the folders it created are removed; succeeded: the
+    # failure notes of earlier segments are removed
 
 Everything that can refuse a run (a bad name, a busy folder, settings that differ from the run's,
 a checkpoint that cannot be loaded) does so before anything is written.
@@ -20,14 +22,14 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from polyp_ssl.config import TrainConfig
+from polyp_ssl.config import SETTING_PART, TrainConfig, apply_reference_settings, check_config_file
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +82,15 @@ def check_run_folder(runs_dir: str | Path, exp_name: object, source: str = "--ex
 def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
     """`name: old -> new` for every setting that differs and may not change on --resume."""
     out = []
-    for f in fields(TrainConfig):
-        if f.name in RESUME_MAY_CHANGE or f.name in NOT_COMPARED:
+    old_values, new_values = saved.to_dict(), new.to_dict()
+    for name in SETTING_PART:
+        if name in RESUME_MAY_CHANGE or name in NOT_COMPARED:
             continue
-        old, value = getattr(saved, f.name), getattr(new, f.name)
-        if f.name == "dataset_root" and _same_folder(old, value):
+        old, value = old_values[name], new_values[name]
+        if name == "dataset_root" and _same_folder(old, value):
             continue
         if old != value:
-            out.append(f"{f.name}: {_text(old)} -> {_text(value)}")
+            out.append(f"{name}: {_text(old)} -> {_text(value)}")
     return out
 
 
@@ -126,7 +129,7 @@ class RunFolder:
 
     def saved_settings(self) -> dict[str, Any] | None:
         """The settings of the run's config.yaml, checked as a --config file is (strict YAML,
-        known keys, types); None when the run has none yet."""
+        known keys, types), the reference flags it holds applied; None when the run has none yet."""
         from polyp_ssl.shards.textio import TextInputError, load_yaml
 
         if not self.config_path.exists():
@@ -139,12 +142,10 @@ class RunFolder:
             raise ValueError(f"--resume: {self.config_path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ValueError(f"--resume: {self.config_path}: expected a mapping of settings")
-        from polyp_ssl.cli import check_config_file  # the one check of a settings file
-
-        settings = check_config_file(loaded, str(self.config_path))
+        settings = check_config_file(loaded, str(self.config_path))  # the one check of a settings file
         for key in NOT_SAVED:
             settings.pop(key, None)
-        return settings
+        return apply_reference_settings(settings, keep_own=True)
 
     def check_resume_settings(self, saved: TrainConfig, new: TrainConfig) -> None:
         """ValueError naming each setting `old -> new` that differs from the run's config.yaml
@@ -217,12 +218,64 @@ class RunFolder:
             last.replace(last.with_name(LAST + ".unloadable"))
         return ResumePlan(checkpoint, warning)
 
+    @contextlib.contextmanager
+    def segment(self, resume: bool, rank_zero: bool, started: Callable[[], bool]) -> Iterator[ResumePlan]:
+        """One invocation's training in the run folder, from the lock to the notes it leaves.
+
+        Rank 0 holds the lock throughout (the other ranks of a DDP run train under it). Yields what
+        `--resume` continues (its line printed first). Rank 0 removes checkpoint writes that never
+        finished; a failure before `started()` (the first training step) removes the folders this
+        invocation created, so a refused run leaves nothing behind; after a successful segment
+        (every rank finished: a failed rank breaks rank 0's fit) the failure notes are stale and go."""
+        with self.lock() if rank_zero else contextlib.nullcontext():
+            plan = self.resume_plan(resume, rank_zero=rank_zero)
+            if plan.line:
+                print(f"polyp-ssl train: {plan.line}", file=sys.stderr)
+            try:
+                if rank_zero:
+                    self.remove_temporaries()
+                yield plan
+            except BaseException:
+                if not started() and rank_zero:
+                    self.remove_new_dirs()
+                raise
+            if rank_zero:
+                self.remove_failure_notes()
+
+    def remove_temporaries(self) -> None:
+        """Remove the checkpoint writes that never finished (polyp_ssl.ckpt_io temporaries)."""
+        from polyp_ssl.ckpt_io import temporaries
+
+        for tmp in temporaries(self.ckpt_dir):
+            log.info("removing %s (a checkpoint write that never finished)", tmp)
+            tmp.unlink()
+
     def remove_failure_notes(self) -> None:
         """After a successful segment: the failure notes a failed segment left (failed.rankR.txt)
         describe nothing any more."""
         for note in self.path.glob("failed.rank*.txt"):
             with contextlib.suppress(OSError):
                 note.unlink()
+
+
+def skip_summary_path(ckpt_dir: Path, rank: int) -> Path:
+    return Path(ckpt_dir) / f"data_skips.rank{rank}.json"
+
+
+def write_skip_summary(ckpt_dir: Path, rank: int, mode: str, counts: dict[str, int]) -> Path:
+    """checkpoints/data_skips.rankR.json: what this rank's loader skipped (--on_shard_error warn).
+    Counts are skip events: a damaged sample is counted each time a stream reads it (every epoch)."""
+    import json
+
+    path = skip_summary_path(ckpt_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    data = {"on_shard_error": mode, "skipped": counts, "total": sum(counts.values())}
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    if counts:
+        log.warning("rank %d: the loader skipped damaged data: %s (see %s)", rank, counts, path)
+    return path
 
 
 def busy_line(run_dir: Path, lock_file: str, holder: dict | None) -> str:

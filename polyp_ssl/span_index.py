@@ -21,19 +21,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from polyp_ssl.damage import DamagePolicy
 from polyp_ssl.epoch_plan import SplitFragments
 from polyp_ssl.fragments import cut_tracklet
 from polyp_ssl.loader_errors import DataConfigError, ShardError
 from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.members import (
     MemberError,
+    MemberReader,
     MemberSpan,
     SpanReader,
     local_shard_path,
     max_jpeg_bytes,
     overlapping_spans,
 )
-from polyp_ssl.shards.sample import MAX_JSON_BYTES, SampleError, parse_sample
+from polyp_ssl.shards.sample import MAX_JSON_BYTES, TrackletSample
+from polyp_ssl.shards.samples import SampleDamage, check_frame_count, check_json
+from polyp_ssl.shards.tables import read_catalog_table
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ def _read_columns(root: Path, table: str, columns: tuple[str, ...], keep: tuple[
             "records no byte spans; re-ingest it (`polyp-ssl ingest RAW_ROOT --out ROOT --overwrite`) "
             "or read shards sequentially with --shard_access sequential"
         )
-    t = pq.read_table(path, columns=list(columns))
+    t = read_catalog_table(root, table, columns, checked=False)
     for c in columns:  # a null span reads as -1, which SpanReader refuses by name
         if pa.types.is_integer(t[c].type):
             t = t.set_column(t.schema.get_field_index(c), c, pc.fill_null(t[c], -1))
@@ -123,13 +127,15 @@ def _read_columns(root: Path, table: str, columns: tuple[str, ...], keep: tuple[
 
 
 def build_span_index(
-    index: Any, params: Any, on_shard_error: str = "fail"
+    index: Any, params: Any, damage: DamagePolicy | None = None
 ) -> tuple[SpanTable, SplitFragments]:
     """The span table and split fragments of a StreamIndex (see the module docstring).
 
-    A tracklet whose JSON cannot be read or does not match the catalog is ShardError under
-    `fail`; under `warn` it is left out and counted in `SpanTable.skipped` (a shard whose size
-    or bytes differ from ingest's is left out whole, as `shard_changed`)."""
+    A tracklet whose JSON cannot be read or does not match the catalog is handed to `damage`
+    (polyp_ssl.damage.DamagePolicy; None: fail): ShardError under `fail`; under `warn` it is left
+    out, counted by the policy and in `SpanTable.skipped` (a shard whose size or bytes differ from
+    ingest's is left out whole, as `shard_changed`)."""
+    warn = damage is not None and damage.warn
     root = Path(index.root)
     paths = local_paths(index)
     if paths is None:
@@ -189,21 +195,19 @@ def build_span_index(
                     rows = rows_of.get(tid, np.zeros(0, np.int64))
                     _check_rows(meta, index.sample_frames.get(key), fidx[rows])
                     _check_frame_spans(root, tid, meta.crop_sizes, spans_all[rows, 1], frame_row[rows])
-                except (_Damage, MemberError) as bad:
+                except (SampleDamage, MemberError) as bad:
                     err = ShardError.at(url, key, bad.reason, str(bad))
-                    if on_shard_error != "warn":
+                    if not warn:
                         raise err from None
-                    skipped[bad.reason] += 1
-                    log.warning("skipped (%s): %s", bad.reason, err)
+                    _skip(damage, skipped, err)
                     if bad.reason == "shard_changed":
                         bad_shards.add(rel)
                     continue
                 except OSError as exc:
                     err = ShardError.at(url, None, "unreadable_shard", f"cannot open ({exc})")
-                    if on_shard_error != "warn":
+                    if not warn:
                         raise err from exc
-                    skipped["unreadable_shard"] += 1
-                    log.warning("skipped (unreadable_shard): %s", err)
+                    _skip(damage, skipped, err)
                     bad_shards.add(rel)
                     continue
                 cs = meta.params.get("crop_scale")
@@ -228,6 +232,13 @@ def build_span_index(
     finally:
         reader.close()
     return _assemble(index, per_video, got, bad_shards, paths, max(L, 1), skipped)
+
+
+def _skip(damage: Any, skipped: Counter, err: ShardError) -> None:
+    """A tracklet left out under warn: counted once by the policy, kept in the table's counts."""
+    skipped[err.reason] += 1
+    damage.count(err.reason)
+    log.warning("skipped (%s): %s", err.reason, err)
 
 
 @dataclass
@@ -351,27 +362,15 @@ def _check_frame_spans(
 
 
 def _check_rows(meta: Any, catalog_frames: int | None, frame_index: np.ndarray) -> None:
-    if catalog_frames is not None and meta.n_frames != catalog_frames:
-        raise _Damage("json_mismatch", f"JSON has {meta.n_frames} frames, the catalog {catalog_frames}")
+    check_frame_count(meta, catalog_frames)
     if not np.array_equal(frame_index, np.arange(meta.n_frames)):
-        raise _Damage(
+        raise SampleDamage(
             "json_mismatch",
             f"JSON has {meta.n_frames} frames, frames.parquet {len(frame_index)} rows (frame_index 0..n-1)",
         )
 
 
-class _Damage(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-def _read_meta(reader: SpanReader, path: str, span: MemberSpan, n_bytes: int, key: str):
+def _read_meta(reader: MemberReader, path: str, span: MemberSpan, n_bytes: int, key: str) -> TrackletSample:
+    """A tracklet's JSON read at its span and checked (shards.samples.check_json)."""
     data = reader.read(path, span, n_bytes, f"{key}.json")
-    try:
-        meta = parse_sample(data)
-    except SampleError as exc:
-        raise _Damage("json_mismatch" if exc.kind == "length" else "bad_json", f"JSON member: {exc}") from exc
-    if meta.key != key:
-        raise _Damage("json_mismatch", f"JSON key {meta.key!r} differs from the catalog's sample_key")
-    return meta
+    return check_json(data, key, "the catalog's sample_key")

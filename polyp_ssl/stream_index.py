@@ -9,12 +9,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from polyp_ssl.bags import eligible_anchors
+from polyp_ssl.bags import SAMPLERS, eligible_anchors
+from polyp_ssl.config_parts import BIG, MAX_IM_SIZE, Bound, check_choice, setting
 from polyp_ssl.fragments import count_fragments
 from polyp_ssl.loader_errors import DataConfigError
 from polyp_ssl.shards.locations import (
@@ -24,43 +24,127 @@ from polyp_ssl.shards.locations import (
     shard_location,
 )
 from polyp_ssl.shards.schema import SHARDS, TRACKLETS, VIDEOS
+from polyp_ssl.shards.tables import read_catalog_table
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StreamParams:
-    batch_size: int = 60
-    n_views: int = 5
-    fragment_length: int = 8
-    fragment_stride: int = 4
-    fragment_drop_last: bool = False
-    min_tracklet_length: int = 30
-    bbox_scale_factor: float = 5.0
-    im_size: int = 232
-    aug_anchorcrop: bool = False  # the reference's flag: the deterministic anchor crop (always used here)
-    aug_random_scale: bool = False  # opt-in random augmentations (polyp_ssl.transforms.Augment)
-    aug_jitter: bool = False
-    aug_hflip: bool = False
-    aug_vflip: bool = False
-    sampler: str = "temporaltemperaturebag"
-    sampler_ttb_tmin: float = 0.3
-    sampler_ttb_tmax: float = 12.0
-    max_epochs: int = 50
-    open_videos: int = 4
-    seed: int = 42
-    data_log: str | None = None
-    on_shard_error: str = "fail"
-    decode_on: str = "workers"  # or "device": workers ship JPEG bytes, the training process decodes
-    shard_access: str = "auto"  # polyp_ssl.config.SHARD_ACCESS
+    """The stream part of the training configuration (`polyp_ssl.config.TrainConfig.stream`): the
+    batches, bags, fragments and anchor crops the streams produce, and how they read the shards."""
+
+    # how training batches read shards: "random" reads each frame at its catalog byte span (batches as
+    # diverse as a global shuffle), "sequential" streams whole shards per worker (pipe: and remote
+    # bases, compressed shards), "auto" = random whenever the shards are local plain tar files
+    SHARD_ACCESS: ClassVar[tuple[str, ...]] = ("auto", "random", "sequential")
+    DECODE_ON: ClassVar[tuple[str, ...]] = ("workers", "device")  # where training JPEGs are decoded
+    ON_SHARD_ERROR: ClassVar[tuple[str, ...]] = ("fail", "warn")
+
+    batch_size: int = setting(
+        60, "fragments per batch and rank; a batch holds batch_size / n_views bags", Bound(1, 1 << 16)
+    )
+    n_views: int = setting(5, "bag size, anchor included (K + 1)", Bound(2, 1024))
+    fragment_length: int = setting(
+        8, "frames per fragment (at fragment_stride)", Bound(1, 100_000, minus_one=True)
+    )
+    fragment_stride: int = setting(4, "take every N-th frame of a tracklet", Bound(1, 100_000))
+    fragment_drop_last: bool = setting(
+        False, "drop a tracklet's last short fragment (else pad it by repeating its last frame)"
+    )
+    min_tracklet_length: int = setting(
+        30, "tracklets with fewer frames (before striding) are not used for training", Bound(0, BIG)
+    )
+    bbox_scale_factor: float = setting(
+        5.0, "anchor crop = box enlarged this much about its centre", Bound(0, 100, lo_open=True)
+    )
+    im_size: int = setting(232, "anchor crops are resized to im_size x im_size", Bound(8, MAX_IM_SIZE))
+    # the reference's flag: the deterministic anchor crop (always used here); required (stored crops only)
+    aug_anchorcrop: bool = setting(
+        False,
+        "the anchor crop, as in the reference: the box enlarged bbox_scale_factor times about its centre, "
+        "clamped, resized to im_size; deterministic. Required: the root stores crops, not frames",
+    )
+    # random training augmentations: our extension, each off by default (polyp_ssl.transforms.Augment)
+    aug_random_scale: bool = setting(
+        False,
+        "our extension, off by default: anchor-crop scale x U(0.8, 1.2) per training fragment (capped at "
+        "the root's crop scale)",
+    )
+    aug_jitter: bool = setting(
+        False,
+        "our extension, off by default: anchor-crop centre shifted by up to 10%% of the box per training "
+        "fragment",
+    )
+    aug_hflip: bool = setting(
+        False, "our extension, off by default: horizontal flip of a training fragment with probability 0.5"
+    )
+    aug_vflip: bool = setting(
+        False, "our extension, off by default: vertical flip of a training fragment with probability 0.5"
+    )
+    sampler: str = setting("temporaltemperaturebag", f"bag sampler: {', '.join(SAMPLERS)}")
+    sampler_ttb_tmin: float = setting(
+        0.3, "bag temperature at the first epoch (temporaltemperaturebag)", Bound(0, 1e6, lo_open=True)
+    )
+    sampler_ttb_tmax: float = setting(
+        12.0, "bag temperature at the last epoch (temporaltemperaturebag)", Bound(0, 1e6, lo_open=True)
+    )
+    max_epochs: int = setting(
+        50, "training epochs (also the length of the bag temperature schedule)", Bound(1, 1_000_000)
+    )
+    open_videos: int = setting(
+        4, "--shard_access sequential: videos each data stream keeps open and interleaves", Bound(1, 1024)
+    )
+    seed: int = setting(42, "random seed (model init, bags, data order)", Bound(0, (1 << 32) - 1))
+    # debug: append the video ids of every batch, per rank, to this file
+    data_log: str | None = setting(
+        None,
+        "debug: append a line per batch to FILE.rankR: epoch, stream, batch, plan batch (-1 with sequential "
+        "access), the batch's videos",
+    )
+    # damaged shard/sample: "fail" stops the run, "warn" skips and counts
+    on_shard_error: str = setting(
+        "fail",
+        "a damaged shard or sample (truncated tar, corrupt JPEG, JSON that disagrees with the catalog): "
+        "fail = stop naming shard and sample; warn = skip it, count skips by reason, report them in the run "
+        "summary and checkpoints/data_skips.rankR.json",
+    )
+    # or "device": workers ship JPEG bytes, the training process decodes
+    decode_on: str = setting(
+        "workers",
+        "where training JPEGs are decoded: workers = in the loader workers (CPU); device = the workers ship "
+        "JPEG bytes and crop windows, the training process decodes them on its device (nvJPEG on a GPU), so "
+        "few CPU cores feed a fast GPU",
+    )
+    shard_access: str = setting(
+        "auto",
+        "auto (random for local tar shards), random (read each frame at its catalog offset: batches drawn "
+        "from a global shuffle of the epoch's bags) or sequential (stream whole shards)",
+    )
 
     @property
     def n_bags(self) -> int:
         return self.batch_size // self.n_views
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> StreamParams:
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+    def check(self) -> None:
+        """ValueError naming the flag for settings the streams cannot work with (the bounds of each
+        field are checked before, by `polyp_ssl.config.TrainConfig.validate`)."""
+        check_choice("sampler", self.sampler, SAMPLERS)
+        if self.batch_size < self.n_views:
+            raise ValueError(
+                f"--batch_size {self.batch_size} < --n_views {self.n_views}: a batch must hold one whole bag"
+            )
+        if self.batch_size % self.n_views:
+            raise ValueError(f"--batch_size {self.batch_size} is not a multiple of --n_views {self.n_views}")
+        check_choice("shard_access", self.shard_access, self.SHARD_ACCESS)
+        if self.on_shard_error not in self.ON_SHARD_ERROR:
+            raise ValueError(f"--on_shard_error {self.on_shard_error!r}: choose fail or warn")
+        check_choice("decode_on", self.decode_on, self.DECODE_ON)
+        if not 0 < self.sampler_ttb_tmin <= self.sampler_ttb_tmax:
+            raise ValueError(
+                f"--sampler_ttb_tmin {self.sampler_ttb_tmin} / --sampler_ttb_tmax {self.sampler_ttb_tmax}: "
+                "need 0 < tmin <= tmax"
+            )
 
 
 @dataclass
@@ -107,7 +191,7 @@ def _read_table(root: Path, name: str, schema) -> Any:
             f"{root}: no catalog table {path.name} (this root was never ingested?); "
             f"run `polyp-ssl ingest {root}` first"
         )
-    table = pq.read_table(path)
+    table = read_catalog_table(root, name, checked=False)
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise DataConfigError(f"{path}: catalog table lacks columns {missing}")

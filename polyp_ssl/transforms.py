@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ import torchvision.transforms.v2.functional as TF
 
 from polyp_ssl.shards.crops import enlarge_box
 from polyp_ssl.shards.sample import check_jpeg
+from polyp_ssl.shards.textio import load_json
 
 
 def decode_jpeg_bytes(data: bytes, expected: Sequence[int] | None = None) -> torch.Tensor:
@@ -150,3 +152,21 @@ def load_frames(
     if not frames:
         return torch.zeros((0, 3, im_size, im_size), dtype=torch.uint8)
     return torch.stack(frames)
+
+
+def check_crop_scale(bbox_scale_factor: float, root: str | Path, flag: str = "--bbox_scale_factor") -> None:
+    """ValueError when the anchor crop is wider than the stored crop of an ingested root (the crop
+    would be clamped to the stored window without a word)."""
+    manifest = Path(root) / "catalog" / "manifest.json"
+    try:
+        params = load_json(manifest, "catalog manifest", max_bytes=16 << 20).get("parameters") or {}
+    except (OSError, ValueError, AttributeError):  # TextInputError (too deep, not JSON) included
+        return  # no readable catalog: the run's own checks name the problem
+    crop_scale = params.get("crop_scale")
+    if isinstance(crop_scale, int | float) and bbox_scale_factor > crop_scale + 1e-9:
+        raise ValueError(
+            f"{flag} {bbox_scale_factor:g} is larger than the crop scale {crop_scale:g} that {root} was "
+            f"ingested with ({manifest}: parameters.crop_scale): re-ingest with "
+            f"`polyp-ssl ingest RAW_ROOT --out {root} --overwrite --crop-scale {bbox_scale_factor:g}` or "
+            f"pass {flag} <= {crop_scale:g}"
+        )

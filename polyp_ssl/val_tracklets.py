@@ -10,12 +10,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 from polyp_ssl.fragments import cut_tracklet, even_subsample, fragment_index_lists
-from polyp_ssl.loader_errors import ShardError
-from polyp_ssl.shards.sample import (
-    frame_jpeg,
-)
+from polyp_ssl.shards.sample import frame_jpeg
+from polyp_ssl.shards.samples import SampleDamage, ShardError, check_sample, iter_tar_samples
 from polyp_ssl.stream_index import StreamIndex, StreamParams
-from polyp_ssl.tar_samples import SampleDamage, check_sample, decode_frame, iter_tar_samples
+from polyp_ssl.tar_samples import decode_frame
 from polyp_ssl.transforms import (
     CropParams,
     anchor_crop,

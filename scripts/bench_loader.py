@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from polyp_ssl.device_decode import decode_batch_on, pack_jpegs
 from polyp_ssl.diversity import bag_videos, global_shuffle_pair_rate, same_video_pair_rate
 from polyp_ssl.fragments import fragment_index_lists
+from polyp_ssl.planned_source import PlannedSource
 from polyp_ssl.shards.crops import enlarge_box
 from polyp_ssl.shards.sample import frame_jpeg, sample_meta
 from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index, iter_tar_samples
@@ -353,8 +354,8 @@ def memory_section(folder: Path, a) -> dict:
         seen: dict = {}
         time_loader(StreamLoader(ds), a.batches, seen=seen)
         out[f"{access}_worker_peak_mb"] = seen.get("worker_peak_mb", [])
-        if ds.spans is not None:
-            out["span_index_mb"] = round(ds.spans.nbytes / 2**20, 2)
+        if isinstance(ds.source, PlannedSource):
+            out["span_index_mb"] = round(ds.source.spans.nbytes / 2**20, 2)
     return out
 
 

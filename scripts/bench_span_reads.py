@@ -25,23 +25,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow.parquet as pq
 import torch
 
 from polyp_ssl.shards.members import MemberSpan, SpanReader
+from polyp_ssl.shards.tables import read_catalog_table
 from polyp_ssl.transforms import decode_jpeg_bytes
 from tests.shard_factory import make_root
 
 
 def frame_spans(root: Path) -> list[tuple[str, MemberSpan, str]]:
     """(shard path, span, member name) of every frame of the root, in shard order."""
-    frames = pq.read_table(
-        root / "catalog" / "frames.parquet",
-        columns=["tracklet_id", "frame_index", "jpeg_offset", "jpeg_size", "jpeg_crc32"],
+    frames = read_catalog_table(
+        root, "frames", ["tracklet_id", "frame_index", "jpeg_offset", "jpeg_size", "jpeg_crc32"]
     ).to_pylist()
-    tracklets = pq.read_table(
-        root / "catalog" / "tracklets.parquet", columns=["tracklet_id", "sample_key", "shard"]
-    ).to_pylist()
+    tracklets = read_catalog_table(root, "tracklets", ["tracklet_id", "sample_key", "shard"]).to_pylist()
     of = {r["tracklet_id"]: (r["shard"], r["sample_key"]) for r in tracklets}
     out = []
     for r in frames:

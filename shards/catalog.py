@@ -10,6 +10,8 @@ shards/schema.py, and only then is the connection locked down: no file system ac
 TO, ATTACH, read_csv of arbitrary paths), no extension install or load, configuration locked.
 DuckDB itself opens no file, so any number of processes can query while training runs.
 Use it in main processes only, never inside a DataLoader worker (DuckDB is not fork-safe).
+Reading one table (a column subset, a row filter) needs no SQL: shards/tables.py, which this
+module uses for the manifest and schema checks, and which imports no duckdb.
 """
 
 from __future__ import annotations
@@ -26,17 +28,26 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from polyp_ssl.shards.embeddings_cache import cached_files, embeddings_places
-from polyp_ssl.shards.files import check_regular
-from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
-from polyp_ssl.shards.textio import TextInputError, load_json
+from polyp_ssl.shards.schema import TABLES
+from polyp_ssl.shards.tables import (  # noqa: F401 - the catalog's reading API, importable from here too
+    CATALOG_DIR,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    CatalogError,
+    NoCatalogError,
+    catalog_dir,
+    check_schema,
+    open_dataset,
+    read_file_schema,
+    read_manifest,
+    require_catalog,
+    table_path,
+)
+from polyp_ssl.shards.tables import read_catalog_table as read_table  # noqa: F401
 
-CATALOG_DIR = "catalog"
 EMBEDDINGS_DIR = "embeddings"
-MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB (parameters, counts, part checksums)
 INTERRUPT_GRACE_S = 5.0  # how long an interrupted query may take to stop
 T = TypeVar("T")
 
@@ -53,106 +64,6 @@ LOCKDOWN = (
 
 log = logging.getLogger(__name__)
 LEFT_OUT = "left out: embeddings files collide on this name"  # comment of such a view
-
-
-class CatalogError(RuntimeError):
-    """A catalog that is missing, of another version, or does not match the pinned schema."""
-
-
-class NoCatalogError(CatalogError):
-    """A root that has no catalog (never ingested, or not there): bad input, exit 2, one message
-    for every command that reads a root (catalog, verify, train, embed, eval, ...)."""
-
-    bad_input = True
-
-
-def catalog_dir(root: str | Path) -> Path:
-    return Path(root) / CATALOG_DIR
-
-
-def _require_ingested(root: Path) -> Path:
-    cdir = catalog_dir(root)
-    if not (cdir / MANIFEST).exists():  # a FIFO here is refused by name when read
-        if not root.exists():
-            raise NoCatalogError(f"{root} has no catalog: no such directory")
-        if (root / ".ingest-staging" / "all" / ".swap.json").is_file():  # written by ingest/run.py
-            raise CatalogError(
-                f"{root}: an `ingest --overwrite` was stopped while it swapped its complete new output "
-                "in; run that ingest again (e.g. with --resume) to finish the swap"
-            )
-        raise NoCatalogError(
-            f"{root} has no catalog ({cdir / MANIFEST} is missing): run `polyp-ssl ingest {root}` first "
-            f"(or `polyp-ssl catalog merge {root}` after `ingest --part I/N` runs)"
-        )
-    return cdir
-
-
-def require_catalog(root: str | Path) -> Path:
-    """The catalog folder of an ingested root; NoCatalogError (one message) otherwise."""
-    return _require_ingested(Path(root))
-
-
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The catalog's manifest.json; checks that it is a catalog of this version."""
-    path = _require_ingested(Path(root)) / MANIFEST
-    try:
-        manifest = load_json(path, "manifest", max_bytes=MAX_MANIFEST_BYTES)
-    except TextInputError as exc:  # too large, too deep, not UTF-8 JSON: names file and line
-        raise CatalogError(f"unreadable manifest: {exc}") from None
-    except OSError as exc:
-        raise CatalogError(f"{path}: unreadable manifest: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise CatalogError(f"{path}: manifest is not a JSON object")
-    version = manifest.get("version")
-    if version != CATALOG_VERSION:
-        raise CatalogError(
-            f"{path}: field 'version' is {version!r}, this reader knows catalog version {CATALOG_VERSION}; "
-            "re-ingest it with this version: `polyp-ssl ingest RAW_ROOT --out ROOT --overwrite`"
-        )
-    return manifest
-
-
-def check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
-    """Raise CatalogError naming the file and the first column that differs from `expected`."""
-    for f in expected:
-        idx = actual.get_field_index(f.name)
-        if idx < 0:
-            raise CatalogError(f"{path}: column {f.name!r} is missing (expected {f.type})")
-        got = actual.field(idx).type
-        if got != f.type:
-            raise CatalogError(f"{path}: column {f.name!r} has type {got}, expected {f.type}")
-    extra = [n for n in actual.names if expected.get_field_index(n) < 0]
-    if extra:
-        raise CatalogError(
-            f"{path}: unexpected column {extra[0]!r} (not in catalog version {CATALOG_VERSION})"
-        )
-
-
-def _table_path(root: Path, name: str) -> Path:
-    if name not in TABLES:
-        raise CatalogError(f"unknown catalog table {name!r}; tables: {', '.join(TABLES)}")
-    path = _require_ingested(root) / f"{name}.parquet"
-    if not path.exists():  # a FIFO here is refused by name (_dataset)
-        raise CatalogError(f"{path}: catalog table {name!r} is missing; re-run `polyp-ssl ingest {root}`")
-    return path
-
-
-def _dataset(path: Path, expected: pa.Schema | None) -> pads.Dataset:
-    try:
-        check_regular(path, "Parquet file")  # pyarrow opens the path itself: never a FIFO or device
-        actual = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
-    if expected is not None:
-        check_schema(path, actual, expected)
-    return pads.dataset(str(path), format="parquet", schema=expected or actual)
-
-
-def read_table(root: str | Path, name: str) -> pa.Table:
-    """One catalog table, read with its pinned schema."""
-    root = Path(root)
-    read_manifest(root)
-    return _dataset(_table_path(root, name), TABLES[name]).to_table()
 
 
 def embeddings_view_name(stem: str) -> str:
@@ -190,7 +101,7 @@ def connect(root: str | Path, cache_dir: str | Path | None = None) -> duckdb.Duc
     read_manifest(root)
     datasets: dict[str, pads.Dataset] = {}
     for name, schema in TABLES.items():
-        datasets[name] = _dataset(_table_path(root, name), schema)
+        datasets[name] = open_dataset(table_path(root, name), schema)
     emb_files = cached_files(embeddings_places(root, cache_dir))
     colliding = embeddings_collisions(emb_files)
     for view, paths in colliding.items():
@@ -203,11 +114,7 @@ def connect(root: str | Path, cache_dir: str | Path | None = None) -> duckdb.Duc
         view = embeddings_view_name(path.stem)
         if view in colliding:
             continue
-        try:
-            check_regular(path, "Parquet file")
-            schema = pq.read_schema(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
+        schema = read_file_schema(path)
         _check_embeddings_schema(path, schema)
         datasets[view] = pads.dataset(str(path), format="parquet", schema=schema)
     con = duckdb.connect(":memory:")

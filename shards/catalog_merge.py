@@ -21,9 +21,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from polyp_ssl.shards.catalog import MANIFEST, MAX_MANIFEST_BYTES, CatalogError, catalog_dir, check_schema
 from polyp_ssl.shards.lock import output_lock
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
+from polyp_ssl.shards.tables import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    CatalogError,
+    catalog_dir,
+    check_schema,
+    read_file_schema,
+)
 from polyp_ssl.shards.textio import TextInputError, loads_json, read_bounded
 
 log = logging.getLogger(__name__)
@@ -149,11 +156,7 @@ def _read_part_table(part: Part, name: str) -> pa.Table:
     path = part.path / f"{name}.parquet"
     if not path.is_file():
         raise CatalogError(f"{path}: table {name!r} of part {part.path.name} is missing")
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
-    check_schema(path, schema, TABLES[name])
+    check_schema(path, read_file_schema(path), TABLES[name])
     return pq.read_table(path, schema=TABLES[name])
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from polyp_ssl.shards.cli_errors import failure_code
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 from polyp_ssl.shards.cli_parser import FlagParser
 
@@ -190,7 +191,7 @@ def statement_header(index: int, total: int, statement: str, width: int = 100) -
 def _error(prog: str, exc: BaseException) -> int:
     """One line; exit 2 for bad input (a root without a catalog: NoCatalogError), else 1."""
     print(f"{prog}: error: {exc}", file=sys.stderr)
-    return 2 if getattr(exc, "bad_input", False) else 1
+    return failure_code(exc)
 
 
 def _emit(table: pa.Table, fmt: str, max_rows: int | None, width: int) -> None:
@@ -204,9 +205,9 @@ def _emit(table: pa.Table, fmt: str, max_rows: int | None, width: int) -> None:
 
 def merge_main(argv: list[str]) -> int:
     args = _merge_parser().parse_args(argv)
-    from polyp_ssl.shards.catalog import CatalogError
     from polyp_ssl.shards.catalog_merge import merge_parts
     from polyp_ssl.shards.lock import LockHeld
+    from polyp_ssl.shards.tables import CatalogError
 
     try:
         manifest = merge_parts(args.out)
@@ -339,7 +340,7 @@ def _verify_parser() -> argparse.ArgumentParser:
 def verify_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _verify_parser().parse_args(argv)
-    from polyp_ssl.shards.catalog import CatalogError
+    from polyp_ssl.shards.tables import CatalogError
     from polyp_ssl.shards.verify import verify_root
 
     try:

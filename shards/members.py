@@ -23,6 +23,7 @@ import tarfile
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -176,8 +177,27 @@ def local_shard_path(url: str) -> str | None:
     return path if path.endswith(".tar") else None
 
 
+class MemberReader(Protocol):
+    """Reads one member of a shard at its catalog span, checked as `SpanReader.read` checks it.
+
+    The interface the loader's planned batches read through (polyp_ssl.planned_source): today
+    `SpanReader` (a local `pread`); a reader of another store (ranged GETs on an object store)
+    implements the same two methods and raises the same errors: MemberError with its `reason`
+    (`truncated_shard`, `shard_changed`, `span_mismatch`) for bytes that are not ingest's, OSError
+    for a shard that cannot be reached. `location` is the shard's location (a local path for
+    SpanReader), `expected_size` its size in the catalog's shards table (-1: unknown), `member`
+    its name in the tar (key and extension), whose header the reader checks when given."""
+
+    def read(
+        self, location: str, span: MemberSpan, expected_size: int = -1, member: str | None = None
+    ) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class SpanReader:
-    """Reads member spans from local shard files, checking each read against the catalog.
+    """The MemberReader of local plain `.tar` shards: reads member spans with `pread`, checking
+    each read against the catalog.
 
     Keeps at most `max_open` files open (least recently used closed first). On opening a file
     its size is compared with the catalog's: a shorter file is `truncated_shard` for the spans

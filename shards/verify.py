@@ -5,7 +5,6 @@ offsets) is where that member's data lies in the tar."""
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -15,12 +14,15 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from polyp_ssl.shards.catalog import read_manifest, read_table
 from polyp_ssl.shards.files import NotRegularFileError, open_regular
+from polyp_ssl.shards.hashing import file_sha256_size
 from polyp_ssl.shards.locations import UnsafeLocation, inside, location_problem
 from polyp_ssl.shards.members import MemberSpan, crc32
 from polyp_ssl.shards.reader import BLOCK, COMPRESSED_MAGIC, read_members
-from polyp_ssl.shards.sample import JSON_EXT, JpegSizeError, SampleError, check_jpeg, frame_ext, parse_sample
+from polyp_ssl.shards.sample import JSON_EXT
+from polyp_ssl.shards.samples import SampleDamage, check_stored_sample
+from polyp_ssl.shards.tables import read_catalog_table as read_table
+from polyp_ssl.shards.tables import read_manifest
 
 SHARDS_DIR = "shards"
 _CHUNK = 1 << 20
@@ -61,13 +63,7 @@ class VerifyReport:
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open_regular(path, "shard") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
+    return file_sha256_size(path, _CHUNK, "shard")
 
 
 def member_key(name: str) -> str | None:
@@ -117,24 +113,12 @@ def _wanted(name: str) -> bool:
 
 
 def sample_problem(key: str, members: dict[str, bytes]) -> str | None:
-    """What is wrong with one sample (its JSON as data, shards.sample.parse_sample; its key; a JPEG
-    per frame whose header gives the JSON's crop_sizes), or None."""
-    if JSON_EXT not in members:
-        return "no .json member"
+    """What is wrong with one sample (shards.samples.check_stored_sample: its JSON as data, its key,
+    a JPEG per frame whose header gives the JSON's crop_sizes), or None."""
     try:
-        meta = parse_sample(members[JSON_EXT])
-    except SampleError as exc:
-        return f"JSON member: {exc}"
-    if meta.key != key:
-        return f"JSON field 'key' is {meta.key!r}, not the member key"
-    for i in range(meta.n_frames):
-        data = members.get(frame_ext(i))
-        if data is None:
-            return f"no member .{frame_ext(i)} for frame {i}"
-        try:
-            check_jpeg(data, meta.crop_sizes[i])
-        except JpegSizeError as exc:
-            return f"field 'crop_sizes[{i}]': frame {i} is {exc}"
+        check_stored_sample(members, key)
+    except SampleDamage as damage:
+        return str(damage)
     return None
 
 
@@ -305,12 +289,12 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
         expected_keys[t["shard"]].append((t["tracklet_id"], t["sample_key"]))
     catalog_paths = {s["path"] for s in shards}
     key_shard: dict[str, str] = {}  # sample key -> the first shard it was found in
-    for path in sorted(set(expected_keys) - catalog_paths, key=str):
+    for named in sorted(set(expected_keys) - catalog_paths, key=str):
         report.problems.append(
             Problem(
                 "catalog_mismatch",
-                str(path),
-                f"{len(expected_keys[path])} tracklets name this shard, which is not in the shards table",
+                str(named),
+                f"{len(expected_keys[named])} tracklets name this shard, which is not in the shards table",
             )
         )
 
@@ -401,8 +385,8 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
 
     sdir = root / SHARDS_DIR
     if sdir.is_dir():
-        for path in sorted(sdir.rglob("*.tar")):
-            rel = path.relative_to(root).as_posix()
+        for tar_path in sorted(sdir.rglob("*.tar")):
+            rel = tar_path.relative_to(root).as_posix()
             if rel not in catalog_paths:
                 report.problems.append(Problem("extra_shard", rel, "shard file not listed in the catalog"))
     return report

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
-from polyp_ssl.shards.files import open_regular
+from polyp_ssl.shards.hashing import file_sha256  # noqa: F401 - importable from here as before
 from polyp_ssl.shards.members import MemberSpan, crc32
 
 TAR_MTIME = 0
@@ -139,16 +139,6 @@ class ShardWriter:
         self.n_bytes = self._hashing.n_bytes
         self.sha256 = self._hashing.sha.hexdigest()
         os.replace(self.tmp_path, self.path)
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20, what: str = "") -> str:
-    """The sha256 of a regular file's bytes, read in chunks; `what` names the file in the refusal
-    of a FIFO or device (never waited on)."""
-    sha = hashlib.sha256()
-    with open_regular(path, what) as f:
-        while block := f.read(chunk):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

@@ -13,8 +13,6 @@ import gzip
 import io
 import json
 import lzma
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -35,14 +33,11 @@ from polyp_ssl.shards.sample import (
 )
 from polyp_ssl.shards.verify import verify_root
 from polyp_ssl.stream import SampleDamage, ShardError, check_sample, iter_tar_samples
+from tests.bomb_helpers import GIB, bounded, patch_record_sizes, rewrite_config
+from tests.damage_helpers import SHARD, first_key, make_stream, record_spans, write_members
+from tests.damage_helpers import read_members as tar_members
 from tests.embed_factory import make_ckpt
 from tests.shard_factory import make_root
-from tests.test_damaged_shards import SHARD, first_key, make_stream, record_spans, write_members
-from tests.test_damaged_shards import read_members as tar_members
-
-REPO = Path(__file__).resolve().parents[1]
-GIB = 1 << 30
-
 
 # ---------------------------------------------------------------- a hostile corpus
 
@@ -417,34 +412,6 @@ def test_verify_names_bad_samples_and_duplicate_keys(root):
 # ---------------------------------------------------------------- memory-bounded runs of the commands
 
 
-def run_limited(code: str, limit_bytes: int | None, timeout: float = 240) -> tuple[int, str, int]:
-    """Run `code` in a child Python with RLIMIT_AS = limit_bytes; (exit code, stderr, peak VM)."""
-    wrapped = (
-        "import resource, sys\n"
-        f"lim = {limit_bytes!r}\n"
-        "if lim: resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
-        "def _peak():\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith('VmPeak:'):\n"
-        "            return int(line.split()[1]) * 1024\n"
-        "import atexit\n"
-        "atexit.register(lambda: sys.stderr.write(f'\\nVMPEAK {_peak()}\\n'))\n" + code
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", wrapped], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-    peak = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("VMPEAK ")]
-    return proc.returncode, proc.stderr, peak[-1] if peak else -1
-
-
-def bounded(code_clean: str, code_bomb: str, clean_rc: int = 0) -> tuple[int, str, int, int]:
-    rc, err, base = run_limited(code_clean, None)
-    assert rc == clean_rc and base > 0, err[-2000:]
-    rc, err, peak = run_limited(code_bomb, base + GIB)
-    print(f"peak VM: clean {base / 2**20:.0f} MiB, hostile {peak / 2**20:.0f} MiB (limit clean + 1024 MiB)")
-    return rc, err, base, peak
-
-
 def test_verify_on_tar_and_gzip_bombs_stays_within_1_gib_of_a_clean_run(root, tmp_path):
     clean = tmp_path / "clean"
     import shutil
@@ -468,7 +435,7 @@ def test_train_on_jpeg_bombs_stays_within_1_gib_of_a_clean_run(root, tmp_path):
     and finishes; a clean run of the same command sets the memory baseline."""
     import shutil
 
-    from tests.test_train import TINY
+    from tests.train_helpers import TINY
 
     clean = tmp_path / "clean"
     shutil.copytree(root, clean)
@@ -490,7 +457,7 @@ def test_train_on_jpeg_bombs_stays_within_1_gib_of_a_clean_run(root, tmp_path):
         *TINY,
     ]
     code = (
-        "from polyp_ssl.cli import main\n"
+        "from polyp_ssl.train_cli import main\n"
         "sys.exit(main(['--dataset_root', {root!r}, '--runs_dir', {runs!r}] + {args!r}))"
     )
     rc, err, base, peak = bounded(
@@ -509,15 +476,6 @@ def test_train_on_jpeg_bombs_stays_within_1_gib_of_a_clean_run(root, tmp_path):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     return make_ckpt(tmp_path_factory.mktemp("ckpt") / "enc.pt")
-
-
-def rewrite_config(src: Path, dst: Path, change) -> Path:
-    obj = torch.load(src, weights_only=True)
-    config = json.loads(obj["config_json"])
-    change(config, obj["state_dict"])
-    obj["config_json"] = json.dumps(config)
-    torch.save(obj, dst)
-    return dst
 
 
 def test_the_tiny_checkpoint_loads(ckpt):
@@ -565,17 +523,6 @@ def test_a_state_dict_with_a_wrong_shape_names_the_first_key(ckpt, tmp_path):
 
     with pytest.raises(CheckpointError, match="lacks 'cls_token'"):
         load_encoder(rewrite_config(ckpt, tmp_path / "missing.pt", missing))
-
-
-def patch_record_sizes(src: Path, dst: Path, size: int, which: int = 0, field: int = 24) -> Path:
-    """Copy `src` (a torch zip) with the central-directory entry `which` declaring `size` bytes."""
-    data = bytearray(src.read_bytes())
-    at = -1
-    for _ in range(which + 1):
-        at = data.index(b"PK\x01\x02", at + 1)
-    data[at + field : at + field + 4] = size.to_bytes(4, "little")
-    dst.write_bytes(bytes(data))
-    return dst
 
 
 def test_zip_records_claiming_more_than_the_file_are_refused_before_torch_load(ckpt, tmp_path):

@@ -270,6 +270,48 @@ def test_missing_table_file(root):
         connect(root)
 
 
+def test_read_catalog_table_reads_a_column_subset_and_a_row_filter(root):
+    import pyarrow.compute as pc
+
+    from polyp_ssl.shards.tables import read_catalog_table
+
+    t = read_catalog_table(root, "tracklets", ["tracklet_id", "split"], filter=pc.field("split") == "train")
+    assert t.column_names == ["tracklet_id", "split"]
+    assert t["tracklet_id"].to_pylist() == [x[0] for x in TRACKLETS if x[1] == "train"]
+    assert read_catalog_table(root, "frames").equals(read_table(root, "frames"))
+    loose = read_catalog_table(root, "tracklets", ["n_frames"], checked=False)
+    assert loose["n_frames"].to_pylist() == [x[5] for x in TRACKLETS]
+    with pytest.raises(CatalogError, match="unknown catalog table 'nope'"):
+        read_catalog_table(root, "nope")
+
+
+def test_a_checked_read_keeps_the_catalog_checks(root, tmp_path):
+    from polyp_ssl.shards.tables import NoCatalogError, read_catalog_table
+
+    path = root / "catalog" / "tracklets.parquet"
+    t = pq.read_table(path)
+    pq.write_table(t.append_column("extra", pa.array([0] * t.num_rows)), path)
+    with pytest.raises(CatalogError, match=r"tracklets\.parquet: unexpected column 'extra'"):
+        read_catalog_table(root, "tracklets", ["tracklet_id"])
+    assert read_catalog_table(root, "tracklets", ["tracklet_id"], checked=False).num_rows == len(TRACKLETS)
+    with pytest.raises(NoCatalogError, match="has no catalog"):
+        read_catalog_table(tmp_path, "tracklets")
+
+
+def test_reading_a_table_imports_no_duckdb(root):
+    code = (
+        "import sys; from polyp_ssl.shards.tables import read_catalog_table\n"
+        "import polyp_ssl.shards.verify, polyp_ssl.stream_index, polyp_ssl.span_index\n"
+        "n = read_catalog_table(sys.argv[1], 'tracklets', ['tracklet_id']).num_rows\n"
+        "print('DUCKDB', 'duckdb' in sys.modules, n)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(root)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"DUCKDB False {len(TRACKLETS)}" in out.stdout
+
+
 def test_embeddings_view_cosine_similarity(root):
     rng = np.random.default_rng(0)
     dim = 8

@@ -228,7 +228,7 @@ def _yaml(tmp_path: Path, data: dict) -> Path:
     ],
 )
 def test_yaml_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, capsys, key, value, expected):
-    from polyp_ssl.cli import main
+    from polyp_ssl.train_cli import main
 
     cfg = _yaml(tmp_path, {"dataset_root": str(tmp_path), key: value})
     assert main(["--config", str(cfg)]) == 2
@@ -238,7 +238,7 @@ def test_yaml_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, capsys,
 
 
 def test_yaml_unknown_key_suggests_the_close_setting(tmp_path, capsys):
-    from polyp_ssl.cli import main
+    from polyp_ssl.train_cli import main
 
     cfg = _yaml(tmp_path, {"dataset_root": str(tmp_path), "batch_szie": 60})
     assert main(["--config", str(cfg)]) == 2
@@ -251,7 +251,7 @@ def test_yaml_unknown_key_suggests_the_close_setting(tmp_path, capsys):
 
 
 def test_yaml_values_read_as_numbers_keep_the_command_line_type(tmp_path):
-    from polyp_ssl.cli import resolve_config
+    from polyp_ssl.train_cli import resolve_config
 
     root = make_root(tmp_path / "root", videos={"train": 1, "val": 1})
     cfg = _yaml(
@@ -305,7 +305,7 @@ def test_each_lightning_log_line_is_printed_once(tiny_run):
 
 
 def test_a_runs_config_yaml_is_accepted_back_and_resolves_the_same(tiny_run, capsys):
-    from polyp_ssl.cli import main, resolve_config
+    from polyp_ssl.train_cli import main, resolve_config
 
     root, runs, _ = tiny_run
     saved = runs / "first" / "config.yaml"
@@ -338,7 +338,7 @@ def test_gpu_flags_on_a_machine_without_one_get_one_line_exit_2(
     tmp_path, capsys, monkeypatch, flags, expected
 ):
     import polyp_ssl.memory as memory
-    from polyp_ssl.cli import main
+    from polyp_ssl.train_cli import main
 
     monkeypatch.setattr(memory, "_cuda_count", lambda: 0)
     root = make_root(tmp_path / "root", videos={"train": 1, "val": 1})

@@ -19,8 +19,7 @@ from polyp_ssl.device_decode import (
 )
 from polyp_ssl.stream import BagStream, DataConfigError, StreamLoader, StreamParams, build_index, open_video
 from tests.shard_factory import make_root
-from tests.test_stream import P
-from tests.test_train import TINY, losses
+from tests.train_helpers import TINY, P, losses
 
 DEVICE = StreamParams(**{**P.__dict__, "decode_on": "device"})
 
@@ -52,15 +51,16 @@ def test_encoded_batch_decodes_to_the_workers_frames(root):
     flips and zoomed, shifted anchor crops (the opt-in augmentations) included; the other keys are
     identical."""
     aug = {"aug_random_scale": True, "aug_jitter": True, "aug_hflip": True, "aug_vflip": True}
-    cpu_p = StreamParams(**{**P.__dict__, **aug})
-    dev_p = StreamParams(**{**DEVICE.__dict__, **aug})
+    seq = {"shard_access": "sequential"}  # open_video below takes a video's samples in shard order
+    cpu_p = StreamParams(**{**P.__dict__, **aug, **seq})
+    dev_p = StreamParams(**{**DEVICE.__dict__, **aug, **seq})
     index = build_index(root, "train", cpu_p)
     cpu, dev = BagStream(index, cpu_p), BagStream(index, dev_p)
-    v, samples, codes = next(cpu._iter_videos([0]))
+    v, samples, codes = next(cpu.source.iter_videos([0]))
     ov = open_video(v, 0, samples, codes, cpu_p, np.random.default_rng(0), 1.0, cpu.stats)
     chosen = [(ov, bag) for bag in ov.bags[:4]]
-    ref = cpu.decode_batch(chosen, np.random.default_rng(5))
-    enc = dev.decode_batch(chosen, np.random.default_rng(5))
+    ref = cpu.assembler(cpu.source.rows_of(chosen), np.random.default_rng(5))
+    enc = dev.assembler(dev.source.rows_of(chosen), np.random.default_rng(5))
     assert is_encoded(enc) and not is_encoded(ref) and "frames" not in enc
     # each distinct frame is shipped once
     n_distinct = len(
@@ -137,8 +137,8 @@ def test_training_with_decode_on_device(root, tmp_path):
     model's loss moves by 10% under one-grey-level noise.)"""
     import math
 
-    from polyp_ssl.cli import main, resolve_config
     from polyp_ssl.datamodule import StreamDataModule
+    from polyp_ssl.train_cli import main, resolve_config
 
     runs = tmp_path / "runs"
     base = [

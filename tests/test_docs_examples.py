@@ -24,7 +24,7 @@ import pytest
 from polyp_ssl.entry import main as entry_main
 from polyp_ssl.eval.demo import demo_settings, flags, report_inputs, summary_table
 from tests.embed_factory import make_ckpt
-from tests.test_readme import split_commands
+from tests.readme_helpers import split_commands
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -4,7 +4,6 @@ init and descriptor encoders, and bad inputs."""
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -12,12 +11,20 @@ import torch
 from PIL import Image
 
 from polyp_ssl.checkpoint import load_encoder, sha256_file
-from polyp_ssl.eval.embed import EmbedError, ensure_embeddings, frame_plan, main
+from polyp_ssl.eval.embed import (
+    EmbedError,
+    EmbedOptions,
+    EncoderChoice,
+    embeddings_file,
+    ensure_embeddings,
+    frame_plan,
+    main,
+)
 from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
 from polyp_ssl.fragments import count_fragments
-from polyp_ssl.shards.sample import TrackletSample
 from polyp_ssl.transforms import load_frames
 from tests.embed_factory import make_ckpt, make_tiny_root, tracklet_rows
+from tests.sample_helpers import read_tracklet_sample as _sample
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +33,6 @@ def env(tmp_path_factory):
     root = make_tiny_root(base / "root")
     ckpt = make_ckpt(base / "tiny.ckpt")
     return root, ckpt
-
-
-def _sample(root, row):
-    """The JSON and frame JPEGs of one tracklet, read by member name (independent of eval.embed)."""
-    with tarfile.open(root / row["shard"]) as tar:
-        meta = TrackletSample.from_json(tar.extractfile(f"{row['sample_key']}.json").read())
-        jpegs = [tar.extractfile(f"{row['sample_key']}.{i:04d}.jpg").read() for i in range(meta.n_frames)]
-    return meta, jpegs
 
 
 def test_frame_plan_matches_direct_definition():
@@ -54,7 +53,7 @@ def test_frame_plan_matches_direct_definition():
 
 def test_embed_rows_vectors_metadata_and_cache(env, capsys):
     root, ckpt = env
-    path = ensure_embeddings(root, ckpt, split="test", batch_size=5, progress=False)
+    path = embeddings_file(root, ckpt, split="test", batch_size=5, progress=False)
     emb = read_embeddings(path, root=root)
     rows = tracklet_rows(root, "test")
     assert [r["tracklet_id"] for r in rows] == list(emb.tracklet_id)  # catalog order, one row each
@@ -79,19 +78,20 @@ def test_embed_rows_vectors_metadata_and_cache(env, capsys):
 
     # same inputs: the file is reused, not rewritten
     mtime = path.stat().st_mtime_ns
-    capsys.readouterr()
-    again = ensure_embeddings(root, ckpt, split="test", batch_size=7, progress=False)
-    assert again == path and path.stat().st_mtime_ns == mtime
-    assert "reusing" in capsys.readouterr().out
+    again = ensure_embeddings(
+        root, EncoderChoice(ckpt), EmbedOptions(split="test", batch_size=7, progress=False)
+    )
+    assert again.reused and again.path == path and path.stat().st_mtime_ns == mtime
+    assert again.summary() == f"embeddings up to date, reusing {path}"
     # another parameter: another file
-    other = ensure_embeddings(root, ckpt, split="test", im_size=48, progress=False)
+    other = embeddings_file(root, ckpt, split="test", im_size=48, progress=False)
     assert other != path
     assert not np.allclose(read_embeddings(other).vectors, emb.vectors)
 
 
 def test_fragments_and_batching_do_not_change_vectors(env):
     root, ckpt = env
-    p1 = ensure_embeddings(
+    p1 = embeddings_file(
         root,
         ckpt,
         split="val",
@@ -101,7 +101,7 @@ def test_fragments_and_batching_do_not_change_vectors(env):
         name="frag_a",
         progress=False,
     )
-    p2 = ensure_embeddings(
+    p2 = embeddings_file(
         root,
         ckpt,
         split="val",
@@ -121,10 +121,10 @@ def test_fragments_and_batching_do_not_change_vectors(env):
 
 def test_init_baseline_is_seeded_and_differs_from_checkpoint(env):
     root, ckpt = env
-    a = ensure_embeddings(root, f"init:{ckpt}", split="test", name="init_a", progress=False)
-    b = ensure_embeddings(root, f"init:{ckpt}", split="test", name="init_b", progress=False)
-    c = ensure_embeddings(root, f"init:{ckpt}", split="test", name="init_c", init_seed=7, progress=False)
-    trained = ensure_embeddings(root, ckpt, split="test", progress=False)
+    a = embeddings_file(root, f"init:{ckpt}", split="test", name="init_a", progress=False)
+    b = embeddings_file(root, f"init:{ckpt}", split="test", name="init_b", progress=False)
+    c = embeddings_file(root, f"init:{ckpt}", split="test", name="init_c", init_seed=7, progress=False)
+    trained = embeddings_file(root, ckpt, split="test", progress=False)
     va, vb, vc = (read_embeddings(p).vectors for p in (a, b, c))
     np.testing.assert_array_equal(va, vb)
     assert not np.allclose(va, vc)
@@ -137,7 +137,7 @@ def test_descriptor_equals_direct_histograms(env):
     from polyp_ssl.ingest.synth.descriptor import describe_tracklet
 
     root, _ = env
-    path = ensure_embeddings(root, None, encoder="descriptor", split="test", progress=False)
+    path = embeddings_file(root, None, encoder="descriptor", split="test", progress=False)
     emb = read_embeddings(path, root=root)
     rows = tracklet_rows(root, "test")
     m, jpegs = _sample(root, rows[2])
@@ -175,9 +175,9 @@ def test_cli_bad_inputs(env, tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_matches_cpu(env):
     root, ckpt = env
-    cpu = read_embeddings(ensure_embeddings(root, ckpt, split="test", device="cpu", progress=False))
+    cpu = read_embeddings(embeddings_file(root, ckpt, split="test", device="cpu", progress=False))
     gpu = read_embeddings(
-        ensure_embeddings(root, ckpt, split="test", device="cuda", name="on_cuda", progress=False)
+        embeddings_file(root, ckpt, split="test", device="cuda", name="on_cuda", progress=False)
     )
     a = cpu.vectors / np.linalg.norm(cpu.vectors, axis=1, keepdims=True)
     b = gpu.vectors / np.linalg.norm(gpu.vectors, axis=1, keepdims=True)

@@ -264,6 +264,45 @@ def test_no_catalog_is_one_message_exit_2_from_every_command(tmp_path, capsys):
     assert code == 2 and f"{tmp_path / 'never'} has no catalog: no such directory" in err
 
 
+# ------------------------------------------------------------------ the one exit-code mapping
+
+
+RERUN = "(rerun with --debug for the traceback)"
+
+
+class _BadInput(ValueError):
+    bad_input = True
+
+
+@pytest.mark.parametrize(
+    "exc, code, line",
+    [
+        (_BadInput("no  such\nthing"), 2, "polyp-ssl x: error: no such thing"),
+        (RuntimeError("boom"), 1, f"polyp-ssl x: error: RuntimeError: boom {RERUN}"),
+        (FileNotFoundError(2, "No such file", "/nope"), 1, "polyp-ssl x: /nope: No such file"),
+        (KeyboardInterrupt(), 130, "polyp-ssl x: interrupted; rerun"),
+    ],
+    ids=["bad_input", "other", "oserror", "interrupt"],
+)  # fmt: skip
+def test_run_reported_maps_each_failure_to_one_line_and_its_code(exc, code, line, capsys, debug_off):
+    from polyp_ssl.shards.cli_errors import exit_code, run_reported
+
+    def command():
+        raise exc
+
+    assert run_reported("polyp-ssl x", command, "rerun") == code == exit_code(exc)
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_run_reported_lets_the_traceback_through_under_debug(monkeypatch):
+    from polyp_ssl.shards.cli_errors import DEBUG_ENV, run_reported
+
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        run_reported("polyp-ssl x", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert run_reported("polyp-ssl x", lambda: None) == 0
+
+
 # ------------------------------------------------------------------------- smaller items
 
 
@@ -372,7 +411,7 @@ def test_a_missing_raw_folder_does_not_advise_on_error_skip(tmp_path, capsys):
 
 
 def test_an_item_error_still_advises_on_error_skip(tmp_path, capsys):
-    from tests.test_convert import build_raw
+    from tests.convert_factory import build_raw
 
     raw = build_raw(tmp_path / "raw", bad=("001-001", 3, "unique_id"))
     code, _, err = _run(capsys, ["convert", "realcolon", str(raw), str(tmp_path / "rc"), "--no-progress"])

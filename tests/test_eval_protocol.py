@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from polyp_ssl.checkpoint import load_encoder
 from polyp_ssl.eval.cli import eval_main
-from polyp_ssl.eval.embed import Item, batched_by_frames, ensure_embeddings
+from polyp_ssl.eval.embed import Item, batched_by_frames, embeddings_file
 from polyp_ssl.eval.embed import main as embed_main
 from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
 from polyp_ssl.eval.report import main as report_main
@@ -151,7 +151,7 @@ def test_report_names_the_protocol_in_results_and_markdown(mixed, ckpt, tmp_path
 def test_a_long_tracklet_is_embedded_with_every_strided_frame(long_root, ckpt):
     rows = tracklet_rows(long_root, "test")
     k = next(i for i, r in enumerate(rows) if r["n_frames"] == 300)
-    path = ensure_embeddings(long_root, ckpt, split="test", progress=False)
+    path = embeddings_file(long_root, ckpt, split="test", progress=False)
     emb, meta = read_embeddings(path, root=long_root), read_metadata(path)
     assert len(emb) == 2 and meta["n_tracklets_capped"] == 0 and meta["params"]["max_frames"] is None
     assert meta["protocol"] == PAPER
@@ -162,7 +162,7 @@ def test_a_long_tracklet_is_embedded_with_every_strided_frame(long_root, ckpt):
 
     # --max_frames 10: 10 frames evenly over the 75, first and last kept; the 40-frame tracklet
     # (10 strided frames) is not capped
-    capped_path = ensure_embeddings(long_root, ckpt, split="test", max_frames=10, progress=False)
+    capped_path = embeddings_file(long_root, ckpt, split="test", max_frames=10, progress=False)
     capped, cmeta = read_embeddings(capped_path), read_metadata(capped_path)
     assert cmeta["n_tracklets_capped"] == 1
     assert cmeta["protocol"] == "custom: min 30 frames, stride 4, at most 10 frames"
@@ -174,10 +174,10 @@ def test_a_long_tracklet_is_embedded_with_every_strided_frame(long_root, ckpt):
 
 
 def test_chunked_embedding_equals_one_pass(long_root, ckpt):
-    whole = ensure_embeddings(long_root, ckpt, split="test", name="budget_large", progress=False)
+    whole = embeddings_file(long_root, ckpt, split="test", name="budget_large", progress=False)
     # 16 frames: the 75-frame tracklet runs its backbone in 5 chunks (the last of 11), the
     # 10-frame one is an ordinary batch
-    chunked = ensure_embeddings(
+    chunked = embeddings_file(
         long_root, ckpt, split="test", name="budget_16", frame_budget=16, progress=False
     )
     a, b = read_embeddings(whole), read_embeddings(chunked)

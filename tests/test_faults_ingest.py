@@ -23,8 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 from ingest_fixtures import Track, make_root, moving
 
+from polyp_ssl.ingest import faults
 from polyp_ssl.ingest.cli import main as ingest_main
 from polyp_ssl.ingest.faults import CRASH_ENV
+from polyp_ssl.ingest.plan import IngestParams
+from polyp_ssl.ingest.run import IngestConfig
+from polyp_ssl.ingest.run import run_ingest as run_ingest_api
+from polyp_ssl.ingest.write import write_shard
 from polyp_ssl.shards.cli import verify_main
 from polyp_ssl.shards.schema import TABLES
 from polyp_ssl.shards.writer import file_sha256
@@ -49,6 +54,15 @@ def root(tmp_path_factory):
     r = tmp_path_factory.mktemp("root")
     make_root(str(r), five_videos())
     return r
+
+
+@pytest.fixture
+def ingest_faults():
+    """Install fault injection (ingest.faults) in this test's process: `ingest_faults(Faults(...))`,
+    or `ingest_faults(None)` for none; the process's own is put back after the test."""
+    previous = faults.install(None)
+    yield faults.install
+    faults.install(previous)
 
 
 def ingest(root, out, *args) -> int:
@@ -153,12 +167,66 @@ def test_sigkill_of_a_worker_is_named_and_resumable(root, reference, tmp_path, c
     resume_equals_reference(root, out, reference, capsys, partial=bool(all_files(out)))
 
 
-def test_crash_hook_is_inert_without_its_variable(root, reference, tmp_path, monkeypatch):
-    monkeypatch.delenv(CRASH_ENV, raising=False)
+def test_crash_hook_is_inert_without_its_variable(root, reference, tmp_path, ingest_faults):
+    ingest_faults(None)
     assert ingest(root, tmp_path / "out") == 0
     assert shard_bytes(tmp_path / "out") == shard_bytes(reference)
-    monkeypatch.setenv(CRASH_ENV, "no_such_point")  # an unknown point never fires
+    ingest_faults(faults.Faults(crash_at="no_such_point"))  # an unknown point never fires
     assert ingest(root, tmp_path / "out2") == 0
+
+
+def test_fault_variables_are_read_once_into_an_installed_hook():
+    assert faults.from_env({}) is None and faults.from_env({CRASH_ENV: ""}) is None
+    got = faults.from_env({CRASH_ENV: "shard_done:3"})
+    assert (got.crash_at, got.crash_nth, got.pause_after_shards) == ("shard_done", 3, 0)
+    got = faults.from_env({faults.PAUSE_ENV: "2", faults.PAUSE_SECONDS_ENV: "0.5"})
+    assert (got.crash_at, got.pause_after_shards, got.pause_seconds) == (None, 2, 0.5)
+
+
+def test_an_installed_crash_point_kills_at_its_nth_pass():
+    pid = os.fork()
+    if pid == 0:  # the child: reaches the point twice, dies at the second
+        try:
+            faults.install(faults.Faults(crash_at="shard_done", crash_nth=2))
+            faults.crash_point("sample_written")
+            faults.crash_point("shard_done")
+            faults.crash_point("shard_done")
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+# ---------------------------------------------------------------- the executor seam
+
+
+def test_another_executor_runs_the_same_tasks_to_the_same_output(root, reference, tmp_path):
+    seen = []
+
+    def backwards(tasks):  # another order, in this process: the phases see only the results
+        for task in reversed(list(tasks)):
+            seen.append(task.rel_path)
+            yield write_shard(task)
+
+    params = IngestParams(shard_max_bytes=20_000)
+    cfg = IngestConfig(str(root), out=str(tmp_path / "out"), params=params, progress=False)
+    summary = run_ingest_api(cfg, executor=backwards)
+    assert summary["shards_written"] == len(seen) == len(shard_bytes(reference))
+    assert_equals_reference(tmp_path / "out", reference)
+
+
+def test_an_executor_that_fails_leaves_a_resumable_run(root, reference, tmp_path, capsys):
+    def fails_after_one(tasks):
+        yield write_shard(tasks[0])
+        raise OSError(errno.EIO, "the cluster went away")
+
+    out = tmp_path / "out"
+    cfg = IngestConfig(str(root), out=str(out), params=IngestParams(shard_max_bytes=20_000), progress=False)
+    with pytest.raises(OSError, match="cluster"):
+        run_ingest_api(cfg, executor=fails_after_one)
+    assert len(glob.glob(str(out / "shards" / "*" / "*.stats.json"))) == 1
+    assert_nothing_half_visible(out)
+    resume_equals_reference(root, out, reference, capsys)
 
 
 # ---------------------------------------------------------------- disk full, simulated

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from polyp_ssl.checkpoint import CheckpointError, load_encoder
-from polyp_ssl.cli import main
 from polyp_ssl.datamodule import TEST_RAISE_ENV, raise_hook_from_env, read_failure_notes, write_failure_note
+from polyp_ssl.train_cli import main
 from tests.shard_factory import make_root
-from tests.test_train import TINY, losses
+from tests.train_helpers import TINY, losses
 
 REPO = Path(__file__).resolve().parents[1]
 

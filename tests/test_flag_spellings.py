@@ -137,7 +137,7 @@ def test_reference_flags_keep_their_spelling_and_take_the_other(cli_name, flags)
 
 
 def test_train_dataset_dash_root_reaches_the_config():
-    from polyp_ssl.cli import resolve_config
+    from polyp_ssl.train_cli import resolve_config
 
     anchor = ["--aug_anchorcrop", "--eval_aug_anchorcrop"]
     dash = resolve_config(

@@ -16,7 +16,7 @@ from ingest_fixtures import Track, make_root, moving
 from shard_factory import SPAN_COLUMNS
 
 from polyp_ssl.ingest.cli import main as ingest_main
-from polyp_ssl.ingest.write import PAUSE_ENV
+from polyp_ssl.ingest.faults import PAUSE_ENV
 from polyp_ssl.shards.reader import iter_samples
 from polyp_ssl.shards.schema import TABLES
 from polyp_ssl.shards.writer import file_sha256

@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# folder -> the package it is installed as (pyproject.toml's package-dir).
+# folder -> the package it is installed as (polyp_ssl/{ingest,shards,eval} link to the folders).
 FOLDERS = {
     "ingest": "polyp_ssl.ingest",
     "shards": "polyp_ssl.shards",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import polyp_ssl.stream as stream_mod
+import polyp_ssl.pooled_source as pooled_mod
 from polyp_ssl.stream import BagStream, StreamLoader, StreamParams, build_index
 from tests.shard_factory import make_root
 
@@ -92,7 +92,7 @@ def test_random_access_keeps_a_bounded_set_of_shard_files_open_across_epochs(roo
     run_epochs(ds, range(1))
     fds = open_fds()
     run_epochs(ds, range(1, 4))
-    assert open_fds() == fds <= before + ds.span_reader().max_open
+    assert open_fds() == fds <= before + ds.source.reader().max_open
     assert ds.shared.skip_counts()["truncated_shard"] >= 1  # each damaged sample counted once
 
 
@@ -115,7 +115,7 @@ def test_open_videos_are_bounded_by_the_setting(root, monkeypatch, open_videos, 
     videos hold n_bags bags, so at most max(open_videos, n_bags) videos are ever held."""
     alive: list[weakref.ref] = []
     peak = [0]
-    real = stream_mod.open_video
+    real = pooled_mod.open_video
 
     def counting(*args, **kwargs):
         ov = real(*args, **kwargs)
@@ -123,7 +123,7 @@ def test_open_videos_are_bounded_by_the_setting(root, monkeypatch, open_videos, 
         peak[0] = max(peak[0], sum(1 for r in alive if (o := r()) is not None and o.bags))
         return ov
 
-    monkeypatch.setattr(stream_mod, "open_video", counting)
+    monkeypatch.setattr(pooled_mod, "open_video", counting)
     params = StreamParams(
         **{**PARAMS, "open_videos": open_videos, "batch_size": batch_size, "shard_access": "sequential"}
     )

@@ -407,7 +407,7 @@ def test_loss_types_differ_and_need_their_inputs() -> None:
 
 
 def test_loss_weights_flag_is_an_alias_of_loss_milnce_weights() -> None:
-    from polyp_ssl.cli import build_parser
+    from polyp_ssl.train_cli import build_parser
 
     parser = build_parser()
     assert vars(parser.parse_args(["--loss_weights", "1", "0", "0.5"])) == {

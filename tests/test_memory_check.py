@@ -48,7 +48,7 @@ def _fake_machine(monkeypatch, gib: float) -> None:
 
 
 def test_the_papers_config_is_refused_on_a_small_machine(root, tmp_path, monkeypatch, capsys):
-    from polyp_ssl.cli import main
+    from polyp_ssl.train_cli import main
 
     _fake_machine(monkeypatch, 16)
     runs = tmp_path / "runs"
@@ -72,14 +72,14 @@ def test_the_papers_config_is_refused_on_a_small_machine(root, tmp_path, monkeyp
 
 
 def test_the_papers_config_passes_on_a_large_machine_and_skip_flag_skips(root, monkeypatch):
-    cfg = TrainConfig(dataset_root=str(root), accelerator="cpu")  # defaults = the paper's sizes
+    cfg = TrainConfig.from_dict({"dataset_root": str(root), "accelerator": "cpu"})  # the paper's sizes
     _fake_machine(monkeypatch, 512)
     assert check_before_training(cfg).level == "ok"
     _fake_machine(monkeypatch, 4)
     with pytest.raises(ValueError, match="it would not fit"):
         check_before_training(cfg)
     assert check_before_training(cfg, skip_memory=True) is None
-    cfg.skip_memory_check = True  # the flag, as train() passes it
+    cfg.trainer.skip_memory_check = True  # the flag, as train() passes it
     assert check_before_training(cfg, skip_memory=cfg.skip_memory_check) is None
 
 
@@ -146,5 +146,7 @@ def test_this_process_memory_is_added_back(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: (2 * GIB, "test"))
     monkeypatch.setattr(memory, "current_rss_bytes", lambda: GIB)
     monkeypatch.setattr(memory, "_cuda_count", lambda: 0)
-    verdict = check_before_training(TrainConfig(accelerator="cpu", im_size=32, sfe_backbone_arch="resnet18"))
+    verdict = check_before_training(
+        TrainConfig.from_dict({"accelerator": "cpu", "im_size": 32, "sfe_backbone_arch": "resnet18"})
+    )
     assert verdict.available == 3 * GIB

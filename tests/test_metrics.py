@@ -48,7 +48,9 @@ def sklearn_retrieval(s: np.ndarray, ids: np.ndarray, video: np.ndarray | None =
 @pytest.fixture(params=["candidates", "sorted"])
 def retrieval_path(request, monkeypatch):
     """Run a test through both retrieval code paths (few candidates / whole-row sort)."""
-    monkeypatch.setattr("polyp_ssl.eval.metrics.SORT_ABOVE", 2.0 if request.param == "candidates" else 0.0)
+    monkeypatch.setattr(
+        "polyp_ssl.shards.retrieval.SORT_ABOVE", 2.0 if request.param == "candidates" else 0.0
+    )
     return request.param
 
 

@@ -38,8 +38,7 @@ from test_faults_ingest import (
 )
 
 from polyp_ssl.entry import main as entry_main
-from polyp_ssl.ingest.faults import CRASH_ENV
-from polyp_ssl.ingest.write import PAUSE_ENV, PAUSE_SECONDS_ENV
+from polyp_ssl.ingest.faults import CRASH_ENV, PAUSE_ENV, PAUSE_SECONDS_ENV
 from polyp_ssl.shards.cli import main as catalog_main
 from polyp_ssl.shards.cli import verify_main
 from polyp_ssl.shards.cli_errors import DEBUG_ENV

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from polyp_ssl.diversity import bag_videos, global_shuffle_pair_rate, same_video_pair_rate
+from polyp_ssl.shards.members import SpanReader
 from polyp_ssl.shards.sample import parse_sample
 from polyp_ssl.stream import (
     BagStream,
@@ -72,7 +73,32 @@ def test_auto_reads_local_tar_shards_at_their_spans(small):
     batches = list(ds.iter_stream(0, 0))
     assert len(batches) == ds.per_worker
     assert all(b["frames"].shape == (12, 2, 3, 16, 16) for b in batches)
-    assert ds.span_reader().reads > 0
+    assert ds.source.reader().reads > 0
+
+
+def test_another_member_reader_plugs_into_the_planned_source(small):
+    """The planned source reads through shards.members.MemberReader: a reader of another store
+    (here one that wraps SpanReader and counts) gives the same batches, the source untouched."""
+
+    class CountingReader:
+        def __init__(self) -> None:
+            self.inner, self.calls = SpanReader(), 0
+
+        def read(self, location, span, expected_size=-1, member=None) -> bytes:
+            self.calls += 1
+            return self.inner.read(location, span, expected_size, member)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    index = build_index(small, "train", P)
+    plain = list(BagStream(index, P).iter_stream(0, 0))
+    ds = BagStream(index, P)
+    readers: list[CountingReader] = []
+    ds.source.open_reader = lambda: readers.append(CountingReader()) or readers[-1]
+    other = list(ds.iter_stream(0, 0))
+    assert len(readers) == 1 and readers[0].calls > 0
+    assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(plain, other, strict=True))
 
 
 def test_pixels_equal_an_independent_decode_of_the_tar_member(small):

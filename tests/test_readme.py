@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.readme_helpers import split_commands
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests: .venv/bin under `make test`
 
@@ -73,27 +75,6 @@ def bash_blocks(text: str) -> list[str]:
             )
         )
     return blocks
-
-
-def split_commands(block: str) -> list[str]:
-    """One string per shell command: continuation lines (trailing backslash) and quoted strings
-    over several lines stay with their command; comment lines are dropped."""
-    commands: list[str] = []
-    pending = ""
-    for line in block.splitlines():
-        if not pending and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        pending += line + "\n"
-        if line.rstrip().endswith("\\"):
-            continue
-        try:
-            shlex.split(pending, comments=True)
-        except ValueError:  # an open quote: the command goes on
-            continue
-        commands.append(pending.rstrip("\n"))
-        pending = ""
-    assert not pending, f"README: unterminated command {pending!r}"
-    return commands
 
 
 def readme_commands(sizes: dict[str, str]) -> list[str]:

@@ -304,7 +304,7 @@ def test_train_reads_a_read_only_root(sweep, tmp_path):
     """`train` only reads its --dataset_root; it writes to --runs_dir."""
     if sweep.mode != "bind mount":
         pytest.skip("needs a real read-only mount (mounting is not permitted here)")
-    from tests.test_train import TINY
+    from tests.train_helpers import TINY
 
     runs = tmp_path / "runs"
     argv = ["train", "--dataset_root", str(sweep.root), "--runs_dir", str(runs), "--exp_name", "ro"]

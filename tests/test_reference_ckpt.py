@@ -26,13 +26,13 @@ from torch import nn
 from polyp_ssl import reference_ckpt
 from polyp_ssl.checkpoint import CheckpointError, export_encoder, load_encoder, sha256_file
 from polyp_ssl.encoders import EncoderConfig
-from polyp_ssl.eval.embed import ensure_embeddings, resolve_params
+from polyp_ssl.eval.embed import embeddings_file, resolve_params
 from polyp_ssl.eval.embeddings import read_embeddings
 from polyp_ssl.export import main as export_main
 from polyp_ssl.transforms import load_frames
 from tests.embed_factory import TINY_CONFIG, make_ckpt, tracklet_rows
+from tests.sample_helpers import read_tracklet_sample as _sample
 from tests.shard_factory import make_root
-from tests.test_embed import _sample
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO / "tests" / "fixtures" / "ntssl_checkpoint_manifest.json").read_text())
@@ -409,9 +409,9 @@ def test_an_option_this_stack_lacks_is_refused_by_name(monkeypatch, option):
 
 
 def test_mask_intra_fragment_frames_is_kept_as_a_training_setting(tmp_path):
-    from polyp_ssl.config import TrainConfig
+    from polyp_ssl.config import SETTING_PART
 
-    if "hmve_mask_intra_fragment_frames" not in TrainConfig.__dataclass_fields__:
+    if "hmve_mask_intra_fragment_frames" not in SETTING_PART:
         pytest.skip("no such training setting: refused (see the test above)")
     ckpt = write_reference(tmp_path / "m.ckpt", edit=_hp(mask_intra_fragment_frames=True))
     encoder, config = load_encoder(ckpt)
@@ -498,9 +498,7 @@ def test_embed_cli_reads_a_reference_checkpoint(root, tiny, tmp_path):
     assert export_main([str(tiny), str(exported)]) == 0
     vectors = {}
     for name, ckpt in (("from_ckpt", tiny), ("from_export", exported)):
-        path = ensure_embeddings(
-            root, ckpt, split="test", im_size=32, device="cpu", name=name, progress=False
-        )
+        path = embeddings_file(root, ckpt, split="test", im_size=32, device="cpu", name=name, progress=False)
         vectors[name] = read_embeddings(path, root=root).vectors
     assert np.array_equal(vectors["from_ckpt"], vectors["from_export"])
     np.testing.assert_allclose(vectors["from_ckpt"], emb.vectors, rtol=1e-5, atol=1e-6)

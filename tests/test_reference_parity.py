@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from polyp_ssl.cli import resolve_config
 from polyp_ssl.encoders import EncoderConfig, build_encoder
 from polyp_ssl.losses import HierarchicalMILNCE, _logits
 from polyp_ssl.stream import BagStream, StreamParams, build_index, open_video
+from polyp_ssl.train_cli import resolve_config
 from tests.shard_factory import make_root
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "reference_flags.json").read_text())
@@ -153,15 +153,15 @@ def root(tmp_path_factory):
 def _two_loads(root: Path, **aug: bool) -> tuple[torch.Tensor, torch.Tensor]:
     p = StreamParams(
         batch_size=4, n_views=2, fragment_length=2, fragment_stride=2, min_tracklet_length=4, im_size=32,
-        aug_anchorcrop=True, bbox_scale_factor=5.0, **aug,
+        aug_anchorcrop=True, bbox_scale_factor=5.0, shard_access="sequential", **aug,
     )  # fmt: skip
     index = build_index(root, "train", p)
     stream = BagStream(index, p)
-    v, samples, codes = next(stream._iter_videos([0]))
+    v, samples, codes = next(stream.source.iter_videos([0]))
     ov = open_video(v, 0, samples, codes, p, np.random.default_rng(0), 1.0, stream.stats)
     chosen = [(ov, bag) for bag in ov.bags[:2]]
-    a = stream.decode_batch(chosen, np.random.default_rng(1))["frames"]
-    b = stream.decode_batch(chosen, np.random.default_rng(2))["frames"]
+    a = stream.assembler(stream.source.rows_of(chosen), np.random.default_rng(1))["frames"]
+    b = stream.assembler(stream.source.rows_of(chosen), np.random.default_rng(2))["frames"]
     return a, b
 
 
@@ -177,12 +177,12 @@ def test_scale_factor_above_the_ingest_scale_is_refused(root, tmp_path):
     with pytest.raises(ValueError, match=r"--bbox_scale_factor 7 is larger than the crop scale 6") as e:
         _train(["--dataset_root", str(root), "--bbox_scale_factor", "7"])
     assert "--overwrite --crop-scale 7" in str(e.value)
-    from polyp_ssl.eval.embed import EmbedError, ensure_embeddings
+    from polyp_ssl.eval.embed import EmbedError, embeddings_file
     from tests.embed_factory import make_ckpt
 
     ckpt = make_ckpt(tmp_path / "tiny.ckpt")
     with pytest.raises(EmbedError, match=r"--data_bbox_scale_factor 7 is larger than the crop scale 6"):
-        ensure_embeddings(root, ckpt, split="train", bbox_scale_factor=7.0, min_tracklet_frames=1)
+        embeddings_file(root, ckpt, split="train", bbox_scale_factor=7.0, min_tracklet_frames=1)
 
 
 # ----------------------------------------------------------------------------------- hmve options

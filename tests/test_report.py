@@ -177,9 +177,9 @@ def test_bad_inputs(run, tmp_path, capsys):
     other = make_tiny_root(tmp_path / "other", seed=5)
     # another manifest of the current catalog version (an older version is refused before embedding)
     (other / "catalog" / "manifest.json").write_text(json.dumps({"version": CATALOG_VERSION, "other": True}))
-    from polyp_ssl.eval.embed import ensure_embeddings
+    from polyp_ssl.eval.embed import embeddings_file
 
-    foreign = ensure_embeddings(other, ckpt, split="test", progress=False)
+    foreign = embeddings_file(other, ckpt, split="test", progress=False)
     assert (
         main(
             [

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from polyp_ssl import memory
-from polyp_ssl.cli import main, resolve_config
 from polyp_ssl.datamodule import TEST_RAISE_ENV
 from polyp_ssl.run_folder import RESUME_MAY_CHANGE
 from polyp_ssl.shards.lock import LOCK_NAME
+from polyp_ssl.train_cli import main, resolve_config
 from tests.shard_factory import make_root
-from tests.test_train import TINY
+from tests.train_helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -376,3 +376,28 @@ def test_a_lock_note_is_data_a_hostile_one_still_gives_one_bounded_line(tmp_path
         busy = pytest.raises(RunFolderBusy, match="in use by another process")
         with busy, RunFolder(tmp_path / "runs", "x").lock():
             pass
+
+
+def test_a_segment_owns_the_run_folders_lifecycle(tmp_path, capsys):
+    """RunFolder.segment: the folder it made goes when the segment fails before training started,
+    stays once training started; a successful segment removes stale failure notes and unfinished
+    checkpoint writes; --resume without a checkpoint says it starts from the beginning."""
+    from polyp_ssl.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "runs" / "deep", "x")
+    with pytest.raises(RuntimeError), run.segment(False, True, lambda: False):
+        assert (run.path / LOCK_NAME).exists()
+        raise RuntimeError("refused before the first step")
+    assert not (tmp_path / "runs").exists()  # the parents it created too
+
+    run = RunFolder(tmp_path / "runs", "x")
+    with pytest.raises(RuntimeError), run.segment(False, True, lambda: True):
+        raise RuntimeError("failed while training")
+    assert run.path.is_dir()
+    (run.path / "failed.rank1.txt").write_text("rank 1 failed")
+    run.ckpt_dir.mkdir()
+    (run.ckpt_dir / "last.ckpt.tmp123").write_bytes(b"half")
+    with run.segment(True, True, lambda: True) as plan:
+        assert plan.checkpoint is None and not (run.ckpt_dir / "last.ckpt.tmp123").exists()
+    assert "holds no checkpoint yet" in capsys.readouterr().err
+    assert not list(run.path.glob("failed.rank*.txt")) and not (run.path / LOCK_NAME).exists()

@@ -207,12 +207,12 @@ def test_merge_split_ingest_probe_end_to_end(rspp, seed_root, tmp_path, capsys):
     polyps = pq.read_table(out_root / "catalog" / "polyps.parquet").to_pylist()
     assert {p["dataset_id"] for p in polyps} == {"realcolon", "sun", "polypsize", "polypsset"}
 
-    from polyp_ssl.eval.embed import ensure_embeddings
+    from polyp_ssl.eval.embed import embeddings_file
     from tests.embed_factory import make_ckpt
 
     ckpt = make_ckpt(tmp_path / "tiny.ckpt")
     paths = {
-        s: ensure_embeddings(out_root, ckpt, split=s, progress=False, min_tracklet_frames=1, batch_size=16)
+        s: embeddings_file(out_root, ckpt, split=s, progress=False, min_tracklet_frames=1, batch_size=16)
         for s in ("train", "val")
     }
     rc, out, err = run(
@@ -271,7 +271,7 @@ def test_merge_refuses_colliding_dataset_ids_and_bad_sources(rspp, tmp_path, cap
 
 
 def test_realcolon_paper_split_preset_from_the_cli(tmp_path, capsys):
-    from tests.test_convert import LESIONS, build_raw
+    from tests.convert_factory import LESIONS, build_raw
 
     raw = build_raw(tmp_path / "raw", lesions=LESIONS[:2] + LESIONS[3:])  # 001-002 has no lesion row
     rc, out, err = run(

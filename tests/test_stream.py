@@ -14,18 +14,8 @@ from polyp_ssl.stream import (
     epoch_batches,
 )
 from tests.shard_factory import make_root
+from tests.train_helpers import P
 
-P = StreamParams(
-    batch_size=8,
-    n_views=2,
-    fragment_length=2,
-    fragment_stride=2,
-    min_tracklet_length=4,
-    im_size=32,
-    open_videos=3,
-    aug_anchorcrop=True,
-    max_epochs=4,
-)
 # the sequential reader's own design (each stream owns a disjoint part of the videos): what the
 # loader does for pipe: and remote shard bases; the random access default is tested in
 # tests/test_random_access.py
@@ -151,8 +141,8 @@ def test_only_used_jpegs_are_decoded(root):
     index = build_index(root, "train", P)
     ds = BagStream(index, P, 0, 1, 0)
     calls = []
-    original = ds.decode
-    ds.decode = lambda data: calls.append(1) or original(data)
+    original = ds.assembler.decode
+    ds.assembler.decode = lambda data: calls.append(1) or original(data)
     per_batch = []
     for b in ds:
         per_batch.append(len(calls))
@@ -233,13 +223,13 @@ def test_decoded_batch_equals_per_frame_anchor_crops(root):
     from polyp_ssl.stream import open_video
     from polyp_ssl.transforms import CropParams, apply_flips, crop_resize, decode_jpeg_bytes, load_frames
 
-    params = StreamParams(**{**P.__dict__, "aug_anchorcrop": False})
+    params = StreamParams(**{**P_SEQ.__dict__, "aug_anchorcrop": False})
     index = build_index(root, "train", params)
     ds = BagStream(index, params, 0, 1, 0)
-    v, samples, codes = next(ds._iter_videos([0]))
+    v, samples, codes = next(ds.source.iter_videos([0]))
     ov = open_video(v, 0, samples, codes, params, np.random.default_rng(0), 1.0, ds.stats)
     chosen = [(ov, ov.bags[0]), (ov, ov.bags[1])]
-    batch = ds.decode_batch(chosen, np.random.default_rng(0))
+    batch = ds.assembler(ds.source.rows_of(chosen), np.random.default_rng(0))
     rows = [int(m) for _, bag in chosen for m in bag]
     for r, m in enumerate(rows):
         fr = ov.frags[m]
@@ -296,3 +286,23 @@ def test_shards_through_fsspec_urls(root):
     bad = build_index(root, "train", P, shard_base="nosuchprotocol://bucket")
     with pytest.raises(ShardError, match="nosuchprotocol://bucket/shards/.*cannot open"):
         run_rank(bad, P, 0, 1, 0)
+
+
+def test_the_damage_policy_raises_under_fail_and_counts_each_skip_once_under_warn():
+    import logging
+    from collections import Counter
+
+    from polyp_ssl.damage import DamagePolicy
+    from polyp_ssl.stream import ShardError, SharedState
+
+    err = ShardError.at("s.tar", "k", "corrupt_jpeg", "frame 0 does not decode")
+    fail = DamagePolicy("fail", Counter(), SharedState(), logging.getLogger("t"))
+    with pytest.raises(ShardError) as exc:
+        fail(err)
+    assert exc.value is err and not fail.stats
+    shared, stats = SharedState(), Counter()
+    warn = DamagePolicy("warn", stats, shared, logging.getLogger("t"))
+    warn(err)
+    warn.count("span_mismatch", 2)
+    assert stats == {"skipped_corrupt_jpeg": 1, "skipped_span_mismatch": 2}
+    assert shared.skip_counts() == {"corrupt_jpeg": 1, "span_mismatch": 2}

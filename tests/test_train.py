@@ -1,4 +1,3 @@
-import csv
 import os
 import subprocess
 import sys
@@ -7,58 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyp_ssl.cli import build_parser, main, resolve_config
+from polyp_ssl.train_cli import build_parser, main, resolve_config
 from tests.shard_factory import make_raw_root, make_root
-
-TINY = [
-    "--aug_anchorcrop",
-    "--eval_aug_anchorcrop",
-    "--num_workers",
-    "0",
-    "--batch_size",
-    "8",
-    "--n_views",
-    "2",
-    "--fragment_length",
-    "2",
-    "--fragment_stride",
-    "2",
-    "--min_tracklet_length",
-    "4",
-    "--im_size",
-    "32",
-    "--encoder_type",
-    "hmve",
-    "--sfe_backbone_arch",
-    "resnet18",
-    "--hmve_d_model",
-    "32",
-    "--hmve_d_feedforward",
-    "64",
-    "--hmve_n_heads",
-    "2",
-    "--hmve_n_layers",
-    "1",
-    "--hmve_dropout",
-    "0.0",
-    "--d_proj",
-    "16",
-    "--accelerator",
-    "cpu",
-    "--devices",
-    "1",
-    "--eval_batch_size",
-    "4",
-    "--lr",
-    "0.001",
-    "--loss_milnce_weights",
-    "1.0",
-    "1.0",
-    "--log_every_n_steps",
-    "1",
-    "--open_videos",
-    "2",
-]
+from tests.train_helpers import TINY, losses
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +26,6 @@ def ingested_root(tmp_path_factory):
     make_raw_root(raw, n_videos=2, polyps=2, frames=12, wh=(160, 128), split="val", seed=1)
     out = tmp_path_factory.mktemp("ingested")
     assert ingest_main([str(raw), "--out", str(out), "--no-progress", "--store-size", "48"]) == 0
-    return out
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for path in sorted((run_dir / "logs").glob("version_*/metrics.csv")):
-        with open(path) as fh:
-            for row in csv.DictReader(fh):
-                if row.get("train/loss_step"):
-                    out[int(row["step"])] = float(row["train/loss_step"])
     return out
 
 
@@ -124,6 +64,41 @@ def test_loss_ta_lambda_and_encoder_pooling_flags(capsys):
     assert "--encoder_pooling 'max'" in capsys.readouterr().err
     assert main([*base, "--loss_ta_lambda", "-1"]) == 2
     assert "--loss_ta_lambda" in capsys.readouterr().err
+
+
+def test_the_config_is_its_parts_and_reads_and_writes_flat():
+    from dataclasses import fields
+
+    from polyp_ssl import bags, encoders, losses
+    from polyp_ssl.config import FLAT_ORDER, PARTS, SETTING_BOUNDS, SETTING_PART, TrainConfig
+    from polyp_ssl.config_parts import ENCODER_TYPES, LOSS_TYPES, POOLINGS
+    from polyp_ssl.stream import StreamParams
+
+    # every flat name is one field of one part, in the order of --help and config.yaml
+    assert list(SETTING_PART) == list(FLAT_ORDER)
+    assert sum(len(fields(cls)) for cls in PARTS.values()) == len(FLAT_ORDER)
+    assert PARTS["stream"] is StreamParams
+    cfg = TrainConfig.from_dict({"batch_size": 30, "lr": 0.5, "sampler": "multipos", "accelerator": "cpu"})
+    assert (cfg.stream.batch_size, cfg.optimizer.lr, cfg.trainer.accelerator) == (30, 0.5, "cpu")
+    assert cfg.batch_size == 30 and cfg.sampler == "multipos"  # a flat name reads its part
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert list(cfg.to_dict()) == list(FLAT_ORDER)
+    # each choice list has one definition, which the model modules use
+    assert losses.LOSS_TYPES is LOSS_TYPES and encoders.POOLINGS is POOLINGS
+    assert encoders.ENCODER_TYPES is ENCODER_TYPES and "multipos" in bags.SAMPLERS
+    assert "batch_size" in SETTING_BOUNDS and "sampler" not in SETTING_BOUNDS
+    with pytest.raises(ValueError, match="did you mean 'batch_size'"):
+        TrainConfig.from_dict({"batchsize": 3})
+
+
+def test_flags_take_the_type_of_their_field():
+    p = build_parser()
+    args = p.parse_args(["--sfe_d_model", "7", "--limit_val_batches", "2", "--loss_weights", "1", "2"])
+    assert args.sfe_d_model == 7 and isinstance(args.limit_val_batches, float)
+    assert args.loss_milnce_weights == [1.0, 2.0]
+    assert p.parse_args(["--channels_last"]).channels_last is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["--batch_size", "1.5"])
 
 
 def test_clear_errors(tmp_path, capsys):

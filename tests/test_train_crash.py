@@ -22,10 +22,10 @@ import torch
 from polyp_ssl import ckpt_io
 from polyp_ssl.callbacks import RngStateCallback, collect_rng_state, restore_rng_state
 from polyp_ssl.ckpt_io import CRASH_ENV, LAST, PREVIOUS, atomic_write_bytes, crash_point_from_env
-from polyp_ssl.cli import main
 from polyp_ssl.datamodule import TEST_RAISE_ENV
+from polyp_ssl.train_cli import main
 from tests.shard_factory import make_root
-from tests.test_train import TINY, losses
+from tests.train_helpers import TINY, losses
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 12  # 4 train videos, TINY settings

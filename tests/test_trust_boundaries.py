@@ -36,7 +36,7 @@ from polyp_ssl.stream import (
 )
 from tests import ingest_fixtures
 from tests.shard_factory import make_root
-from tests.test_train import TINY
+from tests.train_helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {
@@ -520,7 +520,7 @@ def test_a_linked_images_folder_is_refused_unless_it_stays_inside(tmp_path, caps
 
 
 def rc_raw(tmp_path: Path) -> Path:
-    from tests.test_convert import build_raw
+    from tests.convert_factory import build_raw
 
     return build_raw(tmp_path / "rc_raw")
 

@@ -46,10 +46,10 @@ from polyp_ssl.shards.sample import MAX_JSON_BYTES, parse_sample
 from polyp_ssl.shards.schema import embeddings_schema
 from polyp_ssl.shards.writer import ShardWriter
 from polyp_ssl.stream import BagStream, DataConfigError, ShardError, StreamLoader, StreamParams, build_index
+from tests.bomb_helpers import GIB, run_limited
 from tests.embed_factory import make_tiny_root
 from tests.shard_factory import make_root
-from tests.test_bombs import GIB, run_limited
-from tests.test_train import TINY
+from tests.train_helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -381,6 +381,9 @@ def test_a_json_span_pointing_at_another_tracklets_json_is_refused(ra_root):
     warn = replace(P, on_shard_error="warn")
     ds = BagStream(build_index(ra_root, "train", warn), warn)
     assert ds.build_skips["span_mismatch"] == 2
+    # counted once, where they were found: the loader keeps the dataset's counters
+    assert ds.stats["skipped_span_mismatch"] == 2 and ds.shared.skip_counts() == {"span_mismatch": 2}
+    assert StreamLoader(ds).dataset.shared.skip_counts() == {"span_mismatch": 2}
 
 
 def test_frame_spans_swapped_between_tracklets_are_refused(ra_root):

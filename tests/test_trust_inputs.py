@@ -155,7 +155,7 @@ def raw(tmp_path_factory) -> dict[str, Path]:
     for layout in ("sun", "polypsset", "ldpolyp", "table"):
         proc = cli("synth", base / layout, "--layout", layout, "--quiet", *SYNTH)
         assert proc.returncode == 0, proc.stderr
-    from tests.test_convert import build_raw
+    from tests.convert_factory import build_raw
 
     build_raw(base / "realcolon")
     return {p.name: p for p in base.iterdir()}
@@ -560,8 +560,8 @@ def test_a_fifo_as_encoder_ckpt_or_config(root_copy, tmp_path, capsys):
     """In-process (the dispatcher's own main, in a thread with a timeout): these commands import
     torch before they read the file, which a subprocess pays again each time (the CLI runs are
     in the slow test below)."""
-    from polyp_ssl.cli import resolve_config
     from polyp_ssl.entry import main as entry_main
+    from polyp_ssl.train_cli import resolve_config
 
     ckpt = fifo(tmp_path / "enc.ckpt")
     capsys.readouterr()

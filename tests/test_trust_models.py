@@ -33,15 +33,15 @@ from polyp_ssl.checkpoint import (
     export_encoder,
     load_encoder,
 )
-from polyp_ssl.cli import resolve_config
 from polyp_ssl.config import MAX_IM_SIZE
 from polyp_ssl.eval.embed import EmbedError, resolve_source
 from polyp_ssl.eval.zoo import ZooError, read_tensors
 from polyp_ssl.memory import memory_verdict
+from polyp_ssl.train_cli import resolve_config
 from polyp_ssl.weights import WeightsError, read_state_dict
+from tests.bomb_helpers import GIB, bounded, rewrite_config
 from tests.embed_factory import make_ckpt
 from tests.shard_factory import make_root
-from tests.test_bombs import GIB, bounded, rewrite_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "polyp-ssl"
@@ -365,7 +365,7 @@ def test_train_refuses_backbone_weights_that_inflate_in_one_line_and_leaves_no_r
 
 def test_the_other_zip_checks_apply_to_backbone_weights(resnet18_file, tmp_path):
     """Declared sizes beyond the file (test_bombs' patch) and overlapping records, as --encoder_ckpt."""
-    from tests.test_bombs import patch_record_sizes
+    from tests.bomb_helpers import patch_record_sizes
 
     names = zipfile.ZipFile(resnet18_file).namelist()
     big = names.index(next(n for n in names if "/data/" in n))

@@ -26,7 +26,7 @@ import yaml
 
 from polyp_ssl.shards import textio
 from polyp_ssl.shards.textio import TextInputError
-from tests.test_bombs import GIB, run_limited
+from tests.bomb_helpers import GIB, run_limited
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "polyp-ssl")
@@ -400,7 +400,7 @@ def _train_config(tmp_path: Path, text: str) -> Path:
 def test_train_config_bad_yaml_is_one_named_line(tmp_path, text, want):
     """What `polyp-ssl train --config` reads its file with (resolve_config), in process: a train
     subprocess spends its first 15 s importing torch; the CLI path is run by the tests below."""
-    from polyp_ssl.cli import resolve_config
+    from polyp_ssl.train_cli import resolve_config
 
     cfg = _train_config(tmp_path, text)
     with pytest.raises(ValueError) as info:

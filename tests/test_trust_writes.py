@@ -34,10 +34,9 @@ from test_process_hygiene import alive, cli, descendants, finish, ingest_cmd, n_
 import polyp_ssl.ingest.convert.merge as merge_mod
 import polyp_ssl.ingest.split as split_mod
 from polyp_ssl.entry import main as entry_main
-from polyp_ssl.ingest.faults import CRASH_ENV
+from polyp_ssl.ingest.faults import CRASH_ENV, PAUSE_ENV
 from polyp_ssl.ingest.staged import MARKER, STAGING_DIR
 from polyp_ssl.ingest.workers import WORKERS_DIR, start_time, stop_old_workers
-from polyp_ssl.ingest.write import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTH = ["--frames-per-video", "40", "--width", "96", "--height", "80", "--workers", "1", "--quiet"]
@@ -178,7 +177,7 @@ def test_exp_name_cases_through_the_dispatcher(ingested, tmp_path, capsys, monke
 
 
 def resolve(*argv: str):
-    from polyp_ssl.cli import resolve_config
+    from polyp_ssl.train_cli import resolve_config
 
     return resolve_config(list(argv))
 

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from polyp_ssl.eval import zoo
-from polyp_ssl.eval.embed import EmbedError, ensure_embeddings, resolve_source
+from polyp_ssl.eval.embed import (
+    EmbedError,
+    EmbedOptions,
+    EncoderChoice,
+    embeddings_file,
+    ensure_embeddings,
+    resolve_source,
+)
 from polyp_ssl.eval.embeddings import read_embeddings, read_metadata
 from tests.embed_factory import make_ckpt, make_tiny_root, tracklet_rows
 from tests.zoo_factory import TINY_SIZE, WRITERS, dinov2_hf_folder, gastronet_resnet50_file
@@ -90,7 +97,7 @@ ENTRIES = [pytest.param(n, marks=pytest.mark.slow) if n == "dinov2-vitb14" else 
 @pytest.mark.parametrize("name", ENTRIES)
 def test_entry_loads_release_format_and_embeds_split(name, root, files, capsys):
     spec = zoo.get_spec(name)
-    path = ensure_embeddings(
+    path = embeddings_file(
         root,
         None,
         encoder=f"zoo:{name}",
@@ -308,19 +315,23 @@ def test_license_notice_printed_once(files, capsys, monkeypatch):
 
 def test_cache_reused_for_same_weights_and_recomputed_for_others(root, files, tmp_path, capsys, monkeypatch):
     kw = {"encoder": "zoo:imagenet-resnet50", "split": "val", "im_size": 32, "progress": False}
-    first = ensure_embeddings(root, None, weights=files["imagenet-resnet50"], **kw)
+    first = embeddings_file(root, None, weights=files["imagenet-resnet50"], **kw)
     capsys.readouterr()
     with monkeypatch.context() as m:  # a cached file is reused without loading the weights
         m.setattr(zoo, "load_model", lambda *a, **k: pytest.fail("weights loaded for a cached file"))
-        again = ensure_embeddings(root, None, weights=files["imagenet-resnet50"], **kw)
-    assert again == first and "reusing" in capsys.readouterr().out
+        again = ensure_embeddings(
+            root,
+            EncoderChoice(None, encoder=kw["encoder"], weights=files["imagenet-resnet50"]),
+            EmbedOptions(split="val", im_size=32, progress=False),
+        )
+    assert again.reused and again.path == first
     other = tmp_path / "copy.pth"
     shutil.copyfile(files["imagenet-resnet50"], other)  # same bytes elsewhere: the same file
-    assert ensure_embeddings(root, None, weights=other, **kw) == first
+    assert embeddings_file(root, None, weights=other, **kw) == first
     sd = torch.load(other, weights_only=True)
     sd["conv1.weight"] = sd["conv1.weight"] + 1.0
     torch.save(sd, other)
-    changed = ensure_embeddings(root, None, weights=other, **kw)
+    changed = embeddings_file(root, None, weights=other, **kw)
     assert changed != first
     assert read_metadata(changed)["cache_key"] != read_metadata(first)["cache_key"]
 

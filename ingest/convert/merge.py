@@ -216,6 +216,30 @@ def _own_dataset_id(files: dict[str, Path]) -> str | None:
 
 
 def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
+    sources = _check_sources(cfg)
+    merged = _Merged()
+    for src in sources:
+        merged.add_source(src, cfg)
+    out = Path(cfg.out_root)
+    out.mkdir(parents=True, exist_ok=True)
+    # temporaries a killed run of an older version left in place (`.NAME.tmp-PID`); the output
+    # lock says no live writer owns them (a killed run's staging folder is removed by StagedFiles)
+    remove_stale_temporaries(out / "annotations", {out})
+    # the whole output (images, report, annotation files) put in together, replacing the old one
+    with StagedFiles(out) as staged:
+        report = _write_output(
+            staged, cfg, merged.to_place, merged.per_split, merged.counts, merged.reports, progress
+        )
+        for name in OUTPUT_ENTRIES:
+            if os.path.lexists(out / name):
+                staged.replace_on_commit(name)
+        staged.commit()
+    return report
+
+
+def _check_sources(cfg: MergeConfig) -> list[Source]:
+    """The options, the output and the sources checked; each source with its annotation files and
+    its (unique) dataset id."""
     if len(cfg.sources) < 1:
         raise ValueError("give at least one source root")
     if not SPLIT_RE.match(cfg.split):
@@ -246,23 +270,36 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
                 "give --dataset-ids"
             )
         seen[src.dataset_id] = src.root
+    return sources
 
-    out = Path(cfg.out_root)
-    per_split: dict[str, dict[str, list]] = {}
-    image_id = annotation_id = 0
-    to_place: list[tuple[Path, Path]] = []
-    counts: dict[str, Counter] = {}
-    reports: list[dict[str, Any]] = []
-    for src in sources:
-        c = counts.setdefault(src.dataset_id, Counter())
-        rpath = src.root / REPORT_NAME
-        sub_report = None
-        if rpath.is_file():
-            try:
-                sub_report = load_json(rpath, "convert report")
-            except (OSError, ValueError):  # too large, too deep or not JSON: informative only
-                sub_report = None
-        reports.append(
+
+def _sub_report(src: Source) -> Any:
+    """A source's own convert report, or None (informative only)."""
+    rpath = src.root / REPORT_NAME
+    if not rpath.is_file():
+        return None
+    try:
+        return load_json(rpath, "convert report")
+    except (OSError, ValueError):  # too large, too deep or not JSON: informative only
+        return None
+
+
+@dataclass
+class _Merged:
+    """The merged dataset as it is built: records per split (renumbered), frames to place,
+    counts and reports per source."""
+
+    per_split: dict[str, dict[str, list]] = field(default_factory=dict)
+    image_id: int = 0
+    annotation_id: int = 0
+    to_place: list[tuple[Path, Path]] = field(default_factory=list)
+    counts: dict[str, Counter] = field(default_factory=dict)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_source(self, src: Source, cfg: MergeConfig) -> None:
+        c = self.counts.setdefault(src.dataset_id, Counter())
+        sub_report = _sub_report(src)
+        self.reports.append(
             {
                 "root": str(src.root),
                 "dataset_id": src.dataset_id,
@@ -276,69 +313,16 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
             if cfg.keep_splits:
                 _check_kept_split(split, path)
             target = split if cfg.keep_splits else cfg.split
-            bucket = per_split.setdefault(target, {"images": [], "annotations": [], "videos": []})
-            new_ids: dict[Any, int] = {}
-            for i, img in enumerate(obj["images"]):
-                where = f"image {img.get('id')!r}" if isinstance(img, dict) else f"images[{i}]"
-                if (
-                    not isinstance(img, dict)
-                    or not isinstance(img.get("file_name"), str)
-                    or not img["file_name"]
-                ):
-                    raise ConvertError(path, "bad_image", "image has no file_name", where, "file_name")
-                name = img["file_name"].replace("\\", "/")
-                if name.startswith("/") or ".." in name.split("/") or "\0" in name:
-                    raise ConvertError(
-                        path, "unsafe_path", f"{name!r} leaves the images folder", where, "file_name"
-                    )
-                if (
-                    img.get("id") in new_ids
-                    or isinstance(img.get("id"), bool)
-                    or not isinstance(img.get("id"), int)
-                ):
-                    raise ConvertError(
-                        path, "bad_image", "image id missing, not an integer or repeated", where, "id"
-                    )
-                problem = link_problem(str(src.root), f"images/{name}", cfg.follow_symlinks)
-                if problem is not None:
-                    raise ConvertError(path, "symlink", f"images/{name} {problem}", where, "file_name")
-                srcfile = src.root / "images" / name
-                if not srcfile.is_file():
-                    raise ConvertError(path, "missing_frame", f"{srcfile} does not exist", where, "file_name")
-                image_id += 1
-                new_ids[img["id"]] = image_id
-                rec = dict(img, id=image_id, file_name=f"{src.dataset_id}/{name}", dataset_id=src.dataset_id)
-                bucket["images"].append(rec)
-                to_place.append((srcfile, Path(src.dataset_id) / name))
-                c["images"] += 1
-            for i, ann in enumerate(obj.get("annotations", [])):
-                where = f"annotation {ann.get('id')!r}" if isinstance(ann, dict) else f"annotations[{i}]"
-                if not isinstance(ann, dict) or ann.get("image_id") not in new_ids:
-                    raise ConvertError(
-                        path, "missing_image", "image_id names no image of the file", where, "image_id"
-                    )
-                ident = ann.get("identity_id")
-                if not isinstance(ident, str | int) or isinstance(ident, bool) or ident == "":
-                    raise ConvertError(
-                        path, "bad_type", f"identity_id {ident!r} is not a string", where, "identity_id"
-                    )
-                annotation_id += 1
-                rec = dict(
-                    ann,
-                    id=annotation_id,
-                    image_id=new_ids[ann["image_id"]],
-                    identity_id=f"{src.dataset_id}:{ident}",
-                    source_identity_id=ident,
-                )
-                bucket["annotations"].append(rec)
-                c["annotations"] += 1
+            bucket = self.per_split.setdefault(target, {"images": [], "annotations": [], "videos": []})
+            new_ids = self._add_images(src, path, obj, bucket, c, cfg.follow_symlinks)
+            self._add_annotations(src, path, obj, bucket, c, new_ids)
             for v in obj.get("videos") or []:
                 if isinstance(v, dict):
                     bucket["videos"].append(dict(v, dataset_id=src.dataset_id, split=target))
             c["polyps"] = c["polyps"]  # filled below
         idents = {
             a["identity_id"]
-            for b in per_split.values()
+            for b in self.per_split.values()
             for a in b["annotations"]
             if a["identity_id"].startswith(f"{src.dataset_id}:")
         }
@@ -346,23 +330,73 @@ def merge(cfg: MergeConfig, progress: bool = False) -> dict[str, Any]:
         c["videos"] = len(
             {
                 (img["sequence_id"])
-                for b in per_split.values()
+                for b in self.per_split.values()
                 for img in b["images"]
                 if img.get("dataset_id") == src.dataset_id and "sequence_id" in img
             }
         )
-    out.mkdir(parents=True, exist_ok=True)
-    # temporaries a killed run of an older version left in place (`.NAME.tmp-PID`); the output
-    # lock says no live writer owns them (a killed run's staging folder is removed by StagedFiles)
-    remove_stale_temporaries(out / "annotations", {out})
-    # the whole output (images, report, annotation files) put in together, replacing the old one
-    with StagedFiles(out) as staged:
-        report = _write_output(staged, cfg, to_place, per_split, counts, reports, progress)
-        for name in OUTPUT_ENTRIES:
-            if os.path.lexists(out / name):
-                staged.replace_on_commit(name)
-        staged.commit()
-    return report
+
+    def _add_images(
+        self, src: Source, path: Path, obj: dict[str, Any], bucket: dict[str, list], c: Counter, follow: Any
+    ) -> dict[Any, int]:
+        """The file's image records, checked and renumbered; returns {old id: new id}."""
+        new_ids: dict[Any, int] = {}
+        for i, img in enumerate(obj["images"]):
+            where = f"image {img.get('id')!r}" if isinstance(img, dict) else f"images[{i}]"
+            if not isinstance(img, dict) or not isinstance(img.get("file_name"), str) or not img["file_name"]:
+                raise ConvertError(path, "bad_image", "image has no file_name", where, "file_name")
+            name = img["file_name"].replace("\\", "/")
+            if name.startswith("/") or ".." in name.split("/") or "\0" in name:
+                raise ConvertError(
+                    path, "unsafe_path", f"{name!r} leaves the images folder", where, "file_name"
+                )
+            if (
+                img.get("id") in new_ids
+                or isinstance(img.get("id"), bool)
+                or not isinstance(img.get("id"), int)
+            ):
+                raise ConvertError(
+                    path, "bad_image", "image id missing, not an integer or repeated", where, "id"
+                )
+            problem = link_problem(str(src.root), f"images/{name}", follow)
+            if problem is not None:
+                raise ConvertError(path, "symlink", f"images/{name} {problem}", where, "file_name")
+            srcfile = src.root / "images" / name
+            if not srcfile.is_file():
+                raise ConvertError(path, "missing_frame", f"{srcfile} does not exist", where, "file_name")
+            self.image_id += 1
+            new_ids[img["id"]] = self.image_id
+            rec = dict(img, id=self.image_id, file_name=f"{src.dataset_id}/{name}", dataset_id=src.dataset_id)
+            bucket["images"].append(rec)
+            self.to_place.append((srcfile, Path(src.dataset_id) / name))
+            c["images"] += 1
+        return new_ids
+
+    def _add_annotations(
+        self, src: Source, path: Path, obj: dict[str, Any], bucket: dict[str, list], c: Counter, new_ids: dict
+    ) -> None:
+        """The file's annotation records, checked, renumbered, identities prefixed by the dataset id."""
+        for i, ann in enumerate(obj.get("annotations", [])):
+            where = f"annotation {ann.get('id')!r}" if isinstance(ann, dict) else f"annotations[{i}]"
+            if not isinstance(ann, dict) or ann.get("image_id") not in new_ids:
+                raise ConvertError(
+                    path, "missing_image", "image_id names no image of the file", where, "image_id"
+                )
+            ident = ann.get("identity_id")
+            if not isinstance(ident, str | int) or isinstance(ident, bool) or ident == "":
+                raise ConvertError(
+                    path, "bad_type", f"identity_id {ident!r} is not a string", where, "identity_id"
+                )
+            self.annotation_id += 1
+            rec = dict(
+                ann,
+                id=self.annotation_id,
+                image_id=new_ids[ann["image_id"]],
+                identity_id=f"{src.dataset_id}:{ident}",
+                source_identity_id=ident,
+            )
+            bucket["annotations"].append(rec)
+            c["annotations"] += 1
 
 
 def _write_output(

@@ -528,18 +528,7 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
             raise ConvertError(raw / name, "symlink", problem)
     lesions = read_lesion_info(raw / "lesion_info.csv", problems)
     video_info = read_video_info(raw / "video_info.csv", problems)
-    if cfg.split_file is not None and str(cfg.split_file) == PAPER_SPLIT:
-        splits = paper_split(videos, lesions)
-    else:
-        splits = read_split_file(Path(cfg.split_file)) if cfg.split_file else default_split(videos)
-    not_in_split = [v for v in videos if v not in splits]
-    if not_in_split:
-        log.warning(
-            "%d videos are not in the split file and are left out: %s", len(not_in_split), not_in_split
-        )
-    missing_videos = sorted(set(splits) - set(videos))
-    if missing_videos:
-        log.warning("%d videos of the split file are not in %s: %s", len(missing_videos), raw, missing_videos)
+    splits, not_in_split, missing_videos = _choose_splits(cfg, raw, videos, lesions)
 
     iterator: Any = [v for v in videos if v in splits]
     if progress:
@@ -549,73 +538,14 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
     parsed: dict[str, list[_Frame]] = {}
     for video in iterator:
         parsed[video] = parse_video(raw, video, lesions, problems, counts, pool, cfg.follow_symlinks)
-
-    # Ids: images and annotations numbered from 1 over videos (sorted) and frames (by t).
-    per_split: dict[str, dict[str, list]] = {}
-    image_id = annotation_id = 0
-    to_link: list[tuple[str, str]] = []  # (video, file name)
-    for video, frames in list(parsed.items()):
-        del parsed[video]  # keep one copy of the frames in memory, not two
-        split = splits[video]
-        bucket = per_split.setdefault(split, {"images": [], "annotations": [], "videos": []})
-        record = {"sequence_id": video, "dataset_id": DATASET_ID, "split": split}
-        record.update(video_info.get(video, {}))
-        bucket["videos"].append(record)
-        for frame in sorted(frames, key=lambda f: f.frame_id):
-            if not frame.objects:
-                counts["frames_without_objects"] += 1
-                if cfg.empty_frames == "drop":
-                    continue
-            image_id += 1
-            # a tuple, not a dict: millions of frames on the full dataset (see _image_record)
-            bucket["images"].append(
-                (image_id, frame.filename, frame.width, frame.height, frame.frame_id, video)
-            )
-            to_link.append((video, frame.filename))
-            for obj, lesion in frame.objects:
-                annotation_id += 1
-                x, y, w, h = obj.bbox
-                bucket["annotations"].append(
-                    {
-                        "id": annotation_id,
-                        "image_id": image_id,
-                        "bbox": [x, y, w, h],
-                        "area": w * h,
-                        "iscrowd": 0,
-                        "category_id": CATEGORY["id"],
-                        "identity_id": obj.unique_id,
-                        "box_id": obj.box_id,
-                        "lesion": obj.name,
-                        "size": lesion.size_mm,
-                        "histology": lesion.histology,
-                        "histology_extended": lesion.histology_extended,
-                        "site": lesion.site,
-                    }
-                )
+    per_split, to_link = _build_records(parsed, splits, video_info, cfg.empty_frames, counts)
 
     out = Path(cfg.out_root)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out / "annotations", {out, images_dir})  # left by a killed run
-    links: Counter = Counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(to_link), desc="images", unit="frame")
-
-    def place(item: tuple[str, str]) -> str:
-        video, name = item
-        return link_file(raw / f"{video}_frames" / name, images_dir / name, cfg.link)
-
-    for start in range(0, len(to_link), LINK_CHUNK):  # chunks: a future per frame of a chunk, not of all
-        chunk = to_link[start : start + LINK_CHUNK]
-        links.update(pool.map(place, chunk))
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+    links = _place_frames(raw, images_dir, to_link, cfg.link, pool, progress)
 
     report = {
         "raw_dir": str(raw),
@@ -649,3 +579,109 @@ def _convert(cfg: ConvertConfig, progress: bool, pool: ThreadPoolExecutor) -> di
             write_json_atomic(path, report)
         staged.commit()
     return report
+
+
+def _choose_splits(
+    cfg: ConvertConfig, raw: Path, videos: list[str], lesions: dict[str, Lesion]
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """(split of each video, videos left out as not in the split file, videos of the split file
+    not found): the paper's split, a split file, or the default per-site split."""
+    if cfg.split_file is not None and str(cfg.split_file) == PAPER_SPLIT:
+        splits = paper_split(videos, lesions)
+    else:
+        splits = read_split_file(Path(cfg.split_file)) if cfg.split_file else default_split(videos)
+    not_in_split = [v for v in videos if v not in splits]
+    if not_in_split:
+        log.warning(
+            "%d videos are not in the split file and are left out: %s", len(not_in_split), not_in_split
+        )
+    missing_videos = sorted(set(splits) - set(videos))
+    if missing_videos:
+        log.warning("%d videos of the split file are not in %s: %s", len(missing_videos), raw, missing_videos)
+    return splits, not_in_split, missing_videos
+
+
+def _build_records(
+    parsed: dict[str, list[_Frame]],
+    splits: dict[str, str],
+    video_info: dict[str, dict[str, Any]],
+    empty_frames: str,
+    counts: Counter,
+) -> tuple[dict[str, dict[str, list]], list[tuple[str, str]]]:
+    """(COCO records per split, the frames to place as (video, file name)). Ids: images and
+    annotations numbered from 1 over videos (sorted) and frames (by t). `parsed` is emptied as it
+    goes: one copy of the frames in memory, not two."""
+    per_split: dict[str, dict[str, list]] = {}
+    image_id = annotation_id = 0
+    to_link: list[tuple[str, str]] = []  # (video, file name)
+    for video, frames in list(parsed.items()):
+        del parsed[video]  # keep one copy of the frames in memory, not two
+        split = splits[video]
+        bucket = per_split.setdefault(split, {"images": [], "annotations": [], "videos": []})
+        record = {"sequence_id": video, "dataset_id": DATASET_ID, "split": split}
+        record.update(video_info.get(video, {}))
+        bucket["videos"].append(record)
+        for frame in sorted(frames, key=lambda f: f.frame_id):
+            if not frame.objects:
+                counts["frames_without_objects"] += 1
+                if empty_frames == "drop":
+                    continue
+            image_id += 1
+            # a tuple, not a dict: millions of frames on the full dataset (see _image_record)
+            bucket["images"].append(
+                (image_id, frame.filename, frame.width, frame.height, frame.frame_id, video)
+            )
+            to_link.append((video, frame.filename))
+            for obj, lesion in frame.objects:
+                annotation_id += 1
+                bucket["annotations"].append(_annotation_record(annotation_id, image_id, obj, lesion))
+    return per_split, to_link
+
+
+def _annotation_record(annotation_id: int, image_id: int, obj: VocObject, lesion: Lesion) -> dict[str, Any]:
+    x, y, w, h = obj.bbox
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "bbox": [x, y, w, h],
+        "area": w * h,
+        "iscrowd": 0,
+        "category_id": CATEGORY["id"],
+        "identity_id": obj.unique_id,
+        "box_id": obj.box_id,
+        "lesion": obj.name,
+        "size": lesion.size_mm,
+        "histology": lesion.histology,
+        "histology_extended": lesion.histology_extended,
+        "site": lesion.site,
+    }
+
+
+def _place_frames(
+    raw: Path,
+    images_dir: Path,
+    to_link: list[tuple[str, str]],
+    link: str,
+    pool: ThreadPoolExecutor,
+    progress: bool,
+) -> Counter:
+    """Place each frame in OUT/images (link or copy); returns the count per way placed."""
+    links: Counter = Counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(to_link), desc="images", unit="frame")
+
+    def place(item: tuple[str, str]) -> str:
+        video, name = item
+        return link_file(raw / f"{video}_frames" / name, images_dir / name, link)
+
+    for start in range(0, len(to_link), LINK_CHUNK):  # chunks: a future per frame of a chunk, not of all
+        chunk = to_link[start : start + LINK_CHUNK]
+        links.update(pool.map(place, chunk))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return links

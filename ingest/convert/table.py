@@ -27,7 +27,7 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,38 @@ def convert_table(cfg: TableConfig, progress: bool = False) -> dict[str, Any]:
     if not SPLIT_RE.match(cfg.split):
         raise ValueError(f"--split must match [A-Za-z0-9_-]+, got {cfg.split!r}")
     header, rows = read_table(source)
+    run = _TableRun(cfg, source, _frames_column(header, source), [c for c in header if c not in KNOWN])
+    run.tally.files["rows"] = len(rows)
+    frames = run.group_rows(rows)  # nothing is read or written yet
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="convert") as pool:
+        keys = sorted(frames)
+        if run.mode == "image_path":
+            sizes = list(pool.map(lambda k: _size_or_error(frames[k]["path"]), keys))
+        else:
+            sizes = _video_sizes(frames, keys, source)
+        out, decoded = run.build_frames(frames, keys, sizes)
+        if decoded:
+            _write_decoded(Path(cfg.out_root) / "images", decoded)
+            run.tally.files["frames_decoded"] = len(decoded)
+        run.tally.files["images"] = len(keys)
+        return write_dataset(
+            Path(cfg.out_root),
+            "table",
+            dataset_id,
+            out,
+            run.tally,
+            run.problems,
+            cfg.link,
+            pool,
+            info={"table": source.name, "metadata_columns": run.extra_cols},
+            report_extra={"table": str(source), "metadata_columns": run.extra_cols, "frames_from": run.mode},
+            progress=progress,
+        )
+
+
+def _frames_column(header: list[str], source: Path) -> str:
+    """ "image_path" or "video_path": where the table's frames come from; ConvertError for a
+    missing required column."""
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise ConvertError(
@@ -192,101 +224,124 @@ def convert_table(cfg: TableConfig, progress: bool = False) -> dict[str, Any]:
         )
     if "image_path" in header and "video_path" in header:
         raise ConvertError(source, "bad_table", "give image_path or video_path, not both", field="video_path")
-    extra_cols = [c for c in header if c not in KNOWN]
-    base = source.resolve().parent
-    problems = Problems(cfg.on_error)
-    tally = Tally()
-    tally.files["rows"] = len(rows)
+    return mode
 
-    # group the rows by frame, checking each; nothing is read or written yet
-    frames: dict[tuple[str, int], dict[str, Any]] = {}
-    owner: dict[str, str] = {}  # identity -> video
-    for row in rows:
-        v = row.values
-        try:
-            video = v.get("video", "")
-            problem = id_problem(video)
-            if problem is not None:
-                raise ConvertError(source, "bad_id", f"video {video!r} {problem}", row.where, "video")
-            if v.get("frame", "") == "":
-                raise ConvertError(source, "missing_field", "empty frame", row.where, "frame")
-            frame = int(_number(row, "frame", source, whole=True))  # type: ignore[arg-type]
-            split = v.get("split") or cfg.split
-            if not SPLIT_RE.match(split):
+
+@dataclass
+class _TableRun:
+    """One table's conversion: its options, where frames come from, and what was counted."""
+
+    cfg: TableConfig
+    source: Path
+    mode: str  # "image_path" or "video_path"
+    extra_cols: list[str]
+    problems: Problems = field(init=False)
+    base: Path = field(init=False)  # relative paths in the table are relative to its folder
+    tally: Tally = field(default_factory=Tally)
+    owner: dict[str, str] = field(default_factory=dict)  # identity -> video
+
+    def __post_init__(self) -> None:
+        self.problems = Problems(self.cfg.on_error)
+        self.base = self.source.resolve().parent
+
+    def group_rows(self, rows: list[_Row]) -> dict[tuple[str, int], dict[str, Any]]:
+        """The rows grouped by (video, frame), each checked; a bad row is handled by the error
+        policy and its box counted as dropped."""
+        frames: dict[tuple[str, int], dict[str, Any]] = {}
+        for row in rows:
+            try:
+                self._add_row(row, frames)
+            except ConvertError as exc:
+                self.problems.handle(exc)
+                if row.values.get("x"):
+                    self.tally.boxes["seen"] += 1
+                    self.tally.dropped["bad_row"] += 1
+        splits_of_video: dict[str, set[str]] = {}
+        for (video, _), e in frames.items():
+            splits_of_video.setdefault(video, set()).add(e["split"])
+        for video, ss in splits_of_video.items():
+            if len(ss) > 1:
                 raise ConvertError(
-                    source, "bad_split", f"split {split!r} must match [A-Za-z0-9_-]+", row.where, "split"
+                    self.source,
+                    "bad_split",
+                    f"video {video!r} has frames in several splits {sorted(ss)}",
+                    field="split",
                 )
-            path = _rel_path(row, mode, source, base, cfg.follow_symlinks)
-            coords = [_number(row, k, source) for k in ("x", "y", "w", "h")]
-            identity = v.get("identity", "")
-            has_box = any(c is not None for c in coords) or identity != ""
-            if has_box:
-                if any(c is None for c in coords):
-                    k = ("x", "y", "w", "h")[[c is None for c in coords].index(True)]
-                    raise ConvertError(source, "missing_field", "a box needs x, y, w and h", row.where, k)
-                if not identity:
-                    raise ConvertError(
-                        source, "missing_field", "a box needs an identity", row.where, "identity"
-                    )
-                if owner.setdefault(identity, video) != video:
-                    raise ConvertError(
-                        source,
-                        "identity_in_several_videos",
-                        f"identity {identity!r} already belongs to video {owner[identity]!r}",
-                        row.where,
-                        "identity",
-                    )
-            size = _number(row, "size_mm", source)
-            if size is not None and size < 0:
-                raise ConvertError(source, "bad_number", f"negative size {size}", row.where, "size_mm")
-            key = (video, frame)
-            entry = frames.setdefault(key, {"path": path, "split": split, "boxes": [], "where": row.where})
-            if entry["path"] != path and mode == "image_path":
-                raise ConvertError(
-                    source,
-                    "bad_table",
-                    f"frame {frame} of {video} has two images ({entry['path']}, {path})",
-                    row.where,
-                    mode,
-                )
-            if entry["split"] != split:
-                raise ConvertError(
-                    source, "bad_split", f"frame {frame} of {video} in two splits", row.where, "split"
-                )
-            if has_box:
-                extra = {c: v.get(c) or None for c in extra_cols}
-                entry["boxes"].append((coords, identity, size, v.get("histology") or None, extra, row.where))
-        except ConvertError as exc:
-            problems.handle(exc)
-            if v.get("x"):
-                tally.boxes["seen"] += 1
-                tally.dropped["bad_row"] += 1
-    splits_of_video: dict[str, set[str]] = {}
-    for (video, _), e in frames.items():
-        splits_of_video.setdefault(video, set()).add(e["split"])
-    for video, ss in splits_of_video.items():
-        if len(ss) > 1:
+        return frames
+
+    def _add_row(self, row: _Row, frames: dict[tuple[str, int], dict[str, Any]]) -> None:
+        source, mode, v = self.source, self.mode, row.values
+        video = v.get("video", "")
+        problem = id_problem(video)
+        if problem is not None:
+            raise ConvertError(source, "bad_id", f"video {video!r} {problem}", row.where, "video")
+        if v.get("frame", "") == "":
+            raise ConvertError(source, "missing_field", "empty frame", row.where, "frame")
+        frame = int(_number(row, "frame", source, whole=True))  # type: ignore[arg-type]
+        split = v.get("split") or self.cfg.split
+        if not SPLIT_RE.match(split):
+            raise ConvertError(
+                source, "bad_split", f"split {split!r} must match [A-Za-z0-9_-]+", row.where, "split"
+            )
+        path = _rel_path(row, mode, source, self.base, self.cfg.follow_symlinks)
+        coords = [_number(row, k, source) for k in ("x", "y", "w", "h")]
+        identity = v.get("identity", "")
+        has_box = any(c is not None for c in coords) or identity != ""
+        if has_box:
+            self._check_box(row, video, coords, identity)
+        size = _number(row, "size_mm", source)
+        if size is not None and size < 0:
+            raise ConvertError(source, "bad_number", f"negative size {size}", row.where, "size_mm")
+        entry = frames.setdefault(
+            (video, frame), {"path": path, "split": split, "boxes": [], "where": row.where}
+        )
+        if entry["path"] != path and mode == "image_path":
             raise ConvertError(
                 source,
-                "bad_split",
-                f"video {video!r} has frames in several splits {sorted(ss)}",
-                field="split",
+                "bad_table",
+                f"frame {frame} of {video} has two images ({entry['path']}, {path})",
+                row.where,
+                mode,
+            )
+        if entry["split"] != split:
+            raise ConvertError(
+                source, "bad_split", f"frame {frame} of {video} in two splits", row.where, "split"
+            )
+        if has_box:
+            extra = {c: v.get(c) or None for c in self.extra_cols}
+            entry["boxes"].append((coords, identity, size, v.get("histology") or None, extra, row.where))
+
+    def _check_box(self, row: _Row, video: str, coords: list[float | None], identity: str) -> None:
+        if any(c is None for c in coords):
+            k = ("x", "y", "w", "h")[[c is None for c in coords].index(True)]
+            raise ConvertError(self.source, "missing_field", "a box needs x, y, w and h", row.where, k)
+        if not identity:
+            raise ConvertError(self.source, "missing_field", "a box needs an identity", row.where, "identity")
+        if self.owner.setdefault(identity, video) != video:
+            raise ConvertError(
+                self.source,
+                "identity_in_several_videos",
+                f"identity {identity!r} already belongs to video {self.owner[identity]!r}",
+                row.where,
+                "identity",
             )
 
-    with ThreadPoolExecutor(max_workers=max(1, cfg.workers), thread_name_prefix="convert") as pool:
-        keys = sorted(frames)
-        if mode == "image_path":
-            sizes = list(pool.map(lambda k: _size_or_error(frames[k]["path"]), keys))
-        else:
-            sizes = _video_sizes(frames, keys, source)
+    def build_frames(
+        self, frames: dict[tuple[str, int], dict[str, Any]], keys: list, sizes: list
+    ) -> tuple[dict[str, list[Frame]], list[tuple[Path, int, str]]]:
+        """(frames per split, frames to decode from videos) once the frame sizes are known;
+        boxes clamped to their frame, unreadable frames handled by the error policy."""
+        tally, mode = self.tally, self.mode
         out: dict[str, list[Frame]] = {}
         decoded: list[tuple[Path, int, str]] = []
         for key, size in zip(keys, sizes, strict=True):
             video, number = key
             entry = frames[key]
             if isinstance(size, Exception):
-                problems.handle(
-                    ConvertError(source, "unreadable_file", f"{entry['path']}: {size}", entry["where"], mode)
+                self.problems.handle(
+                    ConvertError(
+                        self.source, "unreadable_file", f"{entry['path']}: {size}", entry["where"], mode
+                    )
                 )
                 tally.boxes["seen"] += len(entry["boxes"])
                 tally.dropped["frame_unreadable"] += len(entry["boxes"])
@@ -311,23 +366,7 @@ def convert_table(cfg: TableConfig, progress: bool = False) -> dict[str, Any]:
                 name = f"{video}/{number}.jpg"
                 decoded.append((entry["path"], number, name))
                 out.setdefault(entry["split"], []).append(Frame(None, name, number, video, w, h, boxes))
-        if decoded:
-            _write_decoded(Path(cfg.out_root) / "images", decoded)
-            tally.files["frames_decoded"] = len(decoded)
-        tally.files["images"] = len(keys)
-        return write_dataset(
-            Path(cfg.out_root),
-            "table",
-            dataset_id,
-            out,
-            tally,
-            problems,
-            cfg.link,
-            pool,
-            info={"table": source.name, "metadata_columns": extra_cols},
-            report_extra={"table": str(source), "metadata_columns": extra_cols, "frames_from": mode},
-            progress=progress,
-        )
+        return out, decoded
 
 
 def _size_or_error(path: Path) -> tuple[int, int] | Exception:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from sklearn.metrics import average_precision_score
 
 from polyp_ssl.ingest.media import HEAD_BYTES, check_image_head
 from polyp_ssl.ingest.synth.descriptor import describe_tracklet
 from polyp_ssl.ingest.tracklets import Box, build_tracklets
 from polyp_ssl.shards.files import open_regular, open_regular_text
+from polyp_ssl.shards.retrieval import cosine_map
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,8 @@ def temporal_association_precision(
 def retrieval_map(descriptors: np.ndarray, identities: Sequence[str]) -> tuple[float | None, int, int]:
     """Mean over queries of sklearn's average precision, ranking all other items by cosine
     similarity; positives = same identity. Returns (mAP, queries, excluded: no positive)."""
-    x = np.asarray(descriptors, np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sim = x @ x.T
-    ids = np.asarray(identities)
-    aps, excluded = [], 0
-    for i in range(len(ids)):
-        others = np.arange(len(ids)) != i
-        labels = ids[others] == ids[i]
-        if not labels.any():
-            excluded += 1
-            continue
-        aps.append(average_precision_score(labels, sim[i, others]))
-    return (float(np.mean(aps)) if aps else None), len(aps), excluded
+    mean_ap, queries, excluded = cosine_map(descriptors, np.asarray(identities))
+    return (mean_ap if queries else None), queries, excluded
 
 
 def appearance_transfer(
