@@ -182,6 +182,56 @@ def paired_interval(
     return percentile_interval(_estimate(stat_a) - _estimate(stat_b), rep_a - rep_b, level, n_units)
 
 
+def seed_counts(n_seeds: int, n_resamples: int, seed: int) -> np.ndarray:
+    """int32 ``[n_resamples, n_seeds]``: how often each training seed is drawn in each resample
+    (n_seeds draws with replacement); independent of the unit resamples of the same `seed`."""
+    if n_seeds < 1 or n_resamples < 1:
+        raise ValueError(f"need n_seeds >= 1 and n_resamples >= 1, got {n_seeds}, {n_resamples}")
+    rng = np.random.default_rng([int(seed), 0x5EED, 1])
+    draws = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
+    return np.stack([np.bincount(row, minlength=n_seeds) for row in draws]).astype(np.int32)
+
+
+def pooled_paired_interval(
+    stats_a: Sequence[UnitStatistic],
+    stats_b: Sequence[UnitStatistic],
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+) -> Interval:
+    """The mean over training seeds of ``stat_a - stat_b`` (arm A vs arm B, seed s trained with
+    the same seed in both arms), with a two-level bootstrap interval: each resample draws the seeds
+    with replacement, then the test units; the estimate is the mean of the drawn seeds' paired
+    differences. Every seed is evaluated on the same test units (one split), so a resample's unit
+    multiplicities are shared by all its seeds and by both arms: a polyp that is hard for every
+    seed stays one source of variance, not S independent ones (drawing units anew per seed would
+    shrink the interval by up to sqrt(S)). ValueError when the seeds or arms have different units."""
+    if len(stats_a) != len(stats_b) or not stats_a:
+        raise ValueError(
+            f"pooled interval needs the same seeds in both arms: {len(stats_a)} vs {len(stats_b)}"
+        )
+    labels = stats_a[0].unit_labels
+    for stat in (*stats_a, *stats_b):
+        if not np.array_equal(stat.unit_labels, labels):
+            raise ValueError("pooled interval needs every seed and arm evaluated on the same test units")
+    n_seeds, n_units = len(stats_a), labels.size
+    units = resample_counts(n_units, n_resamples, seed)
+    seeds = seed_counts(n_seeds, n_resamples, seed).astype(np.float64)
+    per = _per_resample_bytes(stats_a[0]) + _per_resample_bytes(stats_b[0])
+    diffs = np.stack(
+        [
+            _replicates(a, units, per, memory_bytes) - _replicates(b, units, per, memory_bytes)
+            for a, b in zip(stats_a, stats_b, strict=True)
+        ],
+        axis=1,
+    )  # [n_resamples, n_seeds]
+    with np.errstate(invalid="ignore"):
+        reps = (seeds * diffs).sum(axis=1) / n_seeds
+    estimate = float(np.mean([_estimate(a) - _estimate(b) for a, b in zip(stats_a, stats_b, strict=True)]))
+    return percentile_interval(estimate, reps, level, n_units)
+
+
 # --------------------------------------------------------------------------------- statistics
 
 

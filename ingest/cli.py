@@ -8,17 +8,42 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
 from polyp_ssl.ingest.errors import ON_ERROR, IngestError
+from polyp_ssl.ingest.executor import Executor, ExecutorError
 from polyp_ssl.ingest.plan import IngestParams
 from polyp_ssl.ingest.run import IngestConfig, IngestRefused, Part, run_ingest
 from polyp_ssl.ingest.sources import link_targets
 from polyp_ssl.shards.cli_errors import debug_enabled
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 from polyp_ssl.shards.cli_parser import FlagParser
+
+EXECUTORS = ("local", "dask")
+
+
+def make_executor(args: argparse.Namespace) -> Executor | None:
+    """The executor `--executor` asks for (None: the local pool); IngestRefused for a flag that
+    does not go with it, ExecutorError when Dask is not installed."""
+    if args.executor != "dask":
+        if args.scheduler:
+            raise IngestRefused("--scheduler goes with --executor dask")
+        return None
+    out = args.out or args.root
+    if "://" in out:
+        raise IngestRefused(
+            f"--executor dask writes OUT by path on every worker: --out {out} (a URL) is not supported; "
+            "give a folder every worker mounts"
+        )
+    from polyp_ssl.ingest.executor_dask import DaskExecutor, require_dask
+
+    require_dask()
+    root = os.path.abspath(args.root)
+    read = (root, os.path.abspath(args.videos_dir)) if args.videos_dir else (root,)
+    return DaskExecutor(args.scheduler, args.workers, read, os.path.abspath(out))
 
 
 def parse_part(text: str) -> Part:
@@ -76,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--separation", type=int, default=1, help="max frame gap inside a tracklet (default 1)")
     p.add_argument("--iou-min", type=float, default=0.1, help="min IoU of consecutive boxes (default 0.1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each writes whole shards")
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: a process pool on this machine; dask: Dask distributed workers (--scheduler, or a "
+        "LocalCluster of --workers processes), which need ROOT and OUT by the same paths (docs/ingest.md)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --executor dask: the scheduler to run on (tcp://host:port); default: start a LocalCluster",
+    )
     p.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
     p.add_argument(
         "--overwrite", action="store_true", help="delete an earlier output of this run's shards/catalog"
@@ -131,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         follow_symlinks=link_targets(args.follow_symlinks),
     )
     try:
-        summary = run_ingest(cfg)
+        summary = run_ingest(cfg, make_executor(args))
     except KeyboardInterrupt:
         if debug_enabled():
             raise
@@ -144,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     except IngestRefused as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 2
+    except ExecutorError as e:
+        if debug_enabled():
+            raise
+        kept = "" if e.bad_input else "; finished shards are kept: re-run with --resume"
+        print(f"ingest: {e}{kept}", file=sys.stderr)
+        return 2 if e.bad_input else 1
     except BrokenProcessPool as e:
         if debug_enabled():
             raise

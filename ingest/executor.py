@@ -11,7 +11,10 @@ executor (a cluster's) plugs in by being such a callable:
     Executor = Callable[[Sequence[ShardTask]], Iterator[dict]]
 
 `LocalPool` is the one of `polyp-ssl ingest`: in this process for one worker, else a process
-pool whose workers never outlive the ingest process (`worker_init`).
+pool whose workers never outlive the ingest process (`worker_init`); `executor_dask.DaskExecutor`
+runs the same tasks on a Dask cluster (`--executor dask`). An executor may also have a
+`report()` method: its dict goes into the run's summary as `executor` (retries, lost workers).
+An executor that cannot run the tasks (its cluster lost) raises `ExecutorError`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ PR_SET_PDEATHSIG = 1
 
 TaskResult = dict[str, Any]
 Executor = Callable[[Sequence[ShardTask]], Iterator[TaskResult]]
+
+
+class ExecutorError(RuntimeError):
+    """The executor could not run the tasks (a cluster unreachable or lost, a worker that cannot
+    see the input); the message is one line saying so. `bad_input`: refused before any work (a
+    setup to fix, exit 2), not a run to resume."""
+
+    bad_input = False
 
 
 @dataclass(frozen=True)

@@ -115,10 +115,14 @@ def run_ingest(cfg: IngestConfig, executor: Executor | None = None) -> dict[str,
         inputs = read_inputs(setup.root, setup.splits, cfg.on_error)
         plan = plan_run(cfg, setup, inputs, area.write_root)
         todo = area.select(plan.tasks)
-        run_tasks(todo, executor or LocalPool(cfg.workers, area.worker_registry), area, cfg.progress)
+        executor = executor or LocalPool(cfg.workers, area.worker_registry)
+        run_tasks(todo, executor, area, cfg.progress)
         manifest, tables, stats = build_catalog(cfg, setup, inputs, plan, area)
         area.commit()
-    return summarize(setup.out, t0, manifest, tables, stats, len(todo))
+    summary = summarize(setup.out, t0, manifest, tables, stats, len(todo))
+    if (report := getattr(executor, "report", None)) is not None:  # e.g. a cluster's retries
+        summary["executor"] = report()
+    return summary
 
 
 def check_config(cfg: IngestConfig) -> RunSetup:

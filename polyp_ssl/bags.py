@@ -15,10 +15,50 @@ import numpy as np
 SAMPLERS = ("temporaltemperaturebag", "temporalknnbag", "multipos", "tracklet")
 
 
+# how the temperature schedule's length is chosen: "epochs" = --max_epochs (the paper's; a run stopped
+# early by --max_steps sees only the start of it), "steps" = the epochs the run trains (from --max_steps),
+# so that a short run sweeps the whole range and its last epoch is at t_max
+TTB_SCHEDULES = ("epochs", "steps")
+
+
 def temporal_temperature(epoch: int, max_epochs: int, t_min: float, t_max: float) -> float:
     """Cosine schedule T(c) = t_min + (1 - cos(pi c)) / 2 (t_max - t_min), c = epoch / max_epochs."""
     c = min(max(epoch / max(max_epochs, 1), 0.0), 1.0)
     return t_min + (1.0 - math.cos(math.pi * c)) / 2.0 * (t_max - t_min)
+
+
+@dataclass(frozen=True)
+class TemperatureSchedule:
+    """The temporal temperature of each epoch: the cosine schedule from t_min to t_max over `span`
+    epochs (c = epoch / span, capped at 1)."""
+
+    t_min: float
+    t_max: float
+    span: int
+
+    def at(self, epoch: int) -> float:
+        return temporal_temperature(epoch, self.span, self.t_min, self.t_max)
+
+
+def epochs_trained(max_epochs: int, max_steps: int, batches_per_epoch: int) -> int:
+    """The epochs a run trains: --max_epochs, or fewer when --max_steps (> 0) ends it first."""
+    if max_steps <= 0 or batches_per_epoch <= 0:
+        return max_epochs
+    return max(1, min(max_epochs, -(-max_steps // batches_per_epoch)))
+
+
+def temperature_schedule(
+    mode: str, t_min: float, t_max: float, max_epochs: int, max_steps: int = -1, batches_per_epoch: int = 0
+) -> TemperatureSchedule:
+    """--sampler_ttb_schedule `mode`: "epochs" spans --max_epochs (the paper's: epoch e is at
+    c = e / max_epochs); "steps" spans the epochs trained, first at t_min and last at t_max
+    (c = e / (epochs_trained - 1)); a run of one epoch stays at t_min."""
+    if mode not in TTB_SCHEDULES:
+        raise ValueError(f"--sampler_ttb_schedule {mode!r}: choose one of {', '.join(TTB_SCHEDULES)}")
+    if mode == "epochs":
+        return TemperatureSchedule(t_min, t_max, max_epochs)
+    trained = epochs_trained(max_epochs, max_steps, batches_per_epoch)
+    return TemperatureSchedule(t_min, t_max, max(trained - 1, 1))
 
 
 def temporal_ranks(positions: np.ndarray, anchor: int) -> np.ndarray:

@@ -63,7 +63,14 @@ class StreamDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         if stage in (None, "fit") and self.train_loader is None:
-            ds = BagStream(self.train_index, self.params, self.rank, self.world_size, self.cfg.num_workers)
+            ds = BagStream(
+                self.train_index,
+                self.params,
+                self.rank,
+                self.world_size,
+                self.cfg.num_workers,
+                max_steps=self.cfg.max_steps,
+            )
             self.train_loader = StreamLoader(ds, pin_memory=self._pin_memory())
             # the loader draws its worker seeds from a generator of its own, not from torch's global
             # one, so that the global state saved in a checkpoint is the one the next step uses
@@ -78,6 +85,15 @@ class StreamDataModule(L.LightningDataModule):
                 ds.length,
                 ds.per_worker,
             )
+            if self.params.sampler == "temporaltemperaturebag":
+                sch = ds.schedule
+                log.info(
+                    "bag temperature %.3g -> %.3g over %d epochs (--sampler_ttb_schedule %s)",
+                    sch.t_min,
+                    sch.t_max,
+                    sch.span,
+                    self.params.sampler_ttb_schedule,
+                )
 
     def _pin_memory(self) -> bool:
         """Pinned batches only for a CUDA device (pinning without one is refused with a warning by torch)."""

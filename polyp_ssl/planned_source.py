@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator
 
 import numpy as np
 
-from polyp_ssl.bags import temporal_temperature
+from polyp_ssl.bags import TemperatureSchedule
 from polyp_ssl.batch_source import Draft, Row, too_few_identities
 from polyp_ssl.damage import DamagePolicy
 from polyp_ssl.epoch_plan import EpochPlan, plan_epoch, stream_batches
@@ -23,7 +23,7 @@ from polyp_ssl.loader_errors import DataConfigError, ShardError
 from polyp_ssl.shards.members import MemberError, MemberReader, SpanReader
 from polyp_ssl.shards.sample import frame_ext
 from polyp_ssl.span_index import FrameMeta, build_span_index
-from polyp_ssl.stream_index import StreamIndex, StreamParams
+from polyp_ssl.stream_index import StreamIndex, StreamParams, default_schedule
 
 META_CACHE = 4096  # tracklets whose crop geometry a worker keeps as lists (a few KB each)
 
@@ -44,9 +44,11 @@ class PlannedSource:
         num_workers: int,
         per_worker: int,
         open_reader: Callable[[], MemberReader] = SpanReader,
+        schedule: TemperatureSchedule | None = None,
     ) -> None:
         self.index = index
         self.params = params
+        self.schedule = schedule or default_schedule(params)
         self.damage = damage
         self.stats = damage.stats
         self.rank = rank
@@ -81,7 +83,7 @@ class PlannedSource:
         """Exactly `per_worker` batches of stream `stream` in `epoch`, taken from the epoch's global
         plan; the first `skip` are not read at all (resuming costs nothing)."""
         p = self.params
-        temperature = temporal_temperature(epoch, p.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
+        temperature = self.schedule.at(epoch)
         plan = plan_epoch(self.frags, p.sampler, p.n_views, p.n_bags, p.seed, epoch, temperature)
         if plan.n_batches == 0:
             raise DataConfigError(

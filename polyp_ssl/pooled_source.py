@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from polyp_ssl.bags import temporal_temperature
+from polyp_ssl.bags import TemperatureSchedule
 from polyp_ssl.batch_source import Draft, Row, too_few_identities
 from polyp_ssl.damage import DamagePolicy
 from polyp_ssl.loader_errors import DataConfigError, ShardError
 from polyp_ssl.shards.sample import frame_jpeg
 from polyp_ssl.shards.samples import SampleDamage, check_sample, iter_tar_samples
-from polyp_ssl.stream_index import StreamIndex, StreamParams
+from polyp_ssl.stream_index import StreamIndex, StreamParams, default_schedule
 from polyp_ssl.tar_samples import PARSED_META
 from polyp_ssl.video_pool import (
     _OpenVideo,
@@ -57,9 +57,11 @@ class PooledSource:
         rank: int,
         n_streams: int,
         per_worker: int,
+        schedule: TemperatureSchedule | None = None,
     ) -> None:
         self.index = index
         self.params = params
+        self.schedule = schedule or default_schedule(params)
         self.damage = damage
         self.stats = damage.stats
         self.rank = rank
@@ -171,7 +173,7 @@ class PooledSource:
         videos; the first `skip` are formed (bags drawn) but not yielded."""
         p = self.params
         videos = assign_videos(self.index, self.n_streams, p.seed, epoch)[stream]
-        temperature = temporal_temperature(epoch, p.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
+        temperature = self.schedule.at(epoch)
         if self.distinct_identities and epoch:
             self.check_stream_identities(epoch)
         run = _Epoch(epoch, stream, skip, videos, temperature)

@@ -36,7 +36,14 @@ from polyp_ssl.planned_source import PlannedSource
 from polyp_ssl.pooled_source import PooledSource
 from polyp_ssl.shards.samples import SampleDamage, check_sample, iter_tar_samples
 from polyp_ssl.span_index import local_paths
-from polyp_ssl.stream_index import StreamIndex, StreamParams, build_index, dataset_codes, epoch_batches
+from polyp_ssl.stream_index import (
+    StreamIndex,
+    StreamParams,
+    build_index,
+    dataset_codes,
+    default_schedule,
+    epoch_batches,
+)
 from polyp_ssl.val_tracklets import ValTracklets, collate_padded
 from polyp_ssl.video_pool import assign_videos, can_fill, open_video, take_batch
 
@@ -130,6 +137,7 @@ class BagStream(IterableDataset):
         num_workers: int = 0,
         shared: SharedState | None = None,
         batches_per_worker: int | None = None,
+        max_steps: int = -1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -160,10 +168,19 @@ class BagStream(IterableDataset):
         self.damage = DamagePolicy(params.on_shard_error, self.stats, self.shared, log, rank)
         self.assembler = BatchAssembler(params)
         self.access = resolve_access(params.shard_access, index)
+        # --sampler_ttb_schedule steps: the schedule spans the epochs that --max_steps trains
+        self.schedule = default_schedule(params, max_steps, self.length)
         self.source: PlannedSource | PooledSource
         if self.access == "random":
             self.source = PlannedSource(
-                index, params, self.damage, rank, world_size, num_workers, self.per_worker
+                index,
+                params,
+                self.damage,
+                rank,
+                world_size,
+                num_workers,
+                self.per_worker,
+                schedule=self.schedule,
             )
             log.info(
                 "rank %d: random access: batches from a global shuffle of %d fragments over %d videos "
@@ -174,7 +191,9 @@ class BagStream(IterableDataset):
                 self.source.spans.nbytes / 2**20,
             )
         else:
-            self.source = PooledSource(index, params, self.damage, rank, self.n_streams, self.per_worker)
+            self.source = PooledSource(
+                index, params, self.damage, rank, self.n_streams, self.per_worker, schedule=self.schedule
+            )
 
     @property
     def build_skips(self) -> Counter:

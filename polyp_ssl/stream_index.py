@@ -13,7 +13,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from polyp_ssl.bags import SAMPLERS, eligible_anchors
+from polyp_ssl.bags import (
+    SAMPLERS,
+    TTB_SCHEDULES,
+    TemperatureSchedule,
+    eligible_anchors,
+    temperature_schedule,
+)
 from polyp_ssl.config_parts import BIG, MAX_IM_SIZE, Bound, check_choice, setting
 from polyp_ssl.fragments import count_fragments
 from polyp_ssl.loader_errors import DataConfigError
@@ -89,8 +95,16 @@ class StreamParams:
     sampler_ttb_tmax: float = setting(
         12.0, "bag temperature at the last epoch (temporaltemperaturebag)", Bound(0, 1e6, lo_open=True)
     )
+    sampler_ttb_schedule: str = setting(
+        "epochs",
+        "length of the bag temperature schedule: epochs = over --max_epochs (the paper's; a run ended "
+        "earlier by --max_steps sees only its start), steps = over the epochs the run trains (from "
+        "--max_steps), first epoch at tmin, last at tmax",
+    )
     max_epochs: int = setting(
-        50, "training epochs (also the length of the bag temperature schedule)", Bound(1, 1_000_000)
+        50,
+        "training epochs (also the length of the bag temperature schedule, see --sampler_ttb_schedule)",
+        Bound(1, 1_000_000),
     )
     open_videos: int = setting(
         4, "--shard_access sequential: videos each data stream keeps open and interleaves", Bound(1, 1024)
@@ -130,6 +144,7 @@ class StreamParams:
         """ValueError naming the flag for settings the streams cannot work with (the bounds of each
         field are checked before, by `polyp_ssl.config.TrainConfig.validate`)."""
         check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("sampler_ttb_schedule", self.sampler_ttb_schedule, TTB_SCHEDULES)
         if self.batch_size < self.n_views:
             raise ValueError(
                 f"--batch_size {self.batch_size} < --n_views {self.n_views}: a batch must hold one whole bag"
@@ -145,6 +160,20 @@ class StreamParams:
                 f"--sampler_ttb_tmin {self.sampler_ttb_tmin} / --sampler_ttb_tmax {self.sampler_ttb_tmax}: "
                 "need 0 < tmin <= tmax"
             )
+
+
+def default_schedule(p: StreamParams, max_steps: int = -1, batches_per_epoch: int = 0) -> TemperatureSchedule:
+    """The temporal temperature schedule of `p` (--sampler_ttb_schedule); `max_steps` and the
+    batches of an epoch (per rank) say how many epochs a `steps` schedule spans (without them,
+    --max_epochs)."""
+    return temperature_schedule(
+        p.sampler_ttb_schedule,
+        p.sampler_ttb_tmin,
+        p.sampler_ttb_tmax,
+        p.max_epochs,
+        max_steps,
+        batches_per_epoch,
+    )
 
 
 @dataclass

@@ -4,8 +4,11 @@ Generates `--videos` x `--frames` JPEGs of 1240 x 1080 with `--boxes` polyp boxe
 temporary root, measures the limit (decode one such JPEG, crop, resize and encode every box's
 stored crop, nothing else, in a loop, in this process), then runs `polyp-ssl ingest` with
 --workers 1 and 2 and prints one JSON object. Not a test: numbers depend on the machine.
+With `--executor dask` it also runs `ingest --executor dask --workers 2` (a LocalCluster of two
+worker processes on 127.0.0.1) and reports its frames/s beside the local pool's with 2 workers.
 
     .venv/bin/python scripts/bench_ingest.py [--videos 8 --frames 20 --boxes 2 --workers 1,2]
+                                             [--executor dask]
 """
 
 from __future__ import annotations
@@ -164,6 +167,12 @@ def main() -> int:
     p.add_argument("--workers", default="1,2", help="worker counts to run, comma-separated (1 and 2 needed)")
     p.add_argument("--boxes", type=int, default=2, help="polyp boxes per frame")
     p.add_argument("--limit-seconds", type=float, default=8.0)
+    p.add_argument(
+        "--executor",
+        choices=("local", "dask"),
+        default="local",
+        help="dask: also run ingest on a Dask LocalCluster of 2 workers, beside the local pool",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
         root = os.path.join(tmp, "root")
@@ -179,8 +188,11 @@ def main() -> int:
         limit_draft = measure_limit(root, coco, args.limit_seconds, draft=True)
         runs: dict = {}
         counts = sorted({1, 2, *map(int, args.workers.split(","))})
-        for workers, extra in [(w, ()) for w in counts] + [(1, ("--jpeg-draft",))]:
-            name = f"{workers}" + ("_jpeg_draft" if extra else "")
+        variants = [(w, ()) for w in counts] + [(1, ("--jpeg-draft",))]
+        if args.executor == "dask":
+            variants.append((2, ("--executor", "dask")))
+        for workers, extra in variants:
+            name = f"{workers}" + {(): "", ("--jpeg-draft",): "_jpeg_draft"}.get(extra, "_dask")
             r = run_ingest(root, os.path.join(tmp, f"out{name}"), workers, *extra)
             s = r["summary"]["seconds"]
             runs[name] = {
@@ -191,6 +203,13 @@ def main() -> int:
                 "ingest_seconds": s,
                 "wall_seconds_with_startup": r["wall_seconds"],
             }
+            if "executor" in r["summary"]:  # the cluster's start is in `seconds`: also shown apart
+                ex = r["summary"]["executor"]
+                start = ex["cluster_start_seconds"]
+                runs[name]["cluster_start_seconds"] = start
+                runs[name]["source_frames_per_s_after_cluster_start"] = round(n_src / (s - start), 1)
+                runs[name]["retried"] = ex["retried"]
+                runs[name]["tasks_per_worker"] = sorted(ex["ran_on"].values())
         draft_diff = crop_difference(os.path.join(tmp, "out1"), os.path.join(tmp, "out1_jpeg_draft"))
         runs = {str(k): v for k, v in runs.items()}
         per_worker_ratio = runs["1"]["source_frames_per_s_per_worker"] / limit["frames_per_s"]
@@ -218,6 +237,13 @@ def main() -> int:
                 runs["2"]["source_frames_per_s_per_worker"] / limit["frames_per_s"], 3
             ),
         }
+    if "2_dask" in runs:
+        report["dask_vs_local_2_workers"] = round(
+            runs["2_dask"]["source_frames_per_s"] / runs["2"]["source_frames_per_s"], 3
+        )
+        report["dask_vs_local_2_workers_after_cluster_start"] = round(
+            runs["2_dask"]["source_frames_per_s_after_cluster_start"] / runs["2"]["source_frames_per_s"], 3
+        )
     for name in runs:
         report[f"speedup_{name}"] = round(
             runs[name]["source_frames_per_s"] / runs["1"]["source_frames_per_s"], 2

@@ -95,6 +95,8 @@ def train_command(arm: str, seed: int, root: Path, runs: Path, a: argparse.Names
         str(a.max_steps),
         "--max_epochs",
         str(a.max_epochs),
+        "--sampler_ttb_schedule",
+        a.ttb_schedule,
         "--batch_size",
         str(a.batch_size),
         "--n_views",
@@ -278,7 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=50,
         help="length of the bag temperature schedule; must not end a run before max_steps",
     )
+    ap.add_argument(
+        "--ttb_schedule",
+        default="steps",
+        choices=["steps", "epochs"],
+        help="train --sampler_ttb_schedule: steps (default here) sweeps the bag temperature over the "
+        "epochs --max_steps trains; epochs is the paper's schedule over --max_epochs",
+    )
     ap.add_argument("--baseline", default="init", help="'init' (the shared initialisation) or an arm")
+    ap.add_argument(
+        "--pooled_vs",
+        default=None,
+        help="an arm (default ntssl when it is one of --arms): that arm minus every other arm, pooled "
+        "over the seeds (mean paired difference with a two-level bootstrap interval: seeds, then test "
+        "polyps), under the key 'pooled'",
+    )
+    ap.add_argument(
+        "--ci_resamples", type=int, default=2000, help="bootstrap resamples of the pooled intervals"
+    )
     ap.add_argument(
         "--paired_vs",
         default=None,
@@ -307,33 +326,94 @@ def build_parser() -> argparse.ArgumentParser:
 def bag_noise(root: Path, a: argparse.Namespace) -> dict:
     """How noisy each sampler's positives are on the training split at the runs' settings: per
     sampler the fraction of bag members (anchor excluded) that show the anchor's polyp and the
-    fraction from the anchor's own tracklet (polyp_ssl.diversity.bag_positive_rates), for the
-    temporal temperature bags at the first and the last trained epoch and at the schedule's end."""
-    from polyp_ssl.bags import temporal_temperature
+    fraction from the anchor's own tracklet (polyp_ssl.diversity.bag_positive_rates); for the
+    temporal temperature bags, every trained epoch at the temperature of the runs' schedule
+    (--ttb_schedule), and the schedule's end."""
     from polyp_ssl.diversity import bag_positive_rates
     from polyp_ssl.epoch_plan import epoch_bags
     from polyp_ssl.span_index import build_span_index
-    from polyp_ssl.stream import StreamParams, build_index, epoch_batches
+    from polyp_ssl.stream import StreamParams, build_index, default_schedule, epoch_batches
 
-    p = StreamParams(batch_size=a.batch_size, n_views=a.n_views, max_epochs=a.max_epochs)
+    p = StreamParams(
+        batch_size=a.batch_size,
+        n_views=a.n_views,
+        max_epochs=a.max_epochs,
+        sampler_ttb_schedule=a.ttb_schedule,
+    )
     index = build_index(root, "train", p)
     _, frags = build_span_index(index, p)
     per_epoch = epoch_batches(index.total_anchors, p.n_bags, 1, 0)[1]
+    schedule = default_schedule(p, a.max_steps, per_epoch)
     last = max(0, (a.max_steps - 1) // per_epoch)
-    out: dict = {"steps_per_epoch": per_epoch, "epochs_trained": last + 1}
-    settings = (
-        ("temporal_first_epoch", "temporaltemperaturebag", 0),
-        ("temporal_last_epoch", "temporaltemperaturebag", last),
-        ("temporal_end_of_schedule", "temporaltemperaturebag", a.max_epochs),
-        ("tracklet", "tracklet", 0),
-        ("multipos", "multipos", 0),
-    )
-    for name, sampler, epoch in settings:
-        t = temporal_temperature(epoch, a.max_epochs, p.sampler_ttb_tmin, p.sampler_ttb_tmax)
-        bags, _ = epoch_bags(frags, sampler, p.n_views, 0, epoch, t)
-        rates = bag_positive_rates(bags, frags.identity, frags.tracklet)
-        row = {k: round(v, 4) if isinstance(v, float) else v for k, v in rates.items()}
-        out[name] = {"temperature": round(t, 3), **row} if sampler == "temporaltemperaturebag" else row
+    out: dict = {"steps_per_epoch": per_epoch, "epochs_trained": last + 1, "ttb_schedule": a.ttb_schedule}
+
+    def rates(sampler: str, epoch: int, temperature: float) -> dict:
+        bags, _ = epoch_bags(frags, sampler, p.n_views, 0, epoch, temperature)
+        got = bag_positive_rates(bags, frags.identity, frags.tracklet)
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in got.items()}
+
+    out["temporal_per_epoch"] = [
+        {
+            "epoch": e,
+            "temperature": round(schedule.at(e), 3),
+            **rates("temporaltemperaturebag", e, schedule.at(e)),
+        }
+        for e in range(last + 1)
+    ]
+    out["temporal_first_epoch"] = out["temporal_per_epoch"][0]
+    out["temporal_last_epoch"] = out["temporal_per_epoch"][-1]
+    t_end = p.sampler_ttb_tmax
+    out["temporal_end_of_schedule"] = {"temperature": t_end, **rates("temporaltemperaturebag", last, t_end)}
+    out["tracklet"] = rates("tracklet", 0, 1.0)
+    out["multipos"] = rates("multipos", 0, 1.0)
+    return out
+
+
+def pooled_differences(root: Path, runs: Path, a: argparse.Namespace) -> dict:
+    """`--pooled_vs` arm minus every other arm, per metric of METRICS: the mean over seeds of the
+    paired difference on the test split, with a 95% interval from a two-level bootstrap (seeds,
+    then test polyps shared by both arms; polyp_ssl.eval.intervals.pooled_paired_interval). The
+    embeddings are the report's (same protocol: the report's defaults; reused from its cache)."""
+    from polyp_ssl.eval.embed import EmbedOptions, EncoderChoice, ensure_embeddings
+    from polyp_ssl.eval.embeddings import read_embeddings
+    from polyp_ssl.eval.intervals import pooled_paired_interval
+    from polyp_ssl.eval.task_intervals import CiOptions
+    from polyp_ssl.eval.tasks import run_reid, run_retrieval
+
+    ci = CiOptions(resamples=a.ci_resamples)
+    device = "cuda" if a.device in ("gpu", "cuda") else a.device
+    stats: dict[tuple[str, int], dict] = {}
+    for arm in a.arms:
+        for seed in a.seeds:
+            ckpt = runs / run_name(arm, seed) / "checkpoints" / "last.ckpt"
+            made = ensure_embeddings(
+                root, EncoderChoice(str(ckpt)), EmbedOptions(split="test", device=device)
+            )
+            emb = read_embeddings(made.path, split="test", root=root)
+            stats[(arm, seed)] = {
+                "retrieval": run_retrieval(emb, ci).stats,
+                "reid": run_reid(emb, ci).stats,
+            }
+    ref = a.pooled_vs
+    out: dict = {"arm": ref, "seeds": a.seeds, "unit": ci.unit, "resamples": ci.resamples, "level": ci.level}
+    for arm in a.arms:
+        if arm == ref:
+            continue
+        per_metric: dict = {}
+        for task, metric in METRICS:
+            iv = pooled_paired_interval(
+                [stats[(ref, s)][task][metric] for s in a.seeds],
+                [stats[(arm, s)][task][metric] for s in a.seeds],
+                n_resamples=ci.resamples,
+                seed=ci.seed,
+                level=ci.level,
+            )
+            per_metric[f"{task}/{metric}"] = {
+                "estimate": iv.estimate,
+                "ci": [iv.low, iv.high],
+                "n_units": iv.n_units,
+            }
+        out[f"{ref}_minus_{arm}"] = per_metric
     return out
 
 
@@ -370,6 +450,9 @@ def _main(a: argparse.Namespace) -> int:
         raise CompareError(f"--scale {a.scale}: use a value in (0, 10]")
     if len(set(a.seeds)) != len(a.seeds) or len(set(a.arms)) != len(a.arms):
         raise CompareError("--seeds and --arms must not repeat")
+    if a.pooled_vs is not None and a.pooled_vs not in a.arms:
+        raise CompareError(f"--pooled_vs {a.pooled_vs!r}: not one of the arms ({', '.join(a.arms)})")
+    a.pooled_vs = a.pooled_vs or ("ntssl" if "ntssl" in a.arms else None)
     check_device(a.device, a.dry_run)
     a.backbone = a.backbone or ("resnet50" if a.device in ("gpu", "cuda") else "resnet18")
     a.cli = [str(Path(sys.executable).with_name("polyp-ssl"))]
@@ -385,6 +468,7 @@ def _main(a: argparse.Namespace) -> int:
         "im_size": a.im_size,
         "batch_size": a.batch_size,
         "n_views": a.n_views,
+        "ttb_schedule": a.ttb_schedule,
         "seconds": {},
     }
     if a.synth:
@@ -459,6 +543,9 @@ def _main(a: argparse.Namespace) -> int:
         from polyp_ssl.eval.report import run_init_label  # the report's row name of a run's init.ckpt
 
         summary.update(summarise(report / "results.parquet", a.arms, a.seeds, run_init_label([init_run])))
+    if not a.dry_run and a.pooled_vs in a.arms and len(a.arms) > 1:
+        summary["pooled"] = pooled_differences(root, runs, a)
+        log.info("pooled over seeds: %s", json.dumps(_finite(summary["pooled"])))
     if a.paired_vs:
         if a.paired_vs not in a.arms:
             raise CompareError(f"--paired_vs {a.paired_vs!r}: not one of the arms ({', '.join(a.arms)})")

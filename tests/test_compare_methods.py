@@ -74,8 +74,10 @@ def test_dry_run_plans_every_arm_and_seed_at_equal_steps(tmp_path):
     arms = ["ntssl", "ntssl_fragment_only", "tracklet", "supcon_same_bags", "multipos_labels"]
     names = [c[c.index("--exp_name") + 1] for c in trains]
     assert sorted(names) == sorted(f"{a}_s{s}" for a in arms for s in (0, 1))
+    assert summary["ttb_schedule"] == "steps"  # the comparison sweeps the bag temperature
     for c in trains:
         assert c[c.index("--max_steps") + 1] == "7"
+        assert c[c.index("--sampler_ttb_schedule") + 1] == "steps"
         assert c[c.index("--seed") + 1] == c[c.index("--exp_name") + 1].rsplit("_s", 1)[1]
         # the arm's own flags come after the shared ones; the last of each flag wins
         name = c[c.index("--exp_name") + 1].rsplit("_s", 1)[0]
@@ -165,6 +167,19 @@ def test_end_to_end_two_arms_two_seeds(tmp_path):
     noise = summary["bag_noise"]
     assert noise["tracklet"]["same_tracklet"] == 1.0 and noise["tracklet"]["same_identity"] == 1.0
     assert 0 <= noise["temporal_first_epoch"]["same_identity"] <= 1
+    per_epoch = noise["temporal_per_epoch"]
+    assert len(per_epoch) == noise["epochs_trained"] and per_epoch[0]["temperature"] == 0.3
+    if len(per_epoch) > 1:  # --ttb_schedule steps: the last trained epoch is at the schedule's end
+        assert per_epoch[-1]["temperature"] == 12.0
+    # pooled over the seeds: the mean of the seeds' paired differences the report gives, in its interval
+    pooled = summary["pooled"]
+    assert pooled["arm"] == "ntssl" and pooled["seeds"] == [0, 1]
+    for key in ("retrieval/mAP", "reid/AUROC"):
+        d = pooled["ntssl_minus_tracklet"][key]
+        values = {arm: summary["arms"][arm][key]["seeds"] for arm in ("ntssl", "tracklet")}
+        want = sum(values["ntssl"][s]["value"] - values["tracklet"][s]["value"] for s in ("0", "1")) / 2
+        assert d["estimate"] == pytest.approx(want, abs=1e-9)
+        assert d["ci"][0] - 1e-9 <= d["estimate"] <= d["ci"][1] + 1e-9
     # a second call reuses the data and the trained runs (same steps) and reports again, here
     # also seed by seed against ntssl
     r2 = compare("--out", str(out), *TINY, "--paired_vs", "ntssl")
