@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExecutorError as e:
         if debug_enabled():
             raise
-        kept = "" if e.bad_input else "; finished shards are kept: re-run with --resume"
+        kept = "" if e.bad_input or e.before_work else "; finished shards are kept: re-run with --resume"
         print(f"ingest: {e}{kept}", file=sys.stderr)
         return 2 if e.bad_input else 1
     except BrokenProcessPool as e:

@@ -51,9 +51,14 @@ Executor = Callable[[Sequence[ShardTask]], Iterator[TaskResult]]
 class ExecutorError(RuntimeError):
     """The executor could not run the tasks (a cluster unreachable or lost, a worker that cannot
     see the input); the message is one line saying so. `bad_input`: refused before any work (a
-    setup to fix, exit 2), not a run to resume."""
+    setup to fix, exit 2), not a run to resume. `before_work`: nothing of the run started (no
+    shard to keep), exit 1."""
 
     bad_input = False
+
+    def __init__(self, message: str, before_work: bool = False) -> None:
+        super().__init__(message)
+        self.before_work = before_work
 
 
 @dataclass(frozen=True)

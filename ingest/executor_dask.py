@@ -216,12 +216,15 @@ class DaskExecutor:
                         Client(self.scheduler, timeout=self.connect_timeout_s, set_as_default=False)
                     )
             except (OSError, TimeoutError) as exc:
-                raise ExecutorError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
+                raise ExecutorError(
+                    f"cannot reach the Dask scheduler at {where}: {exc}", before_work=True
+                ) from None
             try:
                 client.wait_for_workers(1, timeout=self.connect_timeout_s)
             except (OSError, TimeoutError):
                 raise ExecutorError(
-                    f"no Dask worker joined the scheduler at {where} within {self.connect_timeout_s:.0f} s"
+                    f"no Dask worker joined the scheduler at {where} within {self.connect_timeout_s:.0f} s",
+                    before_work=True,
                 ) from None
             self.stats = {
                 "executor": "dask",

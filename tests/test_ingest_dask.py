@@ -272,8 +272,9 @@ def free_port() -> int:
 def test_an_unreachable_scheduler_is_one_error_and_nothing_looks_complete(root, tmp_path):
     ex = DaskExecutor(f"tcp://127.0.0.1:{free_port()}", read_paths=(str(root),), out=str(tmp_path))
     ex.connect_timeout_s = 2.0
-    with pytest.raises(ExecutorError, match="cannot reach the Dask scheduler"):
+    with pytest.raises(ExecutorError, match="cannot reach the Dask scheduler") as info:
         run_ingest(IngestConfig(str(root), str(tmp_path), progress=False), ex)
+    assert info.value.before_work  # the command line says no "finished shards are kept"
     assert not glob.glob(str(tmp_path / "**" / "*.tar"), recursive=True)
     assert not (tmp_path / "catalog").exists()
 
