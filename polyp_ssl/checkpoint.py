@@ -51,7 +51,7 @@ class CheckpointError(ValueError):
 
 RUN_LAST_CKPT = Path("checkpoints") / "last.ckpt"  # what a run folder stands for where a file is expected
 # what a checkpoint file starts with: a torch zip, a torch pickle (the legacy format), safetensors
-# (8-byte header length, then a JSON object: recognised by `is_safetensors`)
+# (8-byte header length, then a JSON object)
 TORCH_ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"
 PARQUET_MAGIC = b"PAR1"
@@ -522,22 +522,6 @@ def load_encoder(
     encoder.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     encoder.eval()
     return encoder, config
-
-
-def is_safetensors(path: Path) -> bool:
-    """True when `path` starts like a safetensors file: an 8-byte little-endian header length that
-    fits the file, then a JSON object (a torch zip starts with ``PK``, a pickle with ``0x80``)."""
-    if not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return False
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 0 < int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:

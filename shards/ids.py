@@ -62,14 +62,6 @@ def _problem_of(match: re.Match[str] | None) -> str | None:
     return None
 
 
-def plain_text(value: str, what: str) -> str:
-    """`value` itself when it is plain text (`text_problem`); UnsafeIdError naming `what` otherwise."""
-    problem = text_problem(value)
-    if problem is not None:
-        raise UnsafeIdError(f"{what} {value[:80]!r} {problem}")
-    return value
-
-
 def id_problem(value: object) -> str | None:
     """Why `value` cannot be one path component, or None when it can."""
     if not isinstance(value, str):

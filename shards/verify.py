@@ -62,10 +62,6 @@ class VerifyReport:
         return d
 
 
-def file_sha256(path: Path) -> tuple[str, int]:
-    return file_sha256_size(path, _CHUNK, "shard")
-
-
 def member_key(name: str) -> str | None:
     """The webdataset key of a tar member: the path up to the first dot of its base name."""
     p = PurePosixPath(name)
@@ -320,7 +316,7 @@ def verify_root(root: str | Path, progress: bool = False) -> VerifyReport:
             report.problems.append(Problem("missing_shard", rel, f"{path} does not exist"))
             continue
         try:
-            digest, size = file_sha256(path)
+            digest, size = file_sha256_size(path, _CHUNK, "shard")
         except NotRegularFileError as exc:  # a FIFO or device in place of the shard: never read
             report.problems.append(Problem("not_regular_file", rel, str(exc)))
             continue

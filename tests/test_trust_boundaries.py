@@ -35,21 +35,11 @@ from polyp_ssl.stream import (
     iter_tar_samples,
 )
 from tests import ingest_fixtures
+from tests.damage_helpers import PARAMS, SHARD
 from tests.shard_factory import make_root
 from tests.train_helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = {
-    "batch_size": 8,
-    "n_views": 2,
-    "fragment_length": 2,
-    "fragment_stride": 2,
-    "min_tracklet_length": 4,
-    "im_size": 32,
-    "open_videos": 2,
-    "max_epochs": 2,
-}
-SHARD = "shards/train/train-000000.tar"
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
