@@ -33,8 +33,13 @@ def embed_main(argv: list[str] | None = None) -> int:
 
 
 def report_main(argv: list[str] | None = None) -> int:
+    from polyp_ssl.eval.cli_common import track_root_refusal
     from polyp_ssl.eval.report import main
 
+    what = "the report (retrieval, re-id, counting, probes)"
+    if (line := track_root_refusal(sys.argv[1:] if argv is None else argv, what)) is not None:
+        print(f"polyp-ssl report: error: {line}", file=sys.stderr)
+        return 2
     return main(argv)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from polyp_ssl.eval.embeddings import Embeddings, infer_root, read_embeddings, read_metadata
 from polyp_ssl.eval.intervals import Interval
 from polyp_ssl.eval.task_intervals import CiOptions
+from polyp_ssl.shards.remote import display_url, remote_root
 
 
 class CliError(ValueError):
@@ -156,6 +157,9 @@ def cache_for(args: argparse.Namespace, root: str | Path):
 
 
 def check_root(root: str | Path) -> Path:
+    """`root` as a Path once it holds a catalog (CliError otherwise). A root in an object store
+    (shards.remote) is read where it is; readers take its URL back from the Path
+    (shards.remote.remote_root)."""
     from polyp_ssl.shards.tables import NoCatalogError, require_catalog
 
     root = Path(root)
@@ -164,6 +168,44 @@ def check_root(root: str | Path) -> Path:
     except NoCatalogError as e:  # the one "no catalog" message of every command, exit 2
         raise CliError(str(e)) from None
     return root
+
+
+def refuse_track_root(root: str | Path | None, what: str) -> None:
+    """Before any embedding is made: refuse `what` on a root whose identities are tracker tracks
+    (shards.identities; one line, exit 2). A root without a catalog is check_root's to name."""
+    if root is None:
+        return
+    from polyp_ssl.shards.identities import TrackIdentitiesError, require_polyp_identities
+    from polyp_ssl.shards.tables import CatalogError
+
+    try:
+        require_polyp_identities(check_root(root), what)
+    except TrackIdentitiesError:
+        raise
+    except CatalogError:
+        return  # an older or unreadable catalog: the command's own checks name it, as they did
+
+
+def track_root_refusal(argv: list[str], what: str) -> str | None:
+    """The refusal line for a command line whose --dataset_root (either spelling, `=VALUE` or
+    the next word) is an ingested root of tracker-track identities; None otherwise (no such
+    flag, no catalog: the command itself reports those)."""
+    from polyp_ssl.shards.identities import TrackIdentitiesError, require_polyp_identities
+
+    root = None
+    for i, word in enumerate(argv):
+        name, eq, value = word.partition("=")
+        if name in ("--dataset_root", "--dataset-root"):
+            root = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    if root is None:
+        return None
+    try:
+        require_polyp_identities(root, what)
+    except TrackIdentitiesError as exc:
+        return str(exc)
+    except Exception:  # any other problem with the root is the command's own to report
+        return None
+    return None
 
 
 def load_file(path: str | Path, split: str | None, root: str | Path | None) -> tuple[Embeddings, Path | None]:
@@ -200,8 +242,20 @@ def output_dir(
     if args.runs_dir:
         return Path(args.runs_dir) / "eval" / name
     if root is not None:
+        refuse_outputs_in_store(args, root)
         return writable_default(root / "eval" / name)
     return writable_default(Path(emb_path).resolve().parent / "eval" / name)
+
+
+def refuse_outputs_in_store(args: argparse.Namespace, root: str | Path | None) -> None:
+    """CliError (one line, exit 2) when a command's outputs would go into a dataset root in an
+    object store (no --out, no --runs_dir): a root in a bucket is read, never written."""
+    url = remote_root(root) if root is not None else None
+    if url is not None and not getattr(args, "out", None) and not getattr(args, "runs_dir", None):
+        raise CliError(
+            f"{display_url(url)} is in an object store, where outputs are never written: give --out DIR "
+            "or --runs_dir DIR for the outputs"
+        )
 
 
 def writable_default(out: Path) -> Path:
@@ -407,6 +461,7 @@ def eval_source(args: argparse.Namespace) -> tuple[Embeddings, Path | None, Path
             "--weights PATH)"
         )
     root = check_root(args.dataset_root)
+    refuse_outputs_in_store(args, root)  # before anything is embedded
     split = args.split or "test"
     path = ensure_file(args, root, split)
     emb, root = load_file(path, split, root)

@@ -27,6 +27,7 @@ from polyp_ssl.eval.cli_common import (
     progress_bar,
     protocol_of,
     raw_to_ingested,
+    refuse_track_root,
     side_provenance,
     with_intervals,
     write_result,
@@ -41,6 +42,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from polyp_ssl.eval.outputs import encoder_label, output_name, refuse_existing
 
     ci = ci_options(args)
+    refuse_track_root(args.dataset_root, f"{args.task} scoring")
     emb, root, path = eval_source(args)
     check_dim(args, emb)
     trk = emb.tracklet_level()
@@ -137,10 +139,13 @@ def run_probe_command(args: argparse.Namespace) -> int:
     """Phases: read both sides, label them and split, say what trains and what evaluates, run the
     probe (eval.tasks.run_probe), write the result, print the table."""
     from polyp_ssl.eval.probe import OneClassError, protocol_hint
-    from polyp_ssl.eval.tasks import run_probe
+    from polyp_ssl.eval.tasks import require_polyps, run_probe
 
     ci = ci_options(args)
     inputs = _probe_inputs(args)
+    for side in (inputs.train_emb, inputs.val_emb):  # files given without their root
+        if side is not None:
+            require_polyps(side, f"the {args.task} probe")
     cfg = _probe_config(args)
     sides, skipped, how = _probe_sides(args, inputs)
     prog = "polyp-ssl probe"
@@ -194,6 +199,8 @@ def _probe_inputs(args: argparse.Namespace) -> ProbeInputs:
     root = check_root(args.dataset_root) if args.dataset_root else None
     train_root, train_split = train_raw or (root, args.train_split or "train")
     val_root = check_root(args.val_dataset_root) if args.val_dataset_root else root
+    for where in (train_root, val_root):
+        refuse_track_root(where, f"the {args.task} probe")
     val_root, val_split = val_raw or (val_root, args.val_split)
     if args.train_embeddings is None and train_root is None:
         raise CliError(
@@ -373,6 +380,7 @@ def count_side_videos(emb: Embeddings, root: Path | None, temporal: bool) -> lis
 
 def _count_sides(args: argparse.Namespace) -> dict[str, tuple[Embeddings, Path | None]]:
     root = check_root(args.dataset_root) if args.dataset_root else None
+    refuse_track_root(root, "polyp counting")
     sides = {}
     for side, path, split in (
         ("val", args.val_embeddings, args.val_split),
@@ -389,13 +397,15 @@ def _count_sides(args: argparse.Namespace) -> dict[str, tuple[Embeddings, Path |
 
 def run_count_command(args: argparse.Namespace) -> int:
     from polyp_ssl.eval.outputs import encoder_label, output_name
-    from polyp_ssl.eval.tasks import run_count
+    from polyp_ssl.eval.tasks import require_polyps, run_count
 
     ci = ci_options(args)
     if not 0 <= args.max_fpr <= 1:
         raise CliError(f"--max_fpr must be in [0, 1], got {args.max_fpr}")
     sides = _count_sides(args)
     (val_emb, val_root), (test_emb, test_root) = sides["val"], sides["test"]
+    require_polyps(val_emb, "polyp counting")
+    require_polyps(test_emb, "polyp counting")
     if val_emb.dim != test_emb.dim:
         raise CliError(f"val embeddings are {val_emb.dim}-d but test embeddings are {test_emb.dim}-d")
     val = count_side_videos(val_emb, val_root, args.temporal_constraint)

@@ -95,6 +95,7 @@ from polyp_ssl.shards.cli_parser import FlagParser
 from polyp_ssl.shards.embeddings_cache import EmbeddingsCache, embeddings_cache
 from polyp_ssl.shards.hashing import file_sha256
 from polyp_ssl.shards.ids import UnsafeIdError, path_component
+from polyp_ssl.shards.remote import display_url, remote_root
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def ensure_embeddings(
     --cache_dir). Phases: check the request, identify the encoder, resolve the parameters, look
     in the cache, compute, write."""
     options = options or EmbedOptions()
-    root = Path(root)
+    root = remote_root(root) or Path(root)  # a root in an object store stays its URL
     mhash = _check_request(root, options)
     enc = resolve_source(source.ckpt, source.encoder, source.weights)
     options.check()
@@ -229,7 +230,7 @@ def ensure_embeddings(
     return result
 
 
-def _check_request(root: Path, options: EmbedOptions) -> str:
+def _check_request(root: Any, options: EmbedOptions) -> str:
     """The catalog manifest's sha256, once the root, the split and the file name are usable."""
     check_catalog_version(root)  # a root of an older catalog version: refused, with the re-ingest command
     mhash = manifest_sha256(root)
@@ -243,7 +244,7 @@ def _check_request(root: Path, options: EmbedOptions) -> str:
 
 
 def _resolve_encoder(
-    root: Path, enc: EncoderSource, source: EncoderChoice, options: EmbedOptions
+    root: Any, enc: EncoderSource, source: EncoderChoice, options: EmbedOptions
 ) -> tuple[EmbedParams, Any, dict[str, Any]]:
     """(parameters, encoder module or None, its config): a checkpoint's or init's encoder is loaded
     here (its data config fills the unset image size and crop scale); a zoo model's parameters
@@ -266,7 +267,7 @@ def _resolve_encoder(
     return params, model, config
 
 
-def _matrix(root: Path, enc: EncoderSource, options: EmbedOptions, done: Computed) -> np.ndarray:
+def _matrix(root: Any, enc: EncoderSource, options: EmbedOptions, done: Computed) -> np.ndarray:
     """The vectors as one float32 matrix; NoItemsError when the split gave no item."""
     if not done.vectors:
         raise NoItemsError(
@@ -295,7 +296,7 @@ class _Made:
     init_seed: int
 
 
-def _metadata(root: Path, made: _Made, mat: np.ndarray, done: Computed, elapsed: float) -> dict[str, Any]:
+def _metadata(root: Any, made: _Made, mat: np.ndarray, done: Computed, elapsed: float) -> dict[str, Any]:
     """The file's metadata: the cache key, the encoder, the parameters and protocol, what was left out."""
     source, params, config, identity = made.source, made.params, made.config, made.identity
     key, mhash, init_seed = made.key, made.mhash, made.init_seed
@@ -314,7 +315,7 @@ def _metadata(root: Path, made: _Made, mat: np.ndarray, done: Computed, elapsed:
         "params": asdict(params),
         "protocol": protocol_string(params),
         "manifest_sha256": mhash,
-        "dataset_root": str(root.resolve()),
+        "dataset_root": root_text(root),
         "n_rows": int(mat.shape[0]),
         "dim": int(mat.shape[1]),
         "n_tracklets_capped": n_capped,
@@ -325,6 +326,13 @@ def _metadata(root: Path, made: _Made, mat: np.ndarray, done: Computed, elapsed:
         "version": EMBED_VERSION,
     }
     return metadata
+
+
+def root_text(root: str | Path) -> str:
+    """How a root is recorded: its resolved path, or the URL of a root in an object store (without
+    a user name or password)."""
+    url = remote_root(root)
+    return display_url(url) if url is not None else str(Path(root).resolve())
 
 
 def embeddings_file(root: str | Path, ckpt: str | Path | None, **settings: Any) -> Path:
@@ -379,6 +387,19 @@ def check_crop_scale(root: str | Path, bbox_scale_factor: float) -> None:
     to the stored window without a word)."""
     from polyp_ssl.transforms import check_crop_scale as check
 
+    url = remote_root(root)
+    if url is not None:  # the manifest as read from the store
+        from polyp_ssl.shards.tables import read_manifest
+
+        params = read_manifest(url).get("parameters")
+        crop_scale = params.get("crop_scale") if isinstance(params, dict) else None
+        if isinstance(crop_scale, int | float) and bbox_scale_factor > crop_scale + 1e-9:
+            raise EmbedError(
+                f"--data_bbox_scale_factor {bbox_scale_factor:g} is larger than the crop scale "
+                f"{crop_scale:g} that {display_url(url)} was ingested with: pass "
+                f"--data_bbox_scale_factor <= {crop_scale:g}"
+            )
+        return
     try:
         check(bbox_scale_factor, root, flag="--data_bbox_scale_factor")
     except ValueError as e:
@@ -485,15 +506,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def storage_options_arg(text: str) -> dict[str, Any]:
+    """argparse type of --storage_options: the JSON object, which this command's reads of a root
+    in an object store then use (shards.remote.use_storage_options)."""
+    from polyp_ssl.shards.remote import StorageOptionsError, parse_storage_options, use_storage_options
+
+    try:
+        options = parse_storage_options(text)
+    except StorageOptionsError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--storage_options: ")) from None
+    use_storage_options(options)
+    return options
+
+
 def add_cache_flag(p: argparse.ArgumentParser) -> None:
-    """`--cache_dir DIR` (every command that embeds)."""
+    """`--cache_dir DIR` and `--storage_options JSON` (every command that embeds)."""
+    p.add_argument(
+        "--storage_options",
+        metavar="JSON",
+        type=storage_options_arg,
+        default=None,
+        help="a --dataset_root in an object store (s3://, gs://, https://): a JSON object of fsspec storage "
+        "options beyond the standard environment and config files (AWS_ENDPOINT_URL, AWS_PROFILE, ...)",
+    )
     p.add_argument(
         "--cache_dir",
         metavar="DIR",
         default=None,
         help="cache the embeddings under DIR (default: POLYP_SSL_CACHE if set, else ROOT/embeddings when the "
-        "root is writable, else $XDG_CACHE_HOME/polyp-ssl or ~/.cache/polyp-ssl); files already cached in "
-        "ROOT/embeddings are reused",
+        "root is writable, else $XDG_CACHE_HOME/polyp-ssl or ~/.cache/polyp-ssl; never in an object store); "
+        "files already cached in ROOT/embeddings are reused",
     )
 
 

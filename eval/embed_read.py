@@ -17,6 +17,7 @@ from polyp_ssl.eval.embed_params import EmbedError, EmbedParams
 from polyp_ssl.fragments import even_subsample, fragment_index_lists
 from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.locations import UnsafeLocation, check_shard_value, shard_location
+from polyp_ssl.shards.remote import remote_root
 from polyp_ssl.shards.sample import (
     JpegSizeError,
     SampleError,
@@ -115,10 +116,14 @@ class Item:
     sample: dict[str, Any] | None = None  # kept (not decoded) for a tracklet longer than the frame budget
 
 
-def split_shards(root: str | Path, split: str) -> list[Path]:
-    """The split's shard files, in catalog order (the catalog's `shards` table)."""
+def split_shards(root: str | Path, split: str) -> list[Any]:
+    """The split's shard files, in catalog order (the catalog's `shards` table): Paths, or the
+    objects' URLs under a remote root (shards.remote)."""
     from polyp_ssl.shards.tables import read_catalog_table
 
+    url = remote_root(root)
+    if url is not None:
+        return _remote_split_shards(url, split)
     root = Path(root)
     table_path = root / "catalog" / "shards.parquet"
     if not table_path.is_file():
@@ -156,13 +161,51 @@ def split_tracklet_count(root: str | Path, split: str) -> int:
     from polyp_ssl.shards.tables import read_catalog_table
 
     path = Path(root) / "catalog" / "tracklets.parquet"
-    if not path.is_file():
+    if remote_root(root) is None and not path.is_file():
         return 0
     t = read_catalog_table(root, "tracklets", ["split"], checked=False).column("split").to_pylist()
     return sum(1 for s in t if s == split)
 
 
-def checked_samples(root: str | Path, paths: list[Path]) -> Iterator[dict[str, Any]]:
+def _remote_split_shards(url: str, split: str) -> list[str]:
+    """split_shards under a remote root: the objects' URLs, each object's size checked against
+    the catalog's (one HEAD each); RemoteError (one line) for a store that cannot be read."""
+    from polyp_ssl.shards.remote import filesystem_for, remote_failure
+    from polyp_ssl.shards.tables import read_catalog_table, table_file
+
+    table_path = table_file(url, "shards")
+    columns = ["path", "split", "n_samples", "n_bytes"]
+    rows = read_catalog_table(url, "shards", columns, checked=False).to_pylist()
+    known = sorted({r["split"] for r in rows})
+    rows = sorted((r for r in rows if r["split"] == split), key=lambda r: str(r["path"]))
+    if not rows or sum(int(r["n_samples"]) for r in rows) == 0:
+        raise EmbedError(
+            f"{table_path}: split {split!r} has no tracklets (splits with data: {', '.join(known) or 'none'})"
+        )
+    try:
+        urls = [
+            shard_location(check_shard_value(r["path"], table_path, f"shard {r['path']!r}", "path"), url)
+            for r in rows
+        ]
+    except UnsafeLocation as exc:
+        raise EmbedError(str(exc)) from None
+    fs, _ = filesystem_for(url)
+    for r, u in zip(rows, urls, strict=True):
+        try:
+            size = int(fs.info(filesystem_for(u)[1])["size"])
+        except FileNotFoundError:
+            raise EmbedError(f"shards named in {table_path} are missing: {u}") from None
+        except Exception as exc:
+            raise remote_failure(u, exc) from None
+        if r["n_bytes"] is not None and size != r["n_bytes"]:
+            raise EmbedError(
+                f"{u}: {size} bytes, {table_path} says {r['n_bytes']}: not the shard the catalog describes "
+                "(changed or replaced since upload; `polyp-ssl verify` on the local copy checks every shard)"
+            )
+    return urls
+
+
+def checked_samples(root: str | Path, paths: list[Any]) -> Iterator[dict[str, Any]]:
     """The samples of `paths` in order; each shard's bytes are hashed while they are read and
     compared with the catalog's size and sha256 after its last sample, so a changed or replaced
     shard stops the run (naming it) before any embeddings file is written."""
@@ -170,10 +213,11 @@ def checked_samples(root: str | Path, paths: list[Path]) -> Iterator[dict[str, A
     from polyp_ssl.shards.reader import iter_samples
     from polyp_ssl.shards.tables import read_catalog_table
 
+    url = remote_root(root)
     root = Path(root)
-    t = read_catalog_table(root, "shards", ["path", "n_bytes", "sha256"], checked=False).to_pydict()
+    t = read_catalog_table(url or root, "shards", ["path", "n_bytes", "sha256"], checked=False).to_pydict()
     recorded = {
-        str(root / p): ShardIdentity(int(n), h)
+        (shard_location(p, url) if url is not None else str(root / p)): ShardIdentity(int(n), h)
         for p, n, h in zip(t["path"], t["n_bytes"], t["sha256"], strict=True)
         if h
     }

@@ -289,6 +289,14 @@ def read_embeddings(path: str | Path, split: str | None = None, root: str | Path
 
 
 def manifest_sha256(root: str | Path) -> str:
+    from polyp_ssl.shards.remote import remote_root
+
+    if remote_root(root) is not None:  # a root in an object store (shards.remote)
+        import hashlib
+
+        from polyp_ssl.shards.tables import read_manifest_bytes
+
+        return hashlib.sha256(read_manifest_bytes(root)).hexdigest()
     path = Path(root) / "catalog" / "manifest.json"
     if not path.is_file():
         raise EmbeddingsError(
@@ -330,10 +338,17 @@ class PolypLabels:
     dataset_id: dict[str, str | None]
 
 
+def _in_store(root: str | Path) -> bool:
+    """A root in an object store (shards.remote), whose files are not on this machine."""
+    from polyp_ssl.shards.remote import remote_root
+
+    return remote_root(root) is not None
+
+
 def polyp_labels(root: str | Path) -> PolypLabels:
     """identity_id -> size_mm, histology, dataset_id from ROOT/catalog/polyps.parquet."""
     path = Path(root) / "catalog" / "polyps.parquet"
-    if not path.is_file():
+    if not _in_store(root) and not path.is_file():  # a root in an object store: read_catalog_table says
         raise EmbeddingsError(
             f"{path}: missing; {root} is not an ingested root (run `polyp-ssl ingest` first)"
         )
@@ -350,7 +365,7 @@ def polyp_labels(root: str | Path) -> PolypLabels:
 def tracklet_spans(root: str | Path) -> dict[str, tuple[int, int]]:
     """tracklet_id -> (start_frame, end_frame) from ROOT/catalog/tracklets.parquet."""
     path = Path(root) / "catalog" / "tracklets.parquet"
-    if not path.is_file():
+    if not _in_store(root) and not path.is_file():  # a root in an object store: read_catalog_table says
         raise EmbeddingsError(
             f"{path}: missing; {root} is not an ingested root (run `polyp-ssl ingest` first)"
         )

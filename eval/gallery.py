@@ -19,7 +19,8 @@ import numpy as np
 from polyp_ssl.eval.plots import save_figure
 from polyp_ssl.shards.crops import enlarge_box
 from polyp_ssl.shards.locations import shard_location
-from polyp_ssl.shards.reader import read_members, safe_member_name
+from polyp_ssl.shards.reader import open_shard, read_members, safe_member_name
+from polyp_ssl.shards.remote import remote_root
 from polyp_ssl.shards.sample import (
     JSON_EXT,
     JpegSizeError,
@@ -98,8 +99,9 @@ def read_middle_crops(
         by_shard[shard].append(key)
     crops: dict[tuple[str, str], np.ndarray] = {}
     for shard, keys in by_shard.items():
-        path = Path(shard_location(shard, root))  # a plain relative path inside the root, or an error
-        if not path.is_file():
+        url = remote_root(root)  # a root in an object store: the object is streamed
+        path = Path(shard_location(shard, url or root))  # a plain relative path inside the root, or an error
+        if url is None and not path.is_file():
             raise FileNotFoundError(f"{path}: shard named by the catalog is missing")
         wanted = set(keys)
         members: dict[str, dict[str, bytes]] = defaultdict(dict)
@@ -108,7 +110,8 @@ def read_middle_crops(
             return name.split(".", 1)[0] in wanted and safe_member_name(name)
 
         try:
-            with open(path, "rb") as f:  # the shard reader: sizes bounded by the file, never extracted
+            opened = open_shard(shard_location(shard, url)) if url else open(path, "rb")  # noqa: SIM115
+            with opened as f:  # the shard reader: sizes bounded by the file, never extracted
                 for name, data in read_members(f, select):
                     if data is not None:
                         key, _, ext = name.partition(".")

@@ -20,6 +20,8 @@ from polyp_ssl.eval import embed as embed_mod
 from polyp_ssl.eval.embed import EmbedError
 from polyp_ssl.eval.embeddings import EmbeddingsError, read_embeddings
 from polyp_ssl.eval.outputs import OutputExists, replacing_folder
+from polyp_ssl.eval.report_html import HTML_FILE
+from polyp_ssl.eval.report_pooled import report_pooled
 from polyp_ssl.eval.report_subjects import (
     BASELINES,
     RUN_INIT_FILE,
@@ -68,6 +70,7 @@ from polyp_ssl.eval.report_write import (
     plot_intervals,
     plot_reid_curves,
     projection_for,
+    projection_xy,
     training_curves,
     write_report_md,
 )
@@ -85,7 +88,10 @@ def run_report(
     baselines: Sequence[str] = BASELINES,
     embeddings: Sequence[str | Path] = (),
     command: str = "polyp-ssl report",
+    html: bool = True,
 ) -> list[SubjectResult]:
+    """Evaluate every row and write OUT/results.parquet, OUT/report.md with its figures and, with
+    `html`, OUT/report.html (eval/report_html.py)."""
     opts.root = Path(opts.root)
     opts.out = Path(opts.out)
     for e in embeddings:  # a file of another dataset is refused before any work
@@ -115,6 +121,7 @@ def run_report(
             print(f"    warning: degenerate probe: {degenerate_flags(res)}", flush=True)
     refs = choose_references(results, opts.baseline)
     diffs = paired_differences(results, refs, opts) if len(results) > 1 and opts.ci.enabled else {}
+    pooled = report_pooled(results, refs, opts.ci)
     rows = [
         row
         for r in results
@@ -132,9 +139,18 @@ def run_report(
     figures["re-identification curves"] = plot_reid_curves(results, opts.out)
     scale = _crop_scale(opts, results)
     figures["retrieval gallery"] = [p for r in results if (p := gallery_for(r, opts, scale))]
-    figures["2-D projection"] = [p for r in results if (p := projection_for(r, opts))]
+    projections = {r.subject.label: p for r in results if (p := projection_xy(r, opts))}
+    figures["2-D projection"] = [
+        p for r in results if (p := projection_for(r, opts, projections.get(r.subject.label)))
+    ]
     figures["training curves"] = training_curves(results, opts.out)
-    write_report_md(opts.out / REPORT_FILE, results, figures, opts, created, command, refs, diffs)
+    write_report_md(opts.out / REPORT_FILE, results, figures, opts, created, command, refs, diffs, pooled)
+    if html:
+        from polyp_ssl.eval.report_html import write_report_html
+
+        write_report_html(
+            opts.out / HTML_FILE, results, rows, opts, created, command, projections, scale, pooled
+        )
     return results
 
 
@@ -241,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="counting: pooled pairwise FPR allowed on val",
     )
     p.add_argument("--seed", type=int, default=42, help="random seed (probes, projection, gallery)")
+    p.add_argument(
+        "--html",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write report.html: one self-contained page (tables, per-query galleries, re-id pairs, "
+        "embedding map, confusion matrices, training curves) to open in a browser, no server needed",
+    )
     add_ci_flags(p)
     embed_mod.add_cache_flag(p)
     p.add_argument(
@@ -350,11 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         final = opts.out  # written complete beside it, then swapped in (eval.outputs.replacing_folder)
         with replacing_folder(final, args.overwrite, (REPORT_FILE, RESULTS_FILE)) as opts.out:
             command = "polyp-ssl report " + " ".join(argv)
-            results = run_report(args.checkpoints, opts, baselines, args.embeddings, command=command)
+            results = run_report(
+                args.checkpoints, opts, baselines, args.embeddings, command=command, html=args.html
+            )
         opts.out = final
         print()
         print(markdown_table(results))
         print(f"\nreport: {opts.out / REPORT_FILE}\nresults: {opts.out / RESULTS_FILE}")
+        if args.html:
+            print(f"page: {opts.out / HTML_FILE}")
         return 0
 
     return run_cli("polyp-ssl report", run, (ReportError, EmbedError, EmbeddingsError, OutputExists))
@@ -363,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = [
     "BASELINES",
     "COLUMNS",
+    "HTML_FILE",
     "LOWER_IS_BETTER",
     "REPORT_FILE",
     "RESULTS_FILE",
@@ -398,6 +426,7 @@ __all__ = [
     "plot_intervals",
     "plot_reid_curves",
     "projection_for",
+    "projection_xy",
     "report_protocol",
     "resolve_checkpoints",
     "result_rows",

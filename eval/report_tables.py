@@ -15,6 +15,7 @@ import numpy as np
 from polyp_ssl.eval.intervals import Interval
 from polyp_ssl.eval.report_subjects import ReportError
 from polyp_ssl.eval.report_tasks import ReportOptions, SubjectResult
+from polyp_ssl.shards.remote import remote_root
 
 # lower is better: a negative difference is an improvement
 LOWER_IS_BETTER = {("count", "fragmentation_rate"), ("count", "FPR")}
@@ -89,7 +90,9 @@ def result_rows(
                     "time_s": round(o.time_s, 4),
                     "created": created,
                     "protocol": protocol,
-                    "dataset_root": str(Path(opts.root).resolve()) if opts else None,
+                    "dataset_root": (
+                        (remote_root(opts.root) or str(Path(opts.root).resolve())) if opts else None
+                    ),
                     "split": task_split(o.task, opts) if opts else None,
                     "settings": task_settings(o.task, opts) if opts else None,
                     "value_ci_low": iv.low if iv is not None else None,

@@ -280,7 +280,10 @@ def _probe_task(task: str, src: EmbeddingSource, opts: ReportOptions) -> TaskOut
     )
     if res.degenerate:
         note += f"; **degenerate probe**: {res.degenerate}"
-    return TaskOutcome(task, metrics, 0.0, note=note, stats=stats, degenerate=res.degenerate, ci=ci)
+    # extra: the probe's result (its val labels and predictions: report.html's confusion matrix)
+    return TaskOutcome(
+        task, metrics, 0.0, note=note, stats=stats, degenerate=res.degenerate, ci=ci, extra=res
+    )
 
 
 def task_count(src: EmbeddingSource, opts: ReportOptions) -> TaskOutcome:

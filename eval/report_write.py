@@ -12,6 +12,7 @@ import numpy as np
 from polyp_ssl.eval import embed as embed_mod
 from polyp_ssl.eval.intervals import Interval
 from polyp_ssl.eval.plots import intervals_png, save_figure
+from polyp_ssl.eval.report_pooled import PooledDifference, pooled_table
 from polyp_ssl.eval.report_subjects import ReportError
 from polyp_ssl.eval.report_tables import (
     difference_table,
@@ -88,20 +89,27 @@ def plot_reid_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Pa
 def training_curves(results: Sequence[SubjectResult], out_dir: Path) -> list[Path]:
     """The training curves (eval.curves) of every run whose checkpoint is evaluated, one PNG per
     run folder with CSV logs; a log that cannot be read is a warning, not a failed report."""
-    from polyp_ssl.eval.curves import CurvesError, curves_for, run_of_checkpoint
+    from polyp_ssl.eval.curves import CurvesError, curves_for
+
+    paths = []
+    for run in training_runs(results):
+        try:
+            paths.append(curves_for(run, out_dir)[0])
+        except CurvesError as e:
+            log.warning("training curves of %s not drawn: %s", run, e)
+    return paths
+
+
+def training_runs(results: Sequence[SubjectResult]) -> list[Path]:
+    """The run folders (with CSV logs) of the evaluated checkpoints, each once, in row order."""
+    from polyp_ssl.eval.curves import run_of_checkpoint
 
     runs: list[Path] = []
     for r in results:
         run = run_of_checkpoint(r.subject.spec) if r.subject.kind in ("checkpoint", "run_init") else None
         if run is not None and run.resolve() not in [x.resolve() for x in runs]:
             runs.append(run)
-    paths = []
-    for run in runs:
-        try:
-            paths.append(curves_for(run, out_dir)[0])
-        except CurvesError as e:
-            log.warning("training curves of %s not drawn: %s", run, e)
-    return paths
+    return runs
 
 
 def _slug(text: str) -> str:
@@ -145,8 +153,9 @@ def _shard_of(root: Path) -> dict[str, str]:
     return dict(zip(t["tracklet_id"], t["shard"], strict=True))
 
 
-def projection_for(res: SubjectResult, opts: ReportOptions) -> Path | None:
-    from polyp_ssl.eval.projection import plot_projection, project_2d
+def projection_xy(res: SubjectResult, opts: ReportOptions) -> tuple[str, np.ndarray] | None:
+    """The 2-D map of a row's test tracklets: (method, [N, 2] coordinates); None under 3 tracklets."""
+    from polyp_ssl.eval.projection import project_2d
 
     emb = res.test
     if emb is None or len(emb) < 3:
@@ -154,11 +163,23 @@ def projection_for(res: SubjectResult, opts: ReportOptions) -> Path | None:
     method = opts.projection
     if method == "auto":
         method = "tsne" if len(emb) <= 150 else "pca"  # exact t-SNE is cheap up to a few hundred
-    xy = project_2d(emb.vectors, method=method, seed=opts.seed)
+    return method, project_2d(emb.vectors, method=method, seed=opts.seed)
+
+
+def projection_for(
+    res: SubjectResult, opts: ReportOptions, projection: tuple[str, np.ndarray] | None = None
+) -> Path | None:
+    """The projection figure of a row (`projection`: its projection_xy, computed here when not given)."""
+    from polyp_ssl.eval.projection import plot_projection
+
+    projection = projection or projection_xy(res, opts)
+    if projection is None or res.test is None:
+        return None
+    method, xy = projection
     path = opts.out / f"projection_{_slug(res.subject.label)}.png"
     return plot_projection(
         xy,
-        emb.identity_id.astype(str),
+        res.test.identity_id.astype(str),
         path,
         title=f"{res.subject.label}: test tracklets ({method.upper()}), colour = polyp",
     )
@@ -173,7 +194,9 @@ def write_report_md(
     command: str,
     refs: dict[str, SubjectResult] | None = None,
     diffs: dict[str, dict[tuple[str, str], Interval]] | None = None,
+    pooled: Sequence[PooledDifference] = (),
 ) -> Path:
+    """report.md; `pooled`: the arms' differences pooled over seeds (eval.report_pooled)."""
     from polyp_ssl.eval.embeddings import manifest_sha256
 
     lines = [
@@ -215,6 +238,20 @@ def write_report_md(
             "resamples). An interval that excludes 0 is a difference the data supports.",
             "",
             difference_table(results, refs, diffs),
+            "",
+        ]
+    if pooled:
+        lines += [
+            "## Pooled over seeds",
+            "",
+            "Runs with the same settings but the seed (config.yaml) are one arm. Per arm, the mean over "
+            "its seeds of the paired difference (seed s minus its reference for seed s: its own "
+            "initialisation, or seed s of the arm the --baseline row belongs to), in percentage points, "
+            "with the 95% interval of a two-level bootstrap: each resample draws the seeds with "
+            "replacement, then the test units (the same units for every seed and both sides). It says "
+            "how much a retrain with another seed moves the difference, which one run's interval cannot.",
+            "",
+            pooled_table(pooled, table_columns(results)),
             "",
         ]
     notes = []

@@ -62,6 +62,18 @@ def vectors_provenance(emb: Embeddings) -> dict[str, Any]:
     }
 
 
+def require_polyps(emb: Embeddings, what: str) -> None:
+    """Refuse `what` on vectors of a root whose identities are tracker tracks, not polyps
+    (shards.identities: TrackIdentitiesError, bad input); the root is where the file lives or the
+    one its metadata names (nothing to check when neither is there)."""
+    from polyp_ssl.eval.embeddings import infer_root
+    from polyp_ssl.shards.identities import require_polyp_identities
+
+    root = infer_root(emb.path, emb.meta)
+    if root is not None:
+        require_polyp_identities(root, what)
+
+
 def _finish(
     task: str, metrics: dict[str, float], result: Any, stats: dict, ci: CiOptions, provenance: dict
 ) -> TaskResult:
@@ -79,6 +91,7 @@ def run_retrieval(
     ranks every other tracklet (the paper), "video" those of the query's video."""
     from polyp_ssl.eval.metrics import retrieval_from_vectors
 
+    require_polyps(emb, "retrieval scoring")
     res = retrieval_from_vectors(
         emb.vectors,
         emb.identity_id,
@@ -101,6 +114,7 @@ def run_reid(emb: Embeddings, ci: CiOptions, progress: Callable[[int], None] | N
     """Re-identification over every pair of tracklets of `emb` (tracklet level): AUROC, AUPR."""
     from polyp_ssl.eval.metrics import reid_from_vectors
 
+    require_polyps(emb, "re-identification scoring")
     res = reid_from_vectors(emb.vectors, emb.identity_id, progress=progress)
     stats = {}
     if ci.enabled:
@@ -218,7 +232,12 @@ def side_source(
     training = training_config(emb, cache, log)
     differ = setting_mismatches(emb.meta.get("params") or {}, training)
     overlap = [o for s in splits if (o := training_split_overlap(root, s, training))]
+    from polyp_ssl.shards.remote import display_url, remote_root
+
+    url = remote_root(root) if root is not None else None  # a root in an object store: its URL
     where = str(root.resolve()) if root is not None else emb.meta.get("dataset_root")
+    if url is not None:
+        where = display_url(url)
     return SideSource(where, splits, str(emb.path), differ, overlap)
 
 

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from polyp_ssl.ingest.catalog_build import catalog_tables, write_catalog
 from polyp_ssl.ingest.coco import VideoPlan, drop_shared_identities, load_split
 from polyp_ssl.ingest.convert.common import read_report_rows
+from polyp_ssl.ingest.convert.mot import root_identities
 from polyp_ssl.ingest.errors import ErrorRow, ErrorSink, IngestError, IngestRefused, count_by_reason
 from polyp_ssl.ingest.executor import Executor, LocalPool
 from polyp_ssl.ingest.output_area import OutputArea, Part
@@ -270,6 +271,7 @@ def build_catalog(
             "source": {"images_dir": "images", "videos_dir": setup.videos_dir},
             "annotations_in": plan.n_annotations_in,
             "annotations_in_files": inputs.n_annotations,
+            **({"identities": "tracks"} if root_identities(setup.root) == "tracks" else {}),
         },
     )
     return manifest, tables, stats_list

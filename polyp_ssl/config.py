@@ -19,6 +19,7 @@ reads and writes as the flat mapping it always was (`from_dict`, `to_dict`).
 from __future__ import annotations
 
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -82,6 +83,7 @@ FLAT_ORDER = (
     *("monitor", "deterministic", "split", "val_split", "shard_base", "devices", "num_nodes", "strategy"),
     *("accelerator", "precision", "compile", "channels_last", "resume", "ckpt_every_n_steps", "logger"),
     *("runs_dir", "log_every_n_steps", "data_log", "on_shard_error", "decode_on", "skip_memory_check"),
+    *("storage_options", "cache_dir", "cache_size"),
 )
 
 
@@ -178,11 +180,14 @@ class TrainConfig:
         return getattr(object.__getattribute__(self, part), name)
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat settings (flag name -> value), in FLAT_ORDER."""
+        """The flat settings (flag name -> value), in FLAT_ORDER. What a run records (config.yaml,
+        checkpoints) comes from here: `storage_options` with every value that may be a secret
+        replaced by `***` (shards.remote.public_options)."""
         out = {}
         for name, part in SETTING_PART.items():
             value = getattr(getattr(self, part), name)
             out[name] = list(value) if isinstance(value, list) else value
+        out["storage_options"] = public_storage_options(out["storage_options"])
         return out
 
     @classmethod
@@ -204,7 +209,7 @@ class TrainConfig:
             problem = setting_range_problem(name, getattr(self, name))
             if problem:
                 raise ValueError(f"--{name} {problem}")
-        for part in (self.stream, self.loss, self.encoder, self.trainer, self.run, self.optimizer):
+        for part in (self.data, self.stream, self.loss, self.encoder, self.trainer, self.run, self.optimizer):
             part.check()
         self.validate_reference_meaning()
 
@@ -219,6 +224,19 @@ class TrainConfig:
                 "(the reference refuses this pair too)"
             )
         self.run.check_mode()
+
+
+def public_storage_options(text: str | None) -> str | None:
+    """--storage_options as a run records it: a JSON object whose secret-looking values are `***`
+    (shards.remote.public_options); text that is not a JSON object is not recorded at all."""
+    if not text:
+        return text
+    from polyp_ssl.shards.remote import REDACTED, StorageOptionsError, parse_storage_options, public_options
+
+    try:
+        return json.dumps(public_options(parse_storage_options(text)), sort_keys=True)
+    except StorageOptionsError:
+        return json.dumps(REDACTED)
 
 
 def unknown_setting_message(name: str, known: set[str] | list[str], where: str = "") -> str:

@@ -117,6 +117,46 @@ class DataSettings:
     shard_base: str | None = setting(
         None, "URL prefix for the catalog's relative shard paths (object storage, http, pipe:...)"
     )
+    storage_options: str | None = setting(
+        None,
+        "a dataset root or --shard_base in an object store (s3://, gs://, https://): a JSON object of "
+        "fsspec storage options, beyond what the standard environment and config files give (endpoint, "
+        "credentials, region: AWS_ENDPOINT_URL, AWS_PROFILE, ...); config.yaml keeps no secret values",
+        metavar="JSON",
+    )
+    cache_dir: str | None = setting(
+        None,
+        "object-store shards: a node-local folder for a block cache shared by the loader workers and "
+        "ranks of this machine (with --cache_size)",
+    )
+    cache_size: str = setting(
+        "0", "the block cache's size on disk: bytes, or a number with K, M, G or T (e.g. 20G); 0: no cache"
+    )
+
+    def check(self) -> None:
+        """ValueError naming the flag for object-store settings that cannot work."""
+        from polyp_ssl.shards.remote import parse_storage_options
+
+        parse_storage_options(self.storage_options)
+        size = parse_size(self.cache_size, "--cache_size")
+        if size and not self.cache_dir:
+            raise ValueError(f"--cache_size {self.cache_size}: give the cache's folder with --cache_dir")
+        if self.cache_dir and not size:
+            raise ValueError(
+                f"--cache_dir {self.cache_dir}: give the cache's size with --cache_size (e.g. 20G)"
+            )
+
+    def read_options(self) -> Any:
+        """How remote shards are read (shards.object_store.ObjectReadOptions): the storage options
+        and the block cache of these settings."""
+        from polyp_ssl.shards.object_store import ObjectReadOptions
+        from polyp_ssl.shards.remote import parse_storage_options
+
+        return ObjectReadOptions(
+            storage_options=parse_storage_options(self.storage_options),
+            cache_dir=self.cache_dir or None,
+            cache_bytes=parse_size(self.cache_size, "--cache_size") if self.cache_dir else 0,
+        )
 
     def check_reference_meaning(self) -> None:
         """The reference's flags that this stack can only honour one way (a part of
@@ -128,6 +168,24 @@ class DataSettings:
                 f"--fragment_padding_mode {self.fragment_padding_mode!r}: the only padding is 'repeat' "
                 "(repeat the last frame)"
             )
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes of a size like `0`, `4096`, `512M`, `20G`, `1.5T` (binary units; a trailing `B` or
+    `iB` is accepted); ValueError naming the flag otherwise."""
+    value = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS and value[-1:] else ""
+    number = value[: len(value) - len(unit)] if unit else value
+    try:
+        n = float(number)
+    except ValueError:
+        n = float("nan")
+    if not math.isfinite(n) or n < 0 or n * _SIZE_UNITS[unit] > BIG * 1024:
+        raise ValueError(f"--{flag.lstrip('-')} {str(text)[:40]!r}: give a size such as 0, 4096, 512M or 20G")
+    return int(n * _SIZE_UNITS[unit])
 
 
 def anchorcrop_required(flag: str) -> str:

@@ -34,7 +34,11 @@ class StreamDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.params = cfg.stream
-        self.train_index: StreamIndex = build_index(cfg.dataset_root, cfg.split, self.params, cfg.shard_base)
+        # a root or --shard_base in an object store: read with these options (--storage_options, cache)
+        reading = cfg.data.read_options()
+        self.train_index: StreamIndex = build_index(
+            cfg.dataset_root, cfg.split, self.params, cfg.shard_base, read_options=reading
+        )
         self.val_index: StreamIndex | None = None
         try:
             self.val_index = build_index(
@@ -44,6 +48,7 @@ class StreamDataModule(L.LightningDataModule):
                 cfg.shard_base,
                 min_tracklet_length=0,
                 require_bags=False,
+                read_options=reading,
             )
         except DataConfigError as exc:
             log.warning("no validation: %s", exc)

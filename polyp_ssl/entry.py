@@ -47,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training curves (loss terms, lr, throughput) from a run's CSV logs",
     ),
     "demo": ("polyp_ssl.eval.demo:main", "synthetic data -> ingest -> train -> report, end to end on CPU"),
+    "reproduce": (
+        "polyp_ssl.eval.reproduce:main",
+        "the paper's table from the raw downloads: convert, split, ingest, train, report (resumable)",
+    ),
     "export": ("polyp_ssl.export:main", "write a checkpoint's encoder as a plain safetensors file"),
 }
 

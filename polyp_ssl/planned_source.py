@@ -4,14 +4,21 @@ read at its catalog byte span.
 The span table and split fragments (polyp_ssl.span_index) are built once, in the main process,
 so loader workers inherit them and a damaged JSON fails before any worker starts. The plan is
 polyp_ssl.epoch_plan's (every bag of the split shuffled together); members are read through a
-`shards.members.MemberReader` (today `SpanReader`, a local `pread`), one per process.
+`shards.members.MemberReader` (`SpanReader`, a local `pread`, or shards.object_store's reader of
+an object store), one per process.
+
+Look-ahead: the plan says which members every later batch of the stream reads. Before a batch is
+read, a reader with `prefetch` (the object-store reader) is handed the members of that batch and
+of the next `lookahead_batches` of the stream (at most MAX_LOOKAHEAD), so it can fetch them
+coalesced and concurrently while the current batch is decoded. The hint changes what is fetched
+when, never which batches or bags are produced.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 
@@ -20,12 +27,14 @@ from polyp_ssl.batch_source import Draft, Row, too_few_identities
 from polyp_ssl.damage import DamagePolicy
 from polyp_ssl.epoch_plan import EpochPlan, plan_epoch, stream_batches
 from polyp_ssl.loader_errors import DataConfigError, ShardError
-from polyp_ssl.shards.members import MemberError, MemberReader, SpanReader
+from polyp_ssl.shards.members import MemberError, MemberReader, MemberRequest, SpanReader
 from polyp_ssl.shards.sample import frame_ext
 from polyp_ssl.span_index import FrameMeta, build_span_index
 from polyp_ssl.stream_index import StreamIndex, StreamParams, default_schedule
 
 META_CACHE = 4096  # tracklets whose crop geometry a worker keeps as lists (a few KB each)
+MAX_LOOKAHEAD = 16  # batches after the current one a reader may be told about
+PLAN_USES = 1 << 20  # member reads of the plan a block cache is told about (32 bytes each)
 
 
 class PlannedSource:
@@ -100,10 +109,119 @@ class PlannedSource:
             self.num_workers,
             self.per_worker,
         )
+        hints: OrderedDict[int, list[MemberRequest]] = OrderedDict()
+        if getattr(self.reader(), "wants_plan", False):
+            self.schedule_reads(epoch, plan, skip)
         for k, g in enumerate(ids):
             if k < skip:
                 continue
+            self.hint(plan, ids, k, hints, epoch * self.per_worker + k)
             yield from self.batch_drafts(plan, int(g), epoch, k)
+
+    def schedule_reads(self, epoch: int, plan: EpochPlan, skip: int) -> None:
+        """Tell a reader with a block cache (`plan_uses`) when this rank's streams read each member
+        for the rest of this epoch and all of the next: batch k of any stream of the rank at
+        ordinal epoch * per_worker + k (the streams advance together)."""
+        p, fr, sp = self.params, self.frags, self.spans
+        nw = max(self.num_workers, 1)
+        locations = list(dict.fromkeys(sp.path[rel] for rel in sp.shard))
+        loc_of = {loc: i for i, loc in enumerate(locations)}
+        slot_loc = np.asarray([loc_of[sp.path[rel]] for rel in sp.shard], dtype=np.int64)
+        parts = []
+        # at most PLAN_USES member reads in all (per process): the nearest batches of each stream
+        per_batch = p.n_bags * p.n_views * max(p.fragment_length, 1)
+        horizon = max(1, PLAN_USES // (per_batch * nw * 2))
+        for e, first in ((epoch, skip), (epoch + 1, 0)):
+            pl = (
+                plan
+                if e == epoch
+                else plan_epoch(self.frags, p.sampler, p.n_views, p.n_bags, p.seed, e, self.schedule.at(e))
+            )
+            if pl.n_batches == 0:
+                continue
+            for w in range(nw):
+                ids = stream_batches(
+                    pl.n_batches, self.rank, self.world_size, w, self.num_workers, self.per_worker
+                )
+                ids = np.asarray(ids[first : first + horizon], dtype=np.int64)
+                frags = pl.bags[pl.batches[ids]]  # [k, n_bags, n_views]
+                slots = fr.slot[frags]
+                rows = sp.frame_start[slots][..., None] + fr.frames[frags]  # [k, bags, views, L]
+                at = (e * self.per_worker + first + np.arange(len(ids)))[:, None, None, None]
+                parts.append(
+                    (
+                        np.broadcast_to(slots[..., None], rows.shape).ravel(),
+                        rows.ravel(),
+                        np.broadcast_to(at, rows.shape).ravel(),
+                    )
+                )
+        if not parts:
+            return
+        slot = np.concatenate([a for a, _, _ in parts])
+        row = np.concatenate([b for _, b, _ in parts])
+        at = np.concatenate([c for _, _, c in parts])
+        spans = sp.jpeg[row]
+        starts = spans[:, 0] - 512  # the member's tar header lies before its data
+        self.reader().plan_uses(locations, slot_loc[slot], starts, spans[:, 0] + spans[:, 1], at)
+
+    def hint(
+        self,
+        plan: EpochPlan,
+        ids: Sequence[int],
+        k: int,
+        memo: OrderedDict[int, list[MemberRequest]],
+        position: int,
+    ) -> None:
+        """Tell a reader with `prefetch` the members of this stream's batches k .. k + L, nearest
+        first (L: the reader's `lookahead_batches`, at most MAX_LOOKAHEAD); `memo` keeps each
+        batch's list while it stays in the window. A reader with `advance` learns the batch's
+        ordinal (`position`, the clock of schedule_reads)."""
+        reader = self.reader()
+        advance = getattr(reader, "advance", None)
+        if advance is not None:
+            advance(position)
+        prefetch = getattr(reader, "prefetch", None)
+        lookahead = getattr(reader, "lookahead_batches", None)
+        if prefetch is None or lookahead is None:  # SpanReader: nothing to fetch ahead
+            return
+        ahead = min(max(int(lookahead), 0), MAX_LOOKAHEAD)
+        window = [int(g) for g in ids[k : k + ahead + 1]]
+        for g in list(memo):
+            if g not in window:
+                del memo[g]
+        requests: list[MemberRequest] = []
+        for g in window:
+            if g not in memo:
+                memo[g] = self.batch_requests(plan, g)
+            requests += memo[g]
+        prefetch(requests)
+
+    def batch_requests(self, plan: EpochPlan, g: int) -> list[MemberRequest]:
+        """The members global batch g of the plan reads, each once, in reading order (bags already
+        known to be damaged left out)."""
+        fr, sp = self.frags, self.spans
+        seen: set[tuple[int, int]] = set()
+        out = []
+        for bag in plan.batches[g]:
+            for f in plan.bags[int(bag)]:
+                slot = int(fr.slot[f])
+                rel = sp.shard[slot]
+                if slot in self.bad_slots or rel in self.bad_shards:
+                    continue
+                for i in fr.frames[f]:
+                    i = int(i)
+                    if (slot, i) in seen:
+                        continue
+                    seen.add((slot, i))
+                    out.append(
+                        MemberRequest(
+                            sp.path[rel],
+                            sp.span(slot, i),
+                            sp.shard_bytes[rel],
+                            f"{sp.keys[slot]}.{frame_ext(i)}",
+                        )
+                    )
+        return out
 
     def batch_drafts(self, plan: EpochPlan, g: int, epoch: int, batch_i: int) -> Generator[Draft, None, None]:
         """Global batch g of the plan, drafted until one draft is assembled without damage: a

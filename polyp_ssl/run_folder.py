@@ -48,6 +48,8 @@ RESUME_MAY_CHANGE = (
 # not settings of the run but of this command: where the run folder is found, the resume request
 # itself, and per-invocation switches (debug log, memory check)
 NOT_COMPARED = ("runs_dir", "exp_name", "resume", "data_log", "skip_memory_check")
+# how this invocation reaches the data (object-store options, the node's block cache), not what it reads
+NOT_COMPARED += ("storage_options", "cache_dir", "cache_size")
 # keys of config.yaml that are the invocation's that wrote it, not the run's: not read back on --resume
 NOT_SAVED = ("resume",)
 

@@ -6,12 +6,18 @@ read at its span and validated (shards.sample.parse_sample, then against the cat
 the JSONs the fragments with their positions (polyp_ssl.fragments.cut_tracklet, as the
 sequential reader cuts them). Everything per frame is kept in flat numpy arrays (about 64 bytes
 a frame), so a worker's copy stays small and shared after fork.
+
+Shards are local plain `.tar` files (read with shards.members.SpanReader) or objects under a
+remote root or --shard_base (shards.object_store.ObjectStoreReader: range requests, the JSONs
+hinted a window ahead so they arrive many at a time); `member_reader` picks the one the loader's
+workers use too.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,21 +35,25 @@ from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.members import (
     MemberError,
     MemberReader,
+    MemberRequest,
     MemberSpan,
     SpanReader,
     local_shard_path,
     max_jpeg_bytes,
     overlapping_spans,
 )
+from polyp_ssl.shards.remote import is_remote
 from polyp_ssl.shards.sample import MAX_JSON_BYTES, TrackletSample
 from polyp_ssl.shards.samples import SampleDamage, check_frame_count, check_json
-from polyp_ssl.shards.tables import read_catalog_table
+from polyp_ssl.shards.tables import read_catalog_table, read_file_schema, table_file
+from polyp_ssl.stream_index import as_root
 
 log = logging.getLogger(__name__)
 
 TRACKLET_SPAN_COLUMNS = ("json_offset", "json_size", "json_crc32")
 FRAME_SPAN_COLUMNS = ("jpeg_offset", "jpeg_size", "jpeg_crc32")
 ROW = "__row__"  # a row's position in its catalog table, for messages
+JSON_HINT = 256  # tracklet JSONs hinted ahead to a remote reader while the index is built
 
 
 @dataclass
@@ -64,7 +74,7 @@ class SpanTable:
 
     keys: list[str]
     shard: list[str]  # catalog shard value (relative path)
-    path: dict[str, str]  # shard value -> local file to pread
+    path: dict[str, str]  # shard value -> local file to pread, or the object's URL
     shard_bytes: dict[str, int]  # shard value -> size from the catalog's shards table
     frame_start: np.ndarray  # int64 [T + 1]
     jpeg: np.ndarray  # int64 [N, 3]: offset, size, crc32
@@ -105,10 +115,45 @@ def local_paths(index: Any) -> dict[str, str] | None:
     return out
 
 
-def _read_columns(root: Path, table: str, columns: tuple[str, ...], keep: tuple[str, set[str]]) -> dict:
-    path = root / "catalog" / f"{table}.parquet"
-    check_regular(path, f"catalog table {table!r}")  # pyarrow opens the path: never a FIFO or device
-    names = pq.read_schema(path).names
+def remote_object(url: str) -> str | None:
+    """The URL of a remote plain `.tar` shard, which can be read at offsets by range requests; None
+    for anything else (local, `pipe:`, compressed)."""
+    return url if is_remote(url) and url.split("?", 1)[0].endswith(".tar") else None
+
+
+def member_locations(index: Any) -> dict[str, str] | None:
+    """Shard value -> where its members are read at their spans (a local file, or a remote
+    object's URL), or None when one shard cannot be read at offsets (a `pipe:` base, a compressed
+    shard, a scheme no filesystem reads) or the shards are not all of one kind."""
+    local = local_paths(index)
+    if local is not None:
+        return local
+    out = {}
+    for rel in dict.fromkeys(index.video_shard):
+        url = remote_object(index.shard_url(rel))
+        if url is None:
+            return None
+        out[rel] = url
+    return out
+
+
+def member_reader(index: Any) -> Callable[[], MemberReader]:
+    """What makes a process's member reader for the index's shards: SpanReader for local files,
+    an ObjectStoreReader (with the index's read options) for remote objects."""
+    if local_paths(index) is not None:
+        return SpanReader
+    from polyp_ssl.shards.object_store import ObjectReadOptions, open_object_reader
+
+    return open_object_reader(index.read_options or ObjectReadOptions())
+
+
+def _read_columns(root: Any, table: str, columns: tuple[str, ...], keep: tuple[str, set[str]]) -> dict:
+    path = table_file(root, table)
+    if isinstance(path, Path):
+        check_regular(path, f"catalog table {table!r}")  # pyarrow opens the path: never a FIFO or device
+        names = pq.read_schema(path).names
+    else:
+        names = read_file_schema(path).names
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataConfigError(
@@ -136,8 +181,8 @@ def build_span_index(
     out, counted by the policy and in `SpanTable.skipped` (a shard whose size or bytes differ from
     ingest's is left out whole, as `shard_changed`)."""
     warn = damage is not None and damage.warn
-    root = Path(index.root)
-    paths = local_paths(index)
+    root = as_root(index.root)
+    paths = member_locations(index)
     if paths is None:
         raise DataConfigError("these shards cannot be read at offsets (pipe:, remote or compressed)")
     keys = set(index.samples)
@@ -178,7 +223,9 @@ def build_span_index(
     per_video: dict[int, list[str]] = {}
     for k, (v, _, _) in index.samples.items():
         per_video.setdefault(v, []).append(k)
-    reader = SpanReader()
+    reader = member_reader(index)()
+    prefetch = None if isinstance(reader, SpanReader) else getattr(reader, "prefetch", None)
+    hints = _json_hints(index, per_video, by_key, paths, prefetch)
     skipped: Counter = Counter()
     bad_shards: set[str] = set()
     L = params.fragment_length
@@ -187,6 +234,7 @@ def build_span_index(
         for v in range(len(index.video_ids)):
             for key in per_video.get(v, []):
                 tid, rel, jspan = by_key[key]
+                hints.send(key)
                 if rel in bad_shards:
                     continue
                 url = index.shard_url(rel)
@@ -230,8 +278,35 @@ def build_span_index(
                     [f.position for f in frags],
                 )
     finally:
+        hints.close()
         reader.close()
     return _assemble(index, per_video, got, bad_shards, paths, max(L, 1), skipped)
+
+
+def _json_hints(
+    index: Any, per_video: dict, by_key: dict, paths: dict[str, str], prefetch: Callable | None
+) -> Generator[None, str, None]:
+    """A primed coroutine told (`send`) each tracklet key as its JSON is about to be read: every
+    JSON_HINT keys it hands `prefetch` (a remote reader's; None: nothing to do) the JSON spans of
+    the next JSON_HINT, so they are fetched together instead of one round trip each."""
+
+    def run() -> Generator[None, str, None]:
+        order = [k for v in range(len(index.video_ids)) for k in per_video.get(v, [])]
+        position = {k: i for i, k in enumerate(order)}
+        while True:
+            i = position.get((yield), -1)
+            if prefetch is not None and i % JSON_HINT == 0:
+                window = []
+                for k in order[i : i + JSON_HINT]:
+                    _, rel, span = by_key[k]
+                    window.append(
+                        MemberRequest(paths[rel], span, index.shard_identity[rel].n_bytes, f"{k}.json")
+                    )
+                prefetch(window)
+
+    gen = run()
+    next(gen)
+    return gen
 
 
 def _skip(damage: Any, skipped: Counter, err: ShardError) -> None:
@@ -312,7 +387,7 @@ def _assemble(
     return table, frags
 
 
-def _check_no_overlap(root: Path, by_key: dict, frame_tids: np.ndarray, frame_spans: np.ndarray) -> None:
+def _check_no_overlap(root: Any, by_key: dict, frame_tids: np.ndarray, frame_spans: np.ndarray) -> None:
     """DataConfigError when two catalog spans of one shard overlap (shards.members.overlapping_spans),
     naming the catalog table, the tracklet and the field."""
     shard_of = {tid: shard for tid, shard, _ in by_key.values()}
@@ -327,26 +402,26 @@ def _check_no_overlap(root: Path, by_key: dict, frame_tids: np.ndarray, frame_sp
         if pair is not None:
             (_, _, tid_a, off_a, size_a), (table, column, tid, off, size) = spans[pair[0]], spans[pair[1]]
             raise DataConfigError(
-                f"{root / 'catalog' / table}.parquet: tracklet {tid!r}: field {column!r}: the span "
+                f"{table_file(root, table)}: tracklet {tid!r}: field {column!r}: the span "
                 f"{off}+{size} in {shard} overlaps one of tracklet {tid_a!r} at {off_a}+{size_a}; members "
                 "of a tar never overlap (not ingest's catalog; `polyp-ssl verify ROOT` checks every span)"
             )
 
 
-def _check_json_spans(root: Path, trk: dict) -> None:
+def _check_json_spans(root: Any, trk: dict) -> None:
     """DataConfigError for a tracklets row whose JSON span is longer than a sample JSON may be
     (shards.sample.MAX_JSON_BYTES), naming the table, the row and the field, before any read."""
     for row, tid, size in zip(trk[ROW], trk["tracklet_id"], trk["json_size"], strict=True):
         if size > MAX_JSON_BYTES:
             raise DataConfigError(
-                f"{root / 'catalog' / 'tracklets.parquet'}: row {row} (tracklet {tid!r}): field "
+                f"{table_file(root, 'tracklets')}: row {row} (tracklet {tid!r}): field "
                 f"'json_size': {size} bytes, more than the {MAX_JSON_BYTES} a sample JSON may have; "
                 "not ingest's catalog (`polyp-ssl verify ROOT` checks every span)"
             )
 
 
 def _check_frame_spans(
-    root: Path, tid: str, crop_sizes: list, sizes: np.ndarray, table_rows: np.ndarray
+    root: Any, tid: str, crop_sizes: list, sizes: np.ndarray, table_rows: np.ndarray
 ) -> None:
     """DataConfigError for a frames row whose JPEG span is longer than a JPEG of its crop (the
     sample JSON's crop_sizes) can be (shards.members.max_jpeg_bytes), naming the table, the row
@@ -355,7 +430,7 @@ def _check_frame_spans(
         bound = max_jpeg_bytes(w, h)
         if size > bound:
             raise DataConfigError(
-                f"{root / 'catalog' / 'frames.parquet'}: row {int(table_rows[i])} (tracklet {tid!r} "
+                f"{table_file(root, 'frames')}: row {int(table_rows[i])} (tracklet {tid!r} "
                 f"frame {i}): field 'jpeg_size': {size} bytes, more than a JPEG of its {w}x{h} crop "
                 f"can take ({bound}); not ingest's catalog (`polyp-ssl verify ROOT` checks every span)"
             )

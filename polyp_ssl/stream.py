@@ -2,9 +2,10 @@
 
 `BagStream` wires the parts of the data path; its batches come from one of two batch sources
 (`--shard_access`, polyp_ssl.batch_source):
-- random access (local plain tar shards), `polyp_ssl.planned_source`: the epoch's global plan
-  (`polyp_ssl.epoch_plan`, every bag of the split shuffled together) cut into each stream's share,
-  each frame read at its catalog byte span (`polyp_ssl.span_index`, `polyp_ssl.shards.members`);
+- random access (plain tar shards, local or in an object store), `polyp_ssl.planned_source`: the
+  epoch's global plan (`polyp_ssl.epoch_plan`, every bag of the split shuffled together) cut into
+  each stream's share, each frame read at its catalog byte span (`polyp_ssl.span_index`,
+  `polyp_ssl.shards.members`);
 - sequential, `polyp_ssl.pooled_source`: each stream reads its own videos' shards
   (`polyp_ssl.shards.samples`) and mixes its open videos (`polyp_ssl.video_pool`).
 `polyp_ssl.assembler` turns a source's rows into the batch; `polyp_ssl.damage` is the one
@@ -35,7 +36,7 @@ from polyp_ssl.loader_errors import ON_SHARD_ERROR, SKIP_REASONS, DataConfigErro
 from polyp_ssl.planned_source import PlannedSource
 from polyp_ssl.pooled_source import PooledSource
 from polyp_ssl.shards.samples import SampleDamage, check_sample, iter_tar_samples
-from polyp_ssl.span_index import local_paths
+from polyp_ssl.span_index import member_locations, member_reader
 from polyp_ssl.stream_index import (
     StreamIndex,
     StreamParams,
@@ -102,21 +103,22 @@ class SharedState:
 
 def resolve_access(mode: str, index: StreamIndex) -> str:
     """`random` or `sequential` for --shard_access `mode` (polyp_ssl.config.SHARD_ACCESS): auto is
-    random when every shard is a local plain tar file, else sequential (said once in the log)."""
+    random when every shard is a plain tar file, local or in an object store (read at offsets by
+    range requests), else sequential (`pipe:`, compressed shards; said once in the log)."""
     if mode not in SHARD_ACCESS:
         raise DataConfigError(f"--shard_access {mode!r}: choose one of {SHARD_ACCESS}")
     if mode == "sequential":
         return mode
-    if local_paths(index) is not None:
+    if member_locations(index) is not None:
         return "random"
     where = index.shard_base or index.root
     if mode == "random":
         raise DataConfigError(
-            f"--shard_access random: the shards under {where} are not local plain .tar files (a pipe:, "
-            "remote or compressed location has no offsets to read at); use --shard_access sequential"
+            f"--shard_access random: the shards under {where} are not plain .tar files that can be read "
+            "at offsets (a pipe: or compressed location has none); use --shard_access sequential"
         )
     log.info(
-        "shards under %s are not local .tar files: reading them sequentially (batches come from the "
+        "shards under %s are not plain .tar files: reading them sequentially (batches come from the "
         "few videos each stream holds open; see --shard_access)",
         where,
     )
@@ -180,6 +182,7 @@ class BagStream(IterableDataset):
                 world_size,
                 num_workers,
                 self.per_worker,
+                open_reader=member_reader(index),
                 schedule=self.schedule,
             )
             log.info(

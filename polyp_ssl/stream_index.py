@@ -23,14 +23,16 @@ from polyp_ssl.bags import (
 from polyp_ssl.config_parts import BIG, MAX_IM_SIZE, Bound, check_choice, setting
 from polyp_ssl.fragments import count_fragments
 from polyp_ssl.loader_errors import DataConfigError
+from polyp_ssl.shards.identities import root_identity_kind, track_refusal
 from polyp_ssl.shards.locations import (
     ShardIdentity,
     UnsafeLocation,
     check_shard_value,
     shard_location,
 )
+from polyp_ssl.shards.remote import remote_root
 from polyp_ssl.shards.schema import SHARDS, TRACKLETS, VIDEOS
-from polyp_ssl.shards.tables import read_catalog_table
+from polyp_ssl.shards.tables import read_catalog_table, table_file
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +198,9 @@ class StreamIndex:
     # per video, the identity codes (>= 0) of its fragments that can anchor a bag (multipos batches
     # hold each identity at most once, so a stream needs at least n_bags of them)
     video_identities: list[tuple[int, ...]] = field(default_factory=list)
+    # how remote shards are read (shards.object_store.ObjectReadOptions; None: local shards only).
+    # It may hold credentials from --storage_options: never shown (repr=False), never saved
+    read_options: Any = field(default=None, repr=False)
 
     @property
     def total_fragments(self) -> int:
@@ -213,14 +218,19 @@ class StreamIndex:
         return url if url is not None else shard_location(rel, self.root, self.shard_base)
 
 
-def _read_table(root: Path, name: str, schema) -> Any:
-    path = root / "catalog" / f"{name}.parquet"
-    if not path.exists():
+def as_root(root: str | Path) -> Any:
+    """A local root as a Path, a remote one (shards.remote) as its URL string."""
+    return remote_root(root) or Path(root)
+
+
+def _read_table(root: Any, name: str, schema) -> Any:
+    path = table_file(root, name)
+    if isinstance(path, Path) and not path.exists():
         raise DataConfigError(
             f"{root}: no catalog table {path.name} (this root was never ingested?); "
             f"run `polyp-ssl ingest {root}` first"
         )
-    table = read_catalog_table(root, name, checked=False)
+    table = read_catalog_table(root, name, checked=False)  # a remote root: one line if it is not there
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise DataConfigError(f"{path}: catalog table lacks columns {missing}")
@@ -230,7 +240,7 @@ def _read_table(root: Path, name: str, schema) -> Any:
 def dataset_codes(root: str | Path) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """Integer codes for video, tracklet and identity ids, stable for the dataset (sorted over
     every split of the catalog)."""
-    root = Path(root)
+    root = as_root(root)
     trk = _read_table(root, "tracklets", TRACKLETS)
     vids = _read_table(root, "videos", VIDEOS)
     video = {v: i for i, v in enumerate(sorted(set(vids["video_id"]) | set(trk["video_id"])))}
@@ -239,7 +249,7 @@ def dataset_codes(root: str | Path) -> tuple[dict[str, int], dict[str, int], dic
     return video, tracklet, identity
 
 
-def _shard_identities(root: Path, trk: dict[str, list]) -> dict[str, ShardIdentity]:
+def _shard_identities(root: Any, trk: dict[str, list]) -> dict[str, ShardIdentity]:
     """Check every shard value of the catalog (tracklets' `shard`, the shards table's `path`) once,
     here at the boundary, and return each shard's size and sha256 from the shards table.
 
@@ -247,8 +257,8 @@ def _shard_identities(root: Path, trk: dict[str, list]) -> dict[str, ShardIdenti
     plain path relative to the root (a `pipe:` command, a URL, an absolute or climbing path), or
     a tracklet whose shard the shards table does not list."""
     shards = _read_table(root, "shards", SHARDS)
-    shards_path = root / "catalog" / "shards.parquet"
-    trk_path = root / "catalog" / "tracklets.parquet"
+    shards_path = table_file(root, "shards")
+    trk_path = table_file(root, "tracklets")
     out: dict[str, ShardIdentity] = {}
     try:
         for rel, n_bytes, sha in zip(shards["path"], shards["n_bytes"], shards["sha256"], strict=True):
@@ -277,17 +287,24 @@ def build_index(
     shard_base: str | None = None,
     min_tracklet_length: int | None = None,
     require_bags: bool = True,
+    read_options: Any = None,
 ) -> StreamIndex:
     """Read the catalog once (main process) and keep the split's usable tracklets.
 
     Tracklets shorter than min_tracklet_length and, with require_bags, videos whose fragments
     cannot form a single bag with the chosen sampler are left out and counted in `excluded`.
+    A remote root (shards.remote) is read through fsspec; its shards with `read_options`
+    (shards.object_store.ObjectReadOptions, the defaults when None).
     """
-    root = Path(root)
+    root = as_root(root)
     min_len = params.min_tracklet_length if min_tracklet_length is None else min_tracklet_length
     trk = _read_table(root, "tracklets", TRACKLETS)
     identities = _shard_identities(root, trk)
     video_code, tracklet_code, identity_code = dataset_codes(root)
+    if root_identity_kind(root) == "tracks":  # tracker tracks, not polyps: unknown (-1) in batches
+        if params.sampler == "multipos":
+            raise DataConfigError(track_refusal(root, "--sampler multipos"))
+        identity_code = {}
     excluded: Counter = Counter()
     per_video: dict[str, list[int]] = {}
     n_split = 0
@@ -318,6 +335,7 @@ def build_index(
         np.zeros(0, np.int64),
         {},
         excluded,
+        read_options=read_options,
     )
     codes, frags, elig = [], [], []
     for vid, rows in per_video.items():
@@ -361,7 +379,7 @@ def build_index(
         try:
             index.shard_urls[rel] = shard_location(rel, root, shard_base)
         except UnsafeLocation as exc:
-            raise DataConfigError(f"{root / 'catalog' / 'tracklets.parquet'}: {exc}") from None
+            raise DataConfigError(f"{table_file(root, 'tracklets')}: {exc}") from None
         index.shard_identity[rel] = identities[rel]
     index.video_codes = np.asarray(codes, dtype=np.int64)
     index.video_fragments = np.asarray(frags, dtype=np.int64)

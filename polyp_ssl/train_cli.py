@@ -107,11 +107,19 @@ def resolve_config(argv: list[str]) -> TrainConfig:
         saved = run.saved_settings()
         if saved is not None:
             values = {**saved, **values}
+    if saved is not None and "storage_options" not in args and _has_redacted(saved.get("storage_options")):
+        raise ValueError(
+            "--resume: the run's --storage_options held values that its config.yaml does not keep "
+            "(shown as ***): pass --storage_options again"
+        )
     cfg = TrainConfig.from_dict(values)
     check_run_folder(cfg.run.runs_dir, cfg.run.exp_name, exp_source)
     if not cfg.data.dataset_root:
         raise ValueError("--dataset_root is required")
     cfg.validate()
+    from polyp_ssl.shards.remote import parse_storage_options, remote_root, use_storage_options
+
+    use_storage_options(parse_storage_options(cfg.data.storage_options))  # the catalog's reads too
     if run is not None and saved is not None:
         run.check_resume_settings(TrainConfig.from_dict(saved), cfg)  # before anything is written
     from polyp_ssl.checkpoint import check_model_config  # imports torch: not for --help
@@ -120,8 +128,27 @@ def resolve_config(argv: list[str]) -> TrainConfig:
     # the allow-listed backbones and the size estimate of every model config (CheckpointError: exit 2)
     settings = f"--config {config_file} with the flags" if config_file else "the flags"
     check_model_config(cfg.to_dict(), settings)
-    check_crop_scale(cfg.stream.bbox_scale_factor, cfg.data.dataset_root)
+    if remote_root(cfg.data.dataset_root) is None:  # a remote root: checked in `train`, once it is read
+        check_crop_scale(cfg.stream.bbox_scale_factor, cfg.data.dataset_root)
     return cfg
+
+
+def _has_redacted(text: Any) -> bool:
+    from polyp_ssl.shards.remote import REDACTED
+
+    return isinstance(text, str) and REDACTED in text
+
+
+def check_remote_crop_scale(bbox_scale_factor: float, root: str, manifest: dict[str, Any]) -> None:
+    """transforms.check_crop_scale for a remote root, from its manifest as read."""
+    params = manifest.get("parameters") if isinstance(manifest.get("parameters"), dict) else {}
+    crop_scale = params.get("crop_scale")
+    if isinstance(crop_scale, int | float) and bbox_scale_factor > crop_scale + 1e-9:
+        raise ValueError(
+            f"--bbox_scale_factor {bbox_scale_factor:g} is larger than the crop scale {crop_scale:g} that "
+            f"{root} was ingested with (catalog/manifest.json: parameters.crop_scale): pass "
+            f"--bbox_scale_factor <= {crop_scale:g} or re-ingest with --crop-scale {bbox_scale_factor:g}"
+        )
 
 
 def single_log_output() -> None:
@@ -245,12 +272,16 @@ def train(cfg: TrainConfig) -> Path:
     """Run training; returns the checkpoint folder. Rank 0 holds the run folder's lock throughout
     (a second train on the folder is refused, naming the holder). A run that fails before training
     starts removes the run folder it created (`RunFolder.segment`)."""
+    from polyp_ssl.shards.remote import remote_root
     from polyp_ssl.shards.tables import CatalogError, read_manifest
 
+    url = remote_root(cfg.data.dataset_root)
     try:
-        read_manifest(Path(cfg.data.dataset_root))
+        manifest = read_manifest(url or Path(cfg.data.dataset_root))
     except CatalogError as exc:
         raise ValueError(str(exc)) from exc
+    if url is not None:
+        check_remote_crop_scale(cfg.stream.bbox_scale_factor, url, manifest)
     rank_zero = _is_rank_zero()
     if rank_zero:
         from polyp_ssl.memory import check_before_training
@@ -455,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     from polyp_ssl.datamodule import read_failure_notes
     from polyp_ssl.device_decode import FrameDecodeError
     from polyp_ssl.module import NonFiniteLossError
+    from polyp_ssl.shards.remote import RemoteError
     from polyp_ssl.stream import DataConfigError, ShardError
 
     started = time.time()
@@ -487,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return 130
+    except RemoteError as exc:  # an object store: no credentials, no such bucket, no answer
+        print(f"polyp-ssl train: error: {exc.strerror}", file=sys.stderr)
+        if debug:
+            raise
+        return 2 if exc.bad_input else 1
     except OSError as exc:
         print(f"polyp-ssl train: error: {os_error_line(exc)}", file=sys.stderr)
         if debug:

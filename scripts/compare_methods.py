@@ -370,9 +370,10 @@ def bag_noise(root: Path, a: argparse.Namespace) -> dict:
 
 
 def pooled_differences(root: Path, runs: Path, a: argparse.Namespace) -> dict:
-    """`--pooled_vs` arm minus every other arm, per metric of METRICS: the mean over seeds of the
-    paired difference on the test split, with a 95% interval from a two-level bootstrap (seeds,
-    then test polyps shared by both arms; polyp_ssl.eval.intervals.pooled_paired_interval). The
+    """`--pooled_vs` arm minus every other arm and minus `init` (each seed's step-0 weights), per
+    metric of METRICS: the mean over seeds of the paired difference on the test split, with a 95%
+    interval from a two-level bootstrap (seeds, then test polyps shared by both arms;
+    polyp_ssl.eval.intervals.pooled_paired_interval). The
     embeddings are the report's (same protocol: the report's defaults; reused from its cache)."""
     from polyp_ssl.eval.embed import EmbedOptions, EncoderChoice, ensure_embeddings
     from polyp_ssl.eval.embeddings import read_embeddings
@@ -383,9 +384,12 @@ def pooled_differences(root: Path, runs: Path, a: argparse.Namespace) -> dict:
     ci = CiOptions(resamples=a.ci_resamples)
     device = "cuda" if a.device in ("gpu", "cuda") else a.device
     stats: dict[tuple[str, int], dict] = {}
-    for arm in a.arms:
+    for arm in [*a.arms, "init"]:
         for seed in a.seeds:
-            ckpt = runs / run_name(arm, seed) / "checkpoints" / "last.ckpt"
+            # "init": the seed's step-0 weights (every arm of a seed starts from them, same_init_per_seed)
+            ckpt = runs / run_name(a.arms[0], seed) / "checkpoints" / "init.ckpt"
+            if arm != "init":
+                ckpt = runs / run_name(arm, seed) / "checkpoints" / "last.ckpt"
             made = ensure_embeddings(
                 root, EncoderChoice(str(ckpt)), EmbedOptions(split="test", device=device)
             )
@@ -396,7 +400,7 @@ def pooled_differences(root: Path, runs: Path, a: argparse.Namespace) -> dict:
             }
     ref = a.pooled_vs
     out: dict = {"arm": ref, "seeds": a.seeds, "unit": ci.unit, "resamples": ci.resamples, "level": ci.level}
-    for arm in a.arms:
+    for arm in [*a.arms, "init"]:
         if arm == ref:
             continue
         per_metric: dict = {}

@@ -106,9 +106,16 @@ def root_identity(root: str | os.PathLike[str]) -> str:
     """sha256 of the root's resolved path and its catalog manifest's bytes: which catalog of which
     root. A copy of a root elsewhere, or a re-ingest in place, is another identity."""
     from polyp_ssl.shards.files import read_regular_bytes
+    from polyp_ssl.shards.remote import remote_root
 
-    resolved = Path(root).resolve()
-    manifest = read_regular_bytes(resolved.joinpath(*MANIFEST), "manifest", limit=MAX_MANIFEST_BYTES)
+    url = remote_root(root)
+    if url is not None:  # a root in an object store: its URL and its manifest
+        from polyp_ssl.shards.tables import read_manifest_bytes
+
+        resolved, manifest = url, read_manifest_bytes(url)
+    else:
+        resolved = Path(root).resolve()
+        manifest = read_regular_bytes(resolved.joinpath(*MANIFEST), "manifest", limit=MAX_MANIFEST_BYTES)
     digest = hashlib.sha256()
     digest.update(os.fsencode(str(resolved)) + b"\0")
     digest.update(hashlib.sha256(manifest).digest())
@@ -117,7 +124,11 @@ def root_identity(root: str | os.PathLike[str]) -> str:
 
 def user_embeddings_dir(root: str | os.PathLike[str], base: Path) -> Path:
     """BASE/embeddings/{root name}-{identity}: the root's folder in a cache folder."""
-    name = _NAME_OK.sub("-", Path(root).resolve().name).strip("-.") or "root"
+    from polyp_ssl.shards.remote import remote_root
+
+    url = remote_root(root)
+    last = url.rsplit("/", 1)[-1] if url is not None else Path(root).resolve().name
+    name = _NAME_OK.sub("-", last).strip("-.") or "root"
     return base / ROOT_EMBEDDINGS / f"{name}-{root_identity(root)[:16]}"
 
 
@@ -135,6 +146,7 @@ class EmbeddingsCache:
         why = {
             "": "",
             "read-only": f" ({self.root} is not writable; --cache_dir DIR or {CACHE_ENV} choose another)",
+            "remote": f" (the root is in an object store; --cache_dir DIR or {CACHE_ENV} choose another)",
         }.get(self.reason, f" ({self.reason})")
         return f"embeddings cache: {self.write_dir}{why}"
 
@@ -162,6 +174,12 @@ def embeddings_cache(
     env: Mapping[str, str] | None = None,
 ) -> EmbeddingsCache:
     """The cache rule for `root` (see the module docstring). The root must hold a catalog."""
+    from polyp_ssl.shards.remote import remote_root
+
+    if remote_root(root) is not None:  # never written into a bucket: the cache folder only
+        base, reason = cache_base(cache_dir, env)
+        user = user_embeddings_dir(root, base)
+        return EmbeddingsCache(Path(root), user, (user,), reason or "remote")
     root = Path(root)
     in_root = root / ROOT_EMBEDDINGS
     base, reason = cache_base(cache_dir, env)

@@ -8,6 +8,8 @@ That value is data: it never chooses a command (`pipe:...`), a URL or a file out
   not absolute, no empty, `.` or `..` parts, no backslash, NUL or control characters;
 - under a local root (the default) its real path (symbolic links resolved) must stay inside the
   root's real path;
+- under a remote root (`s3://bkt/root`, any URL fsspec reads: shards.remote) it is appended to
+  the root's URL (percent-encoded for http and https), so it names an object under that prefix;
 - under a `--shard_base` the user typed (any scheme, `pipe:` included, since the user chose it)
   the value is appended to the base, quoted for the shell when the base is a `pipe:` command and
   percent-encoded for curl's URLs, so a value can only ever name a file under that base.
@@ -28,6 +30,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from polyp_ssl.shards.remote import remote_root
 
 MAX_LOCATION_CHARS = 4096
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -97,15 +101,20 @@ def _is_scheme(text: str) -> bool:
 def shard_location(rel: str, root: str | os.PathLike[str], shard_base: str | None = None) -> str:
     """The path or URL to open for the catalog's shard value `rel` (checked here).
 
-    Without `shard_base`: root / rel, inside the root. With a local `shard_base` (a folder, or
-    `file:` folder): that folder / rel, inside it. With a `pipe:` base: the base followed by the
-    shell-quoted value (a plain value like `shards/train/train-000000.tar` is unchanged by the
-    quoting). With any other scheme: base + "/" + value, percent-encoded for curl's schemes.
+    Without `shard_base`: root / rel, inside the root (the URL under a remote root). With a local
+    `shard_base` (a folder, or `file:` folder): that folder / rel, inside it. With a `pipe:` base:
+    the base followed by the shell-quoted value (a plain value like `shards/train/train-000000.tar`
+    is unchanged by the quoting). With any other scheme: base + "/" + value, percent-encoded for
+    curl's schemes.
     """
     problem = location_problem(rel)
     if problem is not None:
         raise UnsafeLocation(f"shard location {rel!r} {problem}")
     if not shard_base:
+        url = remote_root(root)
+        if url is not None:
+            quoted = urllib.parse.quote(rel, safe="/") if url.split(":", 1)[0] in _CURL_SCHEMES else rel
+            return url + "/" + quoted
         return str(inside(root, rel))
     base = shard_base.rstrip("/")
     if shard_base.startswith("file:") or not _is_scheme(shard_base):

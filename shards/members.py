@@ -22,6 +22,7 @@ import os
 import tarfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +55,17 @@ class MemberSpan:
     offset: int
     size: int
     crc32: int
+
+
+@dataclass(frozen=True)
+class MemberRequest:
+    """One member a reader will be asked for soon (a `prefetch` hint): the arguments of its
+    `MemberReader.read` call."""
+
+    location: str
+    span: MemberSpan
+    expected_size: int = -1
+    member: str | None = None
 
 
 def crc32(data: bytes | bytearray | memoryview) -> int:
@@ -186,7 +198,11 @@ class MemberReader(Protocol):
     (`truncated_shard`, `shard_changed`, `span_mismatch`) for bytes that are not ingest's, OSError
     for a shard that cannot be reached. `location` is the shard's location (a local path for
     SpanReader), `expected_size` its size in the catalog's shards table (-1: unknown), `member`
-    its name in the tar (key and extension), whose header the reader checks when given."""
+    its name in the tar (key and extension), whose header the reader checks when given.
+
+    A reader may also have `prefetch(requests: Sequence[MemberRequest]) -> None`: a hint of the
+    members it will be asked for next, in order (shards.object_store fetches them ahead,
+    coalesced); a reader without it is read member by member."""
 
     def read(
         self, location: str, span: MemberSpan, expected_size: int = -1, member: str | None = None
@@ -270,6 +286,9 @@ class SpanReader:
                 f"the {span.size} bytes at {span.offset} are not the ones ingest wrote (CRC-32 differs)",
             )
         return data
+
+    def prefetch(self, requests: Sequence[MemberRequest]) -> None:
+        """Nothing to do ahead: a local pread costs no round trip."""
 
     def close(self) -> None:
         while self._files:

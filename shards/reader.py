@@ -52,6 +52,16 @@ def safe_member_name(name: str) -> bool:
 PathArg = str | os.PathLike[str]
 
 
+def _open_for_samples(path: PathArg) -> BinaryIO:
+    """A local shard as a regular file; an object under a remote root (shards.remote) streamed."""
+    from polyp_ssl.shards.remote import is_remote
+
+    text = os.fspath(path)
+    if isinstance(text, str) and is_remote(text):
+        return open_shard(text)
+    return open_regular(path, "shard")
+
+
 def iter_samples(
     paths: Iterable[PathArg] | PathArg, identities: Mapping[str, ShardIdentity] | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -67,7 +77,7 @@ def iter_samples(
     for path in paths:
         seen: set[str] = set()
         current: dict[str, Any] | None = None
-        with open_regular(path, "shard") as raw:
+        with _open_for_samples(path) as raw:
             expect = identities.get(str(path)) if identities else None
             stream: Any = HashingReader(raw, expect) if expect is not None else raw
             for name, data in read_members(stream):
@@ -112,9 +122,10 @@ def open_shard(url: str) -> BinaryIO:
         import webdataset
 
         return webdataset.gopen(url, "rb")
-    import fsspec
+    from polyp_ssl.shards.remote import filesystem_for  # this command's --storage_options
 
-    return fsspec.open(url, "rb").open()
+    fs, path = filesystem_for(url)
+    return fs.open(path, "rb")
 
 
 def _number(field: bytes, what: str) -> int:

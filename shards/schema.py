@@ -11,6 +11,22 @@ import pyarrow as pa
 
 CATALOG_VERSION = 3  # 2: position_in_video over the video's annotated frames; 3: member byte spans
 
+# What a root's identity_id stands for, the manifest's field "identities": "polyps" (one physical
+# polyp: retrieval, re-id, counting, probes and the multipos sampler use it) or "tracks" (one
+# tracker's track, made by `convert mot --tracks`: a polyp may have several, so nothing may use
+# them as polyps). A manifest without the field (every root before it) is "polyps".
+IDENTITY_KINDS = ("polyps", "tracks")
+
+
+def identity_kind(manifest: dict) -> str:
+    """The identity kind a manifest (or convert report) states; ValueError naming the field for a
+    value that is not one of IDENTITY_KINDS."""
+    value = manifest.get("identities", "polyps")
+    if value not in IDENTITY_KINDS:
+        raise ValueError(f"field 'identities' is {str(value)[:40]!r}, expected one of {IDENTITY_KINDS}")
+    return value
+
+
 VIDEOS = pa.schema(
     [
         # unique within the dataset root: sequence_id, prefixed by "{dataset_id}/" if any

@@ -12,6 +12,11 @@ the root and the columns it needs itself, and names its own errors.
 
 Every failure is a CatalogError naming the file (NoCatalogError, bad input, for a root that was
 never ingested). The SQL views over the same files are shards/catalog.py.
+
+A root may be a URL that fsspec reads (`s3://bkt/root`, shards.remote): the same files are read
+through the store's filesystem (pyarrow reads the Parquet footers and the columns asked for by
+range reads); paths are then URL strings, and a store that cannot be reached is a
+shards.remote.RemoteError (one line, no credentials).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from polyp_ssl.shards import remote
 from polyp_ssl.shards.files import check_regular
 from polyp_ssl.shards.schema import CATALOG_VERSION, TABLES
-from polyp_ssl.shards.textio import TextInputError, load_json
+from polyp_ssl.shards.textio import TextInputError, load_json, loads_json
 
 CATALOG_DIR = "catalog"
 MANIFEST = "manifest.json"
@@ -48,12 +54,45 @@ def catalog_dir(root: str | Path) -> Path:
     return Path(root) / CATALOG_DIR
 
 
-def table_file(root: str | Path, name: str) -> Path:
-    """Where catalog table `name` lies (whether or not it is there)."""
+def table_file(root: str | Path, name: str) -> Any:
+    """Where catalog table `name` lies (whether or not it is there): a Path, or a URL string under
+    a remote root."""
+    url = remote.remote_root(root)
+    if url is not None:
+        return f"{url}/{CATALOG_DIR}/{name}.parquet"
     return catalog_dir(root) / f"{name}.parquet"
 
 
-def _require_ingested(root: Path) -> Path:
+def _remote_info(url: str) -> dict[str, Any] | None:
+    """fsspec's info of the object `url`, None when it is not there; RemoteError (one line) for a
+    bucket that is not there, missing credentials, a denied or failed request."""
+    fs, path = remote.filesystem_for(url)
+    try:
+        return fs.info(path)
+    except Exception as exc:
+        failure = remote.remote_failure(url, exc)
+        if remote.is_missing(exc) and not failure.bad_input:
+            return None
+        raise failure from None
+
+
+def _require_remote(url: str) -> str:
+    """The catalog folder URL of an ingested remote root; NoCatalogError otherwise (one line)."""
+    manifest = f"{url}/{CATALOG_DIR}/{MANIFEST}"
+    if _remote_info(manifest) is not None:
+        return f"{url}/{CATALOG_DIR}"
+    if _remote_info(url) is None:
+        raise NoCatalogError(f"{remote.display_url(url)} has no catalog: no such directory")
+    raise NoCatalogError(
+        f"{remote.display_url(url)} has no catalog ({remote.display_url(manifest)} is missing): upload a "
+        "whole ingested root there (`aws s3 sync ROOT URL`), catalog/ included"
+    )
+
+
+def _require_ingested(root: Path) -> Any:
+    url = remote.remote_root(root)
+    if url is not None:
+        return _require_remote(url)
     cdir = catalog_dir(root)
     if not (cdir / MANIFEST).exists():  # a FIFO here is refused by name when read
         if not root.exists():
@@ -70,18 +109,44 @@ def _require_ingested(root: Path) -> Path:
     return cdir
 
 
-def require_catalog(root: str | Path) -> Path:
-    """The catalog folder of an ingested root; NoCatalogError (one message) otherwise."""
-    return _require_ingested(Path(root))
+def require_catalog(root: str | Path) -> Any:
+    """The catalog folder of an ingested root (a URL string under a remote root); NoCatalogError
+    (one message) otherwise."""
+    return _require_ingested(_as_root(root))
+
+
+def _as_root(root: str | Path) -> Any:
+    """A local root as a Path; a remote one as its URL string (a Path would lose a slash)."""
+    return remote.remote_root(root) or Path(root)
+
+
+def _read_remote_json(url: str, what: str, max_bytes: int) -> Any:
+    info = _remote_info(url)
+    if info is None:
+        raise FileNotFoundError(url)
+    if int(info.get("size") or 0) > max_bytes:
+        raise CatalogError(f"{url}: {info.get('size')} bytes of {what}, more than {max_bytes:,}")
+    fs, path = remote.filesystem_for(url)
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except Exception as exc:
+        raise remote.remote_failure(url, exc) from None
+    return loads_json(data, url, max_bytes)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
     """The catalog's manifest.json; checks that it is a catalog of this version."""
-    path = _require_ingested(Path(root)) / MANIFEST
+    cdir = _require_ingested(_as_root(root))
+    path = f"{cdir}/{MANIFEST}" if isinstance(cdir, str) else cdir / MANIFEST
     try:
-        manifest = load_json(path, "manifest", max_bytes=MAX_MANIFEST_BYTES)
+        if isinstance(path, str):
+            manifest = _read_remote_json(path, "manifest", MAX_MANIFEST_BYTES)
+        else:
+            manifest = load_json(path, "manifest", max_bytes=MAX_MANIFEST_BYTES)
     except TextInputError as exc:  # too large, too deep, not UTF-8 JSON: names file and line
         raise CatalogError(f"unreadable manifest: {exc}") from None
+    except remote.RemoteError:
+        raise
     except OSError as exc:
         raise CatalogError(f"{path}: unreadable manifest: {exc}") from exc
     if not isinstance(manifest, dict):
@@ -93,6 +158,27 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
             "re-ingest it with this version: `polyp-ssl ingest RAW_ROOT --out ROOT --overwrite`"
         )
     return manifest
+
+
+def read_manifest_bytes(root: str | Path) -> bytes:
+    """The bytes of an ingested root's catalog/manifest.json (local or remote), at most
+    MAX_MANIFEST_BYTES; NoCatalogError for a root without one. What identifies a dataset
+    (the sha256 of these bytes) wherever it lies."""
+    from polyp_ssl.shards.files import read_regular_bytes
+
+    cdir = _require_ingested(_as_root(root))
+    if isinstance(cdir, str):
+        url = f"{cdir}/{MANIFEST}"
+        if int((_remote_info(url) or {}).get("size") or 0) > MAX_MANIFEST_BYTES:
+            raise CatalogError(
+                f"{remote.display_url(url)}: more than {MAX_MANIFEST_BYTES:,} bytes of manifest"
+            )
+        fs, path = remote.filesystem_for(url)
+        try:
+            return fs.cat_file(path)
+        except Exception as exc:
+            raise remote.remote_failure(url, exc) from None
+    return read_regular_bytes(cdir / MANIFEST, "manifest", limit=MAX_MANIFEST_BYTES)
 
 
 def check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
@@ -111,19 +197,49 @@ def check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
         )
 
 
-def table_path(root: str | Path, name: str) -> Path:
-    """The file of catalog table `name` of an ingested root; CatalogError naming what is missing."""
-    root = Path(root)
+def table_path(root: str | Path, name: str) -> Any:
+    """The file of catalog table `name` of an ingested root (a URL string under a remote root);
+    CatalogError naming what is missing."""
+    root = _as_root(root)
     if name not in TABLES:
         raise CatalogError(f"unknown catalog table {name!r}; tables: {', '.join(TABLES)}")
-    path = _require_ingested(root) / f"{name}.parquet"
+    cdir = _require_ingested(root)
+    if isinstance(cdir, str):
+        path = f"{cdir}/{name}.parquet"
+        if _remote_info(path) is None:
+            raise CatalogError(
+                f"{remote.display_url(path)}: catalog table {name!r} is missing; upload it again"
+            )
+        return path
+    path = cdir / f"{name}.parquet"
     if not path.exists():  # a FIFO here is refused by name (open_dataset)
         raise CatalogError(f"{path}: catalog table {name!r} is missing; re-run `polyp-ssl ingest {root}`")
     return path
 
 
-def read_file_schema(path: Path) -> pa.Schema:
+def _remote_parquet(path: str) -> tuple[Any, str]:
+    """(pyarrow-ready fsspec filesystem, path in it) of a catalog file under a remote root."""
+    return remote.filesystem_for(path)
+
+
+def _remote_parquet_error(path: str, exc: BaseException) -> Exception:
+    """A failed remote Parquet read: the store's RemoteError, or CatalogError for bytes that are
+    not a Parquet file."""
+    if isinstance(exc, pa.ArrowInvalid):
+        return CatalogError(
+            f"{remote.display_url(path)}: not a readable Parquet file: {remote.cause_of(exc)}"
+        )
+    return remote.remote_failure(path, exc)
+
+
+def read_file_schema(path: Any) -> pa.Schema:
     """The schema in the footer of a regular Parquet file; CatalogError naming the file otherwise."""
+    if isinstance(path, str) and remote.is_remote(path):
+        fs, inner = _remote_parquet(path)
+        try:
+            return pq.read_schema(inner, filesystem=fs)
+        except Exception as exc:
+            raise _remote_parquet_error(path, exc) from None
     try:
         check_regular(path, "Parquet file")  # pyarrow opens the path itself: never a FIFO or device
         return pq.read_schema(path)
@@ -131,12 +247,16 @@ def read_file_schema(path: Path) -> pa.Schema:
         raise CatalogError(f"{path}: not a readable Parquet file: {exc}") from exc
 
 
-def open_dataset(path: Path, expected: pa.Schema | None) -> pads.Dataset:
-    """A pyarrow dataset of one Parquet file, its schema checked against `expected` (pinned) when
-    given; the schema is read from the footer only, no rows."""
+def open_dataset(path: Any, expected: pa.Schema | None) -> pads.Dataset:
+    """A pyarrow dataset of one Parquet file (a Path, or a URL string under a remote root), its
+    schema checked against `expected` (pinned) when given; the schema is read from the footer only,
+    no rows."""
     actual = read_file_schema(path)
     if expected is not None:
         check_schema(path, actual, expected)
+    if isinstance(path, str) and remote.is_remote(path):
+        fs, inner = _remote_parquet(path)
+        return pads.dataset(inner, format="parquet", schema=expected or actual, filesystem=fs)
     return pads.dataset(str(path), format="parquet", schema=expected or actual)
 
 
@@ -153,11 +273,35 @@ def read_catalog_table(
     checked (default): the manifest, the table's presence and its pinned schema are checked first
     (see the module docstring), CatalogError otherwise. checked=False: only that the file is a
     regular file; its own columns and types, as written."""
+    cols = None if columns is None else list(columns)
+    url = remote.remote_root(root)
+    if url is not None:
+        return _read_remote_table(url, name, cols, filter, checked)
     if not checked:
         path = table_file(root, name)
         check_regular(path, f"catalog table {name!r}")  # pyarrow opens the path: never a FIFO or device
-        cols = None if columns is None else list(columns)
         return pq.read_table(path, columns=cols, filters=filter)
     read_manifest(root)
     dataset = open_dataset(table_path(root, name), TABLES[name])
-    return dataset.to_table(columns=None if columns is None else list(columns), filter=filter)
+    return dataset.to_table(columns=cols, filter=filter)
+
+
+def _read_remote_table(
+    url: str, name: str, columns: list[str] | None, filter: pads.Expression | None, checked: bool
+) -> pa.Table:
+    """read_catalog_table under a remote root: the same checks, the file read through fsspec."""
+    if checked:
+        read_manifest(url)
+        path = table_path(url, name)
+        dataset = open_dataset(path, TABLES[name])
+    else:
+        path = table_file(url, name)
+        if _remote_info(path) is None:
+            _require_ingested(url)  # one line for a root that is not there or has no catalog
+            raise CatalogError(f"{remote.display_url(path)}: catalog table {name!r} is missing")
+        fs, inner = _remote_parquet(path)
+        dataset = pads.dataset(inner, format="parquet", filesystem=fs)
+    try:
+        return dataset.to_table(columns=columns, filter=filter)
+    except Exception as exc:
+        raise _remote_parquet_error(path, exc) from None

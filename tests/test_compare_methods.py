@@ -180,6 +180,7 @@ def test_end_to_end_two_arms_two_seeds(tmp_path):
         want = sum(values["ntssl"][s]["value"] - values["tracklet"][s]["value"] for s in ("0", "1")) / 2
         assert d["estimate"] == pytest.approx(want, abs=1e-9)
         assert d["ci"][0] - 1e-9 <= d["estimate"] <= d["ci"][1] + 1e-9
+    assert set(pooled["ntssl_minus_init"]) == {"retrieval/mAP", "reid/AUROC"}  # each seed's step-0 weights
     # a second call reuses the data and the trained runs (same steps) and reports again, here
     # also seed by seed against ntssl
     r2 = compare("--out", str(out), *TINY, "--paired_vs", "ntssl")

@@ -13,7 +13,7 @@ from typing import Any
 from polyp_ssl.shards.cli_help import DefaultsHelpFormatter
 from polyp_ssl.shards.cli_parser import FlagParser
 
-CONVERTERS = ("realcolon", "sun", "polypsset", "ldpolyp", "table", "merge")
+CONVERTERS = ("realcolon", "sun", "polypsset", "ldpolyp", "table", "mot", "merge")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -223,6 +223,36 @@ def _table_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mot_parser() -> argparse.ArgumentParser:
+    p = FlagParser(
+        formatter_class=DefaultsHelpFormatter,
+        prog="polyp-ssl convert mot",
+        description="MOTChallenge sequences (SEQ/img1/000001.jpg, SEQ/seqinfo.ini; or videos) with a "
+        "tracker's output (TRACKS/SEQ.txt: frame,id,bb_left,bb_top,bb_width,bb_height,conf,x,y,z) -> the "
+        "seed's layout; each track is its own identity, a track and not a polyp. Without --tracks: the "
+        "sequences' gt/gt.txt, whose ids are polyps. See docs/datasets.md.",
+    )
+    p.add_argument("raw_dir", type=Path, help="folder of sequence folders (RAW/SEQ or RAW/SPLIT/SEQ)")
+    _common_options(p)
+    p.add_argument(
+        "--tracks",
+        type=Path,
+        default=None,
+        help="folder of the tracker's output, one SEQ.txt per sequence; default: each SEQ/gt/gt.txt "
+        "(polyp identities)",
+    )
+    p.add_argument(
+        "--min-conf", type=float, default=0.0, help="drop tracks whose mean confidence is below this"
+    )
+    p.add_argument("--min-track-frames", type=int, default=8, help="drop tracks with fewer boxes than this")
+    p.add_argument(
+        "--videos-dir", type=Path, default=None, help="sequences as videos DIR/SEQ.mp4 (frame f = index f-1)"
+    )
+    p.add_argument("--split", default="all", help="split of sequences directly in RAW (RAW/SPLIT/SEQ: SPLIT)")
+    p.add_argument("--dataset-id", default="mot", help="dataset_id of every image")
+    return p
+
+
 def _merge_parser() -> argparse.ArgumentParser:
     p = FlagParser(
         formatter_class=DefaultsHelpFormatter,
@@ -265,6 +295,7 @@ OTHER_PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "polypsset": _polypsset_parser,
     "ldpolyp": _ldpolyp_parser,
     "table": _table_parser,
+    "mot": _mot_parser,
     "merge": _merge_parser,
 }
 
@@ -323,6 +354,24 @@ def _main_other(name: str, argv: list[str]) -> int:
             args.follow_symlinks,
         )
         return _run(cfg, lambda: convert_table(cfg, progress))
+    if name == "mot":
+        from polyp_ssl.ingest.convert.mot import MotConfig, convert_mot
+
+        cfg = MotConfig(
+            args.raw_dir,
+            args.out_root,
+            args.tracks,
+            args.videos_dir,
+            args.min_conf,
+            args.min_track_frames,
+            args.split,
+            args.dataset_id,
+            args.link,
+            args.on_error,
+            args.workers,
+            args.follow_symlinks,
+        )
+        return _run(cfg, lambda: convert_mot(cfg, progress))
     from polyp_ssl.ingest.convert.merge import MergeConfig, check_roots, merge
 
     if len(args.roots) < 2:

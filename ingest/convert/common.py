@@ -567,6 +567,8 @@ def report_error_rows(report: dict[str, Any], source: str) -> list[dict[str, Any
     for kind, n in (report.get("files") or {}).items():
         if kind.startswith("unpaired") or kind.endswith("skipped"):
             row(kind, f"{n} files: {kind} ({conv})", "dropped", items=int(n))
+    for reason, n in ((report.get("tracks") or {}).get("dropped") or {}).items():  # convert mot
+        row(f"tracks_{reason}", f"{n} tracks dropped: {reason} ({conv})", "dropped", items=int(n))
     for p in report.get("problems") or []:
         row(p.get("reason") or "bad_input", p.get("detail") or "", "dropped", p.get("id"), p.get("field"))
     return rows

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--layout",
-        choices=("seed", "sun", "polypsset", "ldpolyp", "table"),
+        choices=("seed", "sun", "polypsset", "ldpolyp", "table", "realcolon", "mot"),
         default="seed",
         help="write the dataset in the seed's layout (default) or in a public dataset's raw layout, "
         "traps included, for `polyp-ssl convert NAME` (docs/synth.md)",

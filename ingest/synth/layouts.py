@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from polyp_ssl.ingest.synth.generate import SynthConfig, generate
+from polyp_ssl.ingest.synth.mot_layout import write_mot
+from polyp_ssl.ingest.synth.realcolon_layout import write_realcolon
 from polyp_ssl.shards.files import open_regular_text
 
-LAYOUTS = ("sun", "polypsset", "ldpolyp", "table")
+LAYOUTS = ("sun", "polypsset", "ldpolyp", "table", "realcolon", "mot")
 SUN_PATHOLOGY = {
     "AD": "Low-grade adenoma",
     "HP": "Hyperplastic polyp",
@@ -99,7 +101,14 @@ def write_layout(layout: str, cfg: SynthConfig, out: Path, workers: int = 1) -> 
     generate(cfg, seed_root, workers=workers)
     try:
         videos, images, by_seq = _load_seed(seed_root)
-        writer = {"sun": _sun, "polypsset": _polypsset, "ldpolyp": _ldpolyp, "table": _table}[layout]
+        writer = {
+            "sun": _sun,
+            "polypsset": _polypsset,
+            "ldpolyp": _ldpolyp,
+            "table": _table,
+            "realcolon": write_realcolon,
+            "mot": write_mot,
+        }[layout]
         expected = writer(videos, by_seq, seed_root, out, cfg)
     finally:
         shutil.rmtree(seed_root, ignore_errors=True)
