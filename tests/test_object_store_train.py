@@ -78,8 +78,10 @@ def two_runs(s3_server, local_root, bucket_root, tmp_path_factory):
     keys from the environment only). The environment also holds a session token no output may show."""
     runs = tmp_path_factory.mktemp("runs")
     env = child_env({**s3_server.environ(), "AWS_SESSION_TOKEN": CANARY})
-    # the local run in this process (torch is imported already), the remote one as a user runs it
-    assert main(train_args(str(local_root), runs, "local", "--max_steps", "4")) == 0
+    # both as a user runs them, in fresh processes: bit-equal losses need the same torch state (an
+    # earlier test in this process may have changed its thread count)
+    local = train(str(local_root), runs, "local", child_env(), "--max_steps", "4")
+    assert local.returncode == 0, local.stderr[-2000:]
     remote = train(bucket_root, runs, "remote", env, "--max_steps", "4")
     assert remote.returncode == 0, remote.stderr[-2000:]
     return runs, remote, env
