@@ -179,6 +179,54 @@ def check_member_header(head: bytes, name: str, size: int) -> None:
         )
 
 
+def check_span(span: MemberSpan) -> None:
+    """MemberError (`shard_changed`) for a catalog span no reader reads: negative, or longer than
+    MAX_MEMBER_BYTES."""
+    if span.offset < 0 or span.size < 0 or span.size > MAX_MEMBER_BYTES:
+        raise MemberError("shard_changed", f"the catalog's span {span.offset}+{span.size} is not readable")
+
+
+def header_room(span: MemberSpan, size: int, expected_size: int, member: str | None, what: str) -> int:
+    """How many header bytes a reader takes before `span` in a shard of `size` bytes (`what`:
+    "file", "object"); MemberError when the shard's size is not the catalog's (`shard_changed`),
+    the span ends past its end (`truncated_shard`) or leaves no room for the member's header
+    (`span_mismatch`). The checks every MemberReader makes before it reads."""
+    if 0 <= expected_size < size:
+        raise MemberError(
+            "shard_changed", f"the {what} is {size} bytes, the catalog's shards table says {expected_size}"
+        )
+    end = span.offset + span.size
+    if end > size:
+        raise MemberError(
+            "truncated_shard",
+            f"bytes {span.offset}..{end} lie past the end of the {what} ({size} bytes; the catalog "
+            f"says {expected_size})",
+        )
+    pre = member_header_bytes(member) if member is not None else 0
+    if span.offset < pre:
+        raise MemberError(
+            "span_mismatch", f"the span starts at {span.offset}, with no room for {member!r}'s tar header"
+        )
+    return pre
+
+
+def checked_member(buf: bytes, span: MemberSpan, member: str | None, pre: int) -> bytes:
+    """The member's data out of `buf` (its `pre` header bytes, then the data), checked: the whole
+    span read (`truncated_shard`), the header names `member` (`span_mismatch`), the CRC-32 is the
+    catalog's (`shard_changed`). The checks every MemberReader makes after it reads."""
+    if len(buf) != pre + span.size:
+        raise MemberError("truncated_shard", f"read {len(buf) - pre} of {span.size} bytes at {span.offset}")
+    if member is not None:
+        check_member_header(buf[:pre], member, span.size)
+    data = buf[pre:] if pre else buf
+    if crc32(data) != span.crc32:
+        raise MemberError(
+            "shard_changed",
+            f"the {span.size} bytes at {span.offset} are not the ones ingest wrote (CRC-32 differs)",
+        )
+    return data
+
+
 def local_shard_path(url: str) -> str | None:
     """The local file behind a shard location (shards.locations.shard_location), or None when
     it is not one that can be read at offsets: a `pipe:` command, a remote URL, or a compressed
@@ -249,43 +297,13 @@ class SpanReader:
         when the file cannot be opened or read. With `member` (its name in the tar: key and
         extension), the header before the span is read in the same pread and must name that
         member with the span's size (`check_member_header`)."""
-        if span.offset < 0 or span.size < 0 or span.size > MAX_MEMBER_BYTES:
-            raise MemberError(
-                "shard_changed", f"the catalog's span {span.offset}+{span.size} is not readable"
-            )
+        check_span(span)
         fd, size = self._open(path, expected_size)
-        if 0 <= expected_size < size:
-            raise MemberError(
-                "shard_changed", f"the file is {size} bytes, the catalog's shards table says {expected_size}"
-            )
-        end = span.offset + span.size
-        if end > size:
-            raise MemberError(
-                "truncated_shard",
-                f"bytes {span.offset}..{end} lie past the end of the file ({size} bytes; the catalog "
-                f"says {expected_size})",
-            )
-        pre = member_header_bytes(member) if member is not None else 0
-        if span.offset < pre:
-            raise MemberError(
-                "span_mismatch", f"the span starts at {span.offset}, with no room for {member!r}'s tar header"
-            )
+        pre = header_room(span, size, expected_size, member, "file")
         buf = os.pread(fd, pre + span.size, span.offset - pre)
         self.reads += 1
         self.bytes_read += len(buf)
-        if len(buf) != pre + span.size:
-            raise MemberError(
-                "truncated_shard", f"read {len(buf) - pre} of {span.size} bytes at {span.offset}"
-            )
-        if member is not None:
-            check_member_header(buf[:pre], member, span.size)
-        data = buf[pre:] if pre else buf
-        if crc32(data) != span.crc32:
-            raise MemberError(
-                "shard_changed",
-                f"the {span.size} bytes at {span.offset} are not the ones ingest wrote (CRC-32 differs)",
-            )
-        return data
+        return checked_member(buf, span, member, pre)
 
     def prefetch(self, requests: Sequence[MemberRequest]) -> None:
         """Nothing to do ahead: a local pread costs no round trip."""

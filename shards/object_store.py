@@ -50,8 +50,9 @@ from polyp_ssl.shards.members import (
     MemberReader,
     MemberRequest,
     MemberSpan,
-    check_member_header,
-    crc32,
+    check_span,
+    checked_member,
+    header_room,
     member_header_bytes,
 )
 from polyp_ssl.shards.object_ranges import (
@@ -334,30 +335,9 @@ class ObjectStoreReader:
 
     def _checked_bounds(self, location: str, span: MemberSpan, expected_size: int, member: str | None) -> int:
         """The header bytes before the span; MemberError for a span or object that cannot hold it
-        (SpanReader's checks, in its order)."""
-        if span.offset < 0 or span.size < 0 or span.size > MAX_MEMBER_BYTES:
-            raise MemberError(
-                "shard_changed", f"the catalog's span {span.offset}+{span.size} is not readable"
-            )
-        size = self.object_info(location).size
-        if 0 <= expected_size < size:
-            raise MemberError(
-                "shard_changed",
-                f"the object is {size} bytes, the catalog's shards table says {expected_size}",
-            )
-        end = span.offset + span.size
-        if end > size:
-            raise MemberError(
-                "truncated_shard",
-                f"bytes {span.offset}..{end} lie past the end of the object ({size} bytes; the catalog "
-                f"says {expected_size})",
-            )
-        pre = member_header_bytes(member) if member is not None else 0
-        if span.offset < pre:
-            raise MemberError(
-                "span_mismatch", f"the span starts at {span.offset}, with no room for {member!r}'s tar header"
-            )
-        return pre
+        (the checks of shards.members, as SpanReader makes them)."""
+        check_span(span)
+        return header_room(span, self.object_info(location).size, expected_size, member, "object")
 
     def read(
         self, location: str, span: MemberSpan, expected_size: int = -1, member: str | None = None
@@ -385,19 +365,8 @@ class ObjectStoreReader:
         )
 
     def _checked(self, buf: bytes, span: MemberSpan, member: str | None, pre: int) -> bytes:
-        """The member's data out of its header and data, checked (SpanReader's checks)."""
-        if len(buf) != pre + span.size:
-            raise MemberError(
-                "truncated_shard", f"read {len(buf) - pre} of {span.size} bytes at {span.offset}"
-            )
-        if member is not None:
-            check_member_header(buf[:pre], member, span.size)
-        data = buf[pre:] if pre else buf
-        if crc32(data) != span.crc32:
-            raise MemberError(
-                "shard_changed",
-                f"the {span.size} bytes at {span.offset} are not the ones ingest wrote (CRC-32 differs)",
-            )
+        """The member's data, checked (shards.members.checked_member) and counted."""
+        data = checked_member(buf, span, member, pre)
         with self._lock:
             self.stats.members_read += 1
             self.stats.member_bytes += len(data)

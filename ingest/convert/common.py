@@ -599,3 +599,43 @@ def check_options(link: str, on_error: str) -> None:
         raise ValueError(f"--link must be one of {LINK_MODES}, got {link!r}")
     if on_error not in ("fail", "skip"):
         raise ValueError(f"--on-error must be fail or skip, got {on_error!r}")
+
+
+# quality of the frames decoded from a video and written as the converted root's JPEGs
+DECODED_JPEG_QUALITY = 95
+
+
+def write_decoded_frames(
+    images_dir: Path, items: Iterable[tuple[Path, int, str]], what: str, first_index: int = 0
+) -> None:
+    """Decode video frames and write each as `images_dir/NAME` (a JPEG, written atomically):
+    `items` are (video, frame number, NAME); frame number n is the video's index n - first_index
+    (0 for 0-based numbers, 1 for MOTChallenge's frames from 1). Per video, in frame order, 64
+    frames per decoder call; `what` names the video in errors (e.g. "video_path file")."""
+    import io
+
+    from PIL import Image
+
+    from polyp_ssl.ingest.media import open_video_reader
+
+    by_video: dict[Path, list[tuple[int, str]]] = {}
+    for path, number, name in items:
+        by_video.setdefault(path, []).append((number, name))
+    for path, wanted in by_video.items():
+        wanted.sort()
+        vr = open_video_reader(path, what, num_threads=1)
+        for start in range(0, len(wanted), 64):
+            chunk = wanted[start : start + 64]
+            batch = vr.get_batch([n - first_index for n, _ in chunk]).asnumpy()
+            for (_, name), pixels in zip(chunk, batch, strict=True):
+                dst = images_dir / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="JPEG", quality=DECODED_JPEG_QUALITY)
+                tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+                try:
+                    tmp.write_bytes(buf.getvalue())
+                    os.replace(tmp, dst)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        del vr

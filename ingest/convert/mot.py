@@ -32,7 +32,6 @@ path component, so nothing escapes RAW or OUT.
 from __future__ import annotations
 
 import configparser
-import io
 import logging
 import math
 import os
@@ -58,6 +57,7 @@ from polyp_ssl.ingest.convert.common import (
     read_bytes,
     text_error,
     write_dataset,
+    write_decoded_frames,
 )
 from polyp_ssl.ingest.media import MediaTypeError, open_video_reader
 from polyp_ssl.ingest.sources import link_problem
@@ -73,7 +73,6 @@ MAX_SEQINFO_BYTES = 64 << 10
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 FIELDS = ("frame", "id", "bb_left", "bb_top", "bb_width", "bb_height", "conf", "x", "y", "z")
-JPEG_QUALITY = 95
 TRACK_RULE = "one identity per tracker track ({SEQ}_t{id}): a track, not a polyp"
 GT_RULE = "one identity per gt.txt id ({SEQ}_{id}): a polyp"
 
@@ -364,7 +363,7 @@ def convert_mot(cfg: MotConfig, progress: bool = False) -> dict[str, Any]:
             splits.setdefault(seq.split, []).extend(frames)
             decoded += todo
         if decoded:
-            _write_decoded(Path(cfg.out_root) / "images", decoded)
+            write_decoded_frames(Path(cfg.out_root) / "images", decoded, "video file", first_index=1)
             run.tally.files["frames_decoded"] = len(decoded)
         rule = TRACK_RULE if run.kind == "tracks" else GT_RULE
         tracks = {
@@ -523,34 +522,6 @@ def _video_size(path: Path) -> tuple[tuple[int, int], int]:
     except Exception as exc:  # decord raises its own DECORDError for unreadable files
         raise ConvertError(path, "unreadable_file", f"not a readable video: {exc}") from None
     return (int(w), int(h)), int(n)
-
-
-def _write_decoded(images_dir: Path, items: list[tuple[Path, int, str]]) -> None:
-    """Decode the frames (MOT frame f = video index f - 1), per video in frame order, each JPEG
-    written atomically."""
-    from PIL import Image
-
-    by_video: dict[Path, list[tuple[int, str]]] = {}
-    for path, number, name in items:
-        by_video.setdefault(path, []).append((number, name))
-    for path, wanted in by_video.items():
-        wanted.sort()
-        vr = open_video_reader(path, "video file", num_threads=1)
-        for start in range(0, len(wanted), 64):
-            chunk = wanted[start : start + 64]
-            batch = vr.get_batch([n - 1 for n, _ in chunk]).asnumpy()
-            for (_, name), pixels in zip(chunk, batch, strict=True):
-                dst = images_dir / name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                buf = io.BytesIO()
-                Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
-                tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-                try:
-                    tmp.write_bytes(buf.getvalue())
-                    os.replace(tmp, dst)
-                finally:
-                    tmp.unlink(missing_ok=True)
-        del vr
 
 
 def root_identities(root: str | Path) -> str:

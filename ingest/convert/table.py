@@ -22,10 +22,8 @@ Boxes are clamped to the frame (counted); a box without area inside it is droppe
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from polyp_ssl.ingest.convert.common import (
     image_size,
     read_csv_numbered,
     write_dataset,
+    write_decoded_frames,
 )
 from polyp_ssl.ingest.media import MediaTypeError, open_video_reader
 from polyp_ssl.ingest.sources import link_problem
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 
 REQUIRED = ("video", "frame", "x", "y", "w", "h", "identity", "size_mm", "histology")
 KNOWN = (*REQUIRED, "image_path", "video_path", "split")
-JPEG_QUALITY = 95
 # One table's bounds (rows of CSV or Parquet, Parquet columns and uncompressed bytes): a million
 # boxes make about a gigabyte of Python rows; a larger dataset is several tables, merged.
 MAX_TABLE_ROWS = 1_000_000
@@ -191,7 +189,7 @@ def convert_table(cfg: TableConfig, progress: bool = False) -> dict[str, Any]:
             sizes = _video_sizes(frames, keys, source)
         out, decoded = run.build_frames(frames, keys, sizes)
         if decoded:
-            _write_decoded(Path(cfg.out_root) / "images", decoded)
+            write_decoded_frames(Path(cfg.out_root) / "images", decoded, "video_path file")
             run.tally.files["frames_decoded"] = len(decoded)
         run.tally.files["images"] = len(keys)
         return write_dataset(
@@ -401,30 +399,3 @@ def _video_sizes(frames: dict, keys: list, source: Path) -> list[tuple[int, int]
         else:
             out.append((got[0], got[1]))
     return out
-
-
-def _write_decoded(images_dir: Path, items: list[tuple[Path, int, str]]) -> None:
-    """Decode the frames (grouped by video, in frame order) and write each JPEG atomically."""
-    from PIL import Image
-
-    by_video: dict[Path, list[tuple[int, str]]] = {}
-    for path, number, name in items:
-        by_video.setdefault(path, []).append((number, name))
-    for path, wanted in by_video.items():
-        wanted.sort()
-        vr = open_video_reader(path, "video_path file", num_threads=1)
-        for start in range(0, len(wanted), 64):
-            chunk = wanted[start : start + 64]
-            batch = vr.get_batch([n for n, _ in chunk]).asnumpy()
-            for (_, name), pixels in zip(chunk, batch, strict=True):
-                dst = images_dir / name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                buf = io.BytesIO()
-                Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
-                tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-                try:
-                    tmp.write_bytes(buf.getvalue())
-                    os.replace(tmp, dst)
-                finally:
-                    tmp.unlink(missing_ok=True)
-        del vr
